@@ -1,0 +1,95 @@
+// The static YAML config of `weft proxy` (the architecture's "local mode"). Parsing is strict:
+// unknown fields, wrong types and dangling references are errors that name file:line, the field
+// and what to write instead. A ProxyConfig that exists is valid.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/json/value.hpp>
+
+#include "core/duration.h"
+#include "core/host_port.h"
+
+namespace weft {
+
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct IdentityConfig {
+  std::filesystem::path cert;
+  std::filesystem::path key;
+  std::filesystem::path ca;
+  std::string trust_domain;  // empty: taken from the certificate's SPIFFE ID
+};
+
+// A service reachable over HBONE: the peer proxies that front it and who they must be.
+struct ServiceConfig {
+  std::string name;
+  std::vector<HostPort> addresses;       // peer proxies' HBONE listeners, tried in order
+  std::string authority;                 // CONNECT :authority, the target the peer maps locally
+  std::vector<std::string> spiffe_ids;   // accepted server identities (exact match)
+};
+
+struct OutboundListenerConfig {
+  std::string name;
+  HostPort listen;
+  std::string service;
+};
+
+struct InboundTargetConfig {
+  std::string authority;  // as sent in CONNECT :authority
+  HostPort address;       // the local address it maps to
+  std::vector<std::string> allow;  // SPIFFE IDs; empty means any ID of our trust domain
+  std::vector<std::string> deny;   // checked first
+};
+
+struct InboundConfig {
+  bool enabled = false;
+  HostPort listen{"0.0.0.0", 15008};
+  std::vector<InboundTargetConfig> targets;
+};
+
+struct L4ListenerConfig {
+  std::string name;
+  HostPort listen;
+  HostPort upstream;
+};
+
+struct PoolConfig {
+  unsigned max_streams = 100;
+  Millis idle_timeout = std::chrono::seconds(60);
+  Millis connect_timeout = std::chrono::seconds(5);
+};
+
+struct ProxyConfig {
+  std::filesystem::path source;
+  IdentityConfig identity;
+  unsigned workers = 0;  // 0: one per core
+  HostPort admin{"127.0.0.1", 15000};
+  Millis drain_timeout = std::chrono::seconds(15);
+  Millis cert_check_interval = std::chrono::seconds(1);
+  std::string access_log = "stdout";  // "stdout", "off" or a file path
+  std::vector<ServiceConfig> services;
+  std::vector<OutboundListenerConfig> outbound;
+  InboundConfig inbound;
+  std::vector<L4ListenerConfig> l4;
+  PoolConfig pool;
+
+  bool needs_identity() const { return inbound.enabled || !outbound.empty(); }
+  const ServiceConfig* find_service(std::string_view name) const;
+  const InboundTargetConfig* find_target(std::string_view authority) const;
+  boost::json::value to_json() const;
+};
+
+// Throws ConfigError. `source` names the file in messages; relative paths resolve against `base`.
+ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
+                               const std::filesystem::path& base);
+ProxyConfig load_proxy_config(const std::filesystem::path& file);
+
+}  // namespace weft

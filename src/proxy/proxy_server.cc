@@ -1,0 +1,332 @@
+#include "proxy/proxy_server.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <boost/json.hpp>
+#include <csignal>
+#include <fstream>
+#include <thread>
+
+#include "identity/certificate_authority.h"
+
+namespace weft {
+
+namespace asio = boost::asio;
+namespace json = boost::json;
+
+namespace {
+
+std::string file_fingerprint(const IdentityConfig& id) {
+  std::string out;
+  for (const auto* p : {&id.cert, &id.key, &id.ca}) {
+    struct stat st {};
+    if (::stat(p->c_str(), &st) == 0)
+      out += std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + ":" +
+             std::to_string(st.st_size) + ";";
+    else
+      out += "missing;";
+  }
+  return out;
+}
+
+// Each proxied connection needs two descriptors; the default soft limit of 1024 would cap a
+// proxy at a few hundred connections.
+void raise_fd_limit() {
+  struct rlimit rl {};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+}  // namespace
+
+ProxyServer::ProxyServer(ProxyOptions options)
+    : options_(std::move(options)), signals_(io_), cert_timer_(io_), drain_timer_(io_) {
+  raise_fd_limit();
+  auto config = std::make_shared<const ProxyConfig>(load_proxy_config(options_.config_file));
+  access_log_ = std::make_unique<AccessLog>(config->access_log);
+  std::shared_ptr<const TlsContexts> tls;
+  if (config->needs_identity()) {
+    cert_fingerprint_ = file_fingerprint(config->identity);
+    auto loaded = load_tls_contexts(config->identity, ++tls_generation_);
+    if (!loaded) throw std::runtime_error(config->source.string() + ": identity: " + loaded.error());
+    tls = *loaded;
+  }
+  current_ = std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls});
+
+  const unsigned n = config->workers ? config->workers : std::max(1u, std::thread::hardware_concurrency());
+  for (unsigned i = 0; i < n; ++i) workers_.push_back(std::make_unique<Worker>(i, metrics_, *access_log_));
+  auto bound = bind_listeners(*config);
+
+  auto admin = AdminServer::bind(io_, config->admin,
+                                 [this](const AdminRequest& r) { return handle_admin(r); });
+  if (!admin) throw std::runtime_error(admin.error());
+  admin_ = std::move(*admin);
+  if (!options_.admin_address_path.empty())
+    write_file_atomic(options_.admin_address_path,
+                      HostPort{config->admin.host, admin_->port()}.to_string() + "\n", 0644);
+
+  for (auto& w : workers_) w->start();
+  publish(current_);
+  swap_listeners(std::move(bound));
+
+  signals_.add(SIGTERM);
+  signals_.add(SIGINT);
+  signals_.add(SIGHUP);
+  signals_.async_wait([this](const boost::system::error_code& ec, int sig) {
+    // A small callable that re-arms itself after each signal.
+    struct Loop {
+      ProxyServer* s;
+      void operator()(const boost::system::error_code& ec, int sig) const {
+        if (ec) return;
+        if (sig == SIGHUP)
+          s->reload();
+        else
+          s->begin_drain(sig == SIGTERM ? "SIGTERM" : "SIGINT");
+        s->signals_.async_wait(*this);
+      }
+    };
+    Loop{this}(ec, sig);
+  });
+  if (config->needs_identity()) check_certificates();
+
+  std::string summary;
+  for (const auto& [key, l] : listeners_) summary += " " + key + "=" + std::to_string(l.port);
+  spdlog::info("weft proxy ready: {} workers, identity {}, admin 127.0.0.1:{}, listeners:{}", n,
+               tls ? tls->spiffe_id : "none", admin_->port(), summary);
+}
+
+ProxyServer::~ProxyServer() {
+  for (auto& w : workers_) w->stop_and_join();
+}
+
+int ProxyServer::run() {
+  io_.run();
+  for (auto& w : workers_) w->stop_and_join();
+  return exit_code_;
+}
+
+std::map<std::string, std::pair<std::string, HostPort>> ProxyServer::wanted_listeners(
+    const ProxyConfig& c) const {
+  std::map<std::string, std::pair<std::string, HostPort>> out;
+  for (const auto& o : c.outbound) out["outbound/" + o.name] = {o.listen.to_string(), o.listen};
+  if (c.inbound.enabled) out["inbound"] = {c.inbound.listen.to_string(), c.inbound.listen};
+  for (const auto& l : c.l4) out["l4/" + l.name] = {l.listen.to_string(), l.listen};
+  return out;
+}
+
+std::map<std::string, ProxyServer::BoundListener> ProxyServer::bind_listeners(const ProxyConfig& config) {
+  std::map<std::string, BoundListener> next;
+  for (const auto& [key, want] : wanted_listeners(config)) {
+    const auto& [spec, address] = want;
+    if (auto it = listeners_.find(key); it != listeners_.end() && it->second.spec == spec) {
+      next[key] = it->second;
+      continue;
+    }
+    BoundListener b;
+    b.spec = spec;
+    HostPort hp = address;
+    for (auto& w : workers_) {
+      auto l = Listener::bind(w->io(), key, hp);
+      if (!l) {
+        for (auto& [k, nb] : next)
+          if (!listeners_.count(k) || listeners_[k].per_worker != nb.per_worker)
+            for (auto& x : nb.per_worker) x->close();
+        for (auto& x : b.per_worker) x->close();
+        throw std::runtime_error(config.source.string() + ": " + l.error());
+      }
+      hp.port = (*l)->port();  // port 0: every worker shares the port the first one got
+      b.per_worker.push_back(*l);
+    }
+    b.port = hp.port;
+    next[key] = std::move(b);
+  }
+  return next;
+}
+
+void ProxyServer::swap_listeners(std::map<std::string, BoundListener> next) {
+  for (const auto& [key, old] : listeners_) {
+    auto it = next.find(key);
+    if (it == next.end() || it->second.per_worker != old.per_worker)
+      for (auto& w : workers_) w->post_close_listener(key);
+  }
+  for (const auto& [key, b] : next) {
+    auto it = listeners_.find(key);
+    if (it != listeners_.end() && it->second.per_worker == b.per_worker) continue;
+    for (size_t i = 0; i < workers_.size(); ++i) workers_[i]->post_listener(key, b.per_worker[i]);
+  }
+  listeners_ = std::move(next);
+}
+
+void ProxyServer::publish(SnapshotPtr snapshot) {
+  current_ = snapshot;
+  for (auto& w : workers_) w->post_snapshot(snapshot);
+}
+
+void ProxyServer::reload() {
+  if (draining_) return;
+  spdlog::info("SIGHUP: reloading {}", options_.config_file.string());
+  try {
+    auto config = std::make_shared<const ProxyConfig>(load_proxy_config(options_.config_file));
+    if (config->workers && config->workers != workers_.size())
+      spdlog::warn("reload: 'workers' changed to {}; takes effect at the next restart", config->workers);
+    auto tls = current_->tls;
+    const auto& old_id = current_->config->identity;
+    const bool id_changed = config->identity.cert != old_id.cert || config->identity.key != old_id.key ||
+                            config->identity.ca != old_id.ca ||
+                            config->identity.trust_domain != old_id.trust_domain;
+    if (config->needs_identity() && (!tls || id_changed)) {
+      auto loaded = load_tls_contexts(config->identity, ++tls_generation_);
+      if (!loaded) throw std::runtime_error("identity: " + loaded.error());
+      tls = *loaded;
+      cert_fingerprint_ = file_fingerprint(config->identity);
+    }
+    auto next = bind_listeners(*config);
+    publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls}));
+    swap_listeners(std::move(next));
+    metrics_.config_reloads.inc();
+    spdlog::info("reload: new config active; established connections were kept");
+  } catch (const std::exception& e) {
+    metrics_.config_reload_failures.inc();
+    spdlog::error("reload refused, the running config stays: {}", e.what());
+  }
+}
+
+void ProxyServer::check_certificates() {
+  const auto& id = current_->config->identity;
+  const std::string fp = file_fingerprint(id);
+  if (fp != cert_fingerprint_ && !draining_) {
+    auto loaded = load_tls_contexts(id, tls_generation_ + 1);
+    if (loaded) {
+      ++tls_generation_;
+      cert_fingerprint_ = fp;
+      last_cert_error_.clear();
+      metrics_.certificate_reloads.inc();
+      spdlog::info("certificate rotated: {} serial {} expires {}", (*loaded)->spiffe_id,
+                   (*loaded)->leaf.serial_hex, format_utc((*loaded)->leaf.not_after));
+      publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{current_->config, *loaded}));
+    } else if (loaded.error() != last_cert_error_) {
+      // Often a rotation caught half-written; the next check retries. Keep serving the old one.
+      last_cert_error_ = loaded.error();
+      spdlog::warn("certificate files changed but cannot be used yet (keeping the current ones): {}",
+                   loaded.error());
+    }
+  }
+  cert_timer_.expires_after(current_->config->cert_check_interval);
+  cert_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (!ec) check_certificates();
+  });
+}
+
+void ProxyServer::begin_drain(const std::string& why) {
+  if (draining_) return;
+  draining_ = true;
+  drain_deadline_ = std::chrono::steady_clock::now() + current_->config->drain_timeout;
+  spdlog::info("{}: draining; no new connections, waiting up to {} for {} open", why,
+               format_duration(current_->config->drain_timeout),
+               metrics_.downstream_connections_active.get());
+  for (auto& w : workers_) w->post_drain();
+  cert_timer_.cancel();
+  watch_drain();
+}
+
+void ProxyServer::watch_drain() {
+  const auto open = metrics_.downstream_connections_active.get();
+  const bool late = std::chrono::steady_clock::now() >= drain_deadline_;
+  if (open == 0 || late) {
+    if (open) spdlog::warn("drain deadline reached; closing {} connections still open", open);
+    else spdlog::info("drained; exiting");
+    signals_.cancel();
+    if (admin_) admin_->close();
+    io_.stop();
+    return;
+  }
+  drain_timer_.expires_after(std::chrono::milliseconds(50));
+  drain_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (!ec) watch_drain();
+  });
+}
+
+bool ProxyServer::ready() const {
+  if (draining_ || !current_) return false;
+  if (current_->config->needs_identity()) {
+    if (!current_->tls) return false;
+    if (current_->tls->leaf.not_after < std::time(nullptr)) return false;
+  }
+  return listeners_.size() == wanted_listeners(*current_->config).size();
+}
+
+json::object ProxyServer::certs_json() const {
+  json::object o;
+  if (!current_->tls) return o;
+  const auto& t = *current_->tls;
+  const auto now = std::time(nullptr);
+  o["identity"] = t.spiffe_id;
+  o["trust_domain"] = t.trust_domain;
+  o["certificate"] = {{"path", current_->config->identity.cert.string()},
+                      {"serial", t.leaf.serial_hex},
+                      {"not_before", format_utc(t.leaf.not_before)},
+                      {"not_after", format_utc(t.leaf.not_after)},
+                      {"seconds_until_expiry", static_cast<int64_t>(t.leaf.not_after - now)}};
+  o["ca"] = {{"path", current_->config->identity.ca.string()},
+             {"subject", t.ca.subject},
+             {"not_after", format_utc(t.ca.not_after)}};
+  o["generation"] = t.generation;
+  return o;
+}
+
+json::object ProxyServer::listeners_json() const {
+  json::object o;
+  for (const auto& [key, l] : listeners_) {
+    const auto& want = wanted_listeners(*current_->config);
+    auto it = want.find(key);
+    std::string host = it == want.end() ? "" : it->second.second.host;
+    o[key] = HostPort{host, l.port}.to_string();
+  }
+  return o;
+}
+
+AdminResponse ProxyServer::handle_admin(const AdminRequest& r) {
+  const bool get = r.method == "GET" || r.method == "HEAD";
+  const auto method_not_allowed = [](const char* allowed) {
+    return AdminResponse{405, "text/plain", std::string("use ") + allowed + "\n"};
+  };
+  if (r.path == "/ready") {
+    if (!get) return method_not_allowed("GET");
+    const bool ok = ready();
+    return {ok ? 200 : 503, "text/plain", ok ? "LIVE\n" : (draining_ ? "DRAINING\n" : "NOT READY\n")};
+  }
+  if (r.path == "/healthz") return {200, "text/plain", "ok\n"};
+  if (r.path == "/stats") return {200, "application/json", json::serialize(metrics_.to_json())};
+  if (r.path == "/stats/prometheus")
+    return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.prometheus()};
+  if (r.path == "/config_dump") {
+    json::object o{{"config", current_->config->to_json()},
+                   {"listeners", listeners_json()},
+                   {"workers", workers_.size()}};
+    return {200, "application/json", json::serialize(o)};
+  }
+  if (r.path == "/certs") return {200, "application/json", json::serialize(certs_json())};
+  if (r.path == "/listeners") return {200, "application/json", json::serialize(listeners_json())};
+  if (r.path == "/drain" || r.path == "/quitquitquit") {
+    if (r.method != "POST") return method_not_allowed("POST");
+    if (r.path == "/quitquitquit") drain_deadline_ = std::chrono::steady_clock::now();
+    // Answer first; drain starts right after this handler returns.
+    asio::post(io_, [this, quit = r.path == "/quitquitquit"] {
+      begin_drain(quit ? "POST /quitquitquit" : "POST /drain");
+      if (quit) {
+        drain_deadline_ = std::chrono::steady_clock::now();
+        watch_drain();
+      }
+    });
+    return {200, "text/plain", "OK\n"};
+  }
+  return {404, "text/plain",
+          "unknown path; try /ready /healthz /stats /stats/prometheus /config_dump /certs "
+          "/listeners, POST /drain, POST /quitquitquit\n"};
+}
+
+}  // namespace weft

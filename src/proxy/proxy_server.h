@@ -1,0 +1,80 @@
+// `weft proxy`: owns the workers, the listeners' lifecycle, the admin server and the signals.
+// Runs on the main thread (the "admin thread"): reloads, certificate checks and drain happen
+// here and reach workers only as posted snapshots and listener changes.
+#pragma once
+
+#include <atomic>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "proxy/admin/admin_server.h"
+#include "proxy/snapshot.h"
+#include "proxy/worker.h"
+#include "stats/access_log.h"
+#include "stats/metrics.h"
+
+namespace weft {
+
+struct ProxyOptions {
+  std::filesystem::path config_file;
+  std::filesystem::path admin_address_path;  // if set, "host:port" of admin is written here
+};
+
+class ProxyServer {
+ public:
+  // Throws ConfigError (bad config) or std::runtime_error (cannot bind, bad certificates):
+  // a proxy that cannot do all it is configured to do does not start.
+  explicit ProxyServer(ProxyOptions options);
+  ~ProxyServer();
+
+  // Serves until drained (SIGTERM, POST /drain or /quitquitquit). Returns the exit code.
+  int run();
+
+ private:
+  struct BoundListener {
+    std::string spec;  // listen address as configured; unchanged spec keeps the sockets
+    uint16_t port = 0;
+    std::vector<std::shared_ptr<Listener>> per_worker;
+  };
+
+  std::map<std::string, std::pair<std::string, HostPort>> wanted_listeners(const ProxyConfig& c) const;
+  // Binds what is new in `config` and returns the set; throws on failure, leaving the old set.
+  std::map<std::string, BoundListener> bind_listeners(const ProxyConfig& config);
+  void swap_listeners(std::map<std::string, BoundListener> next);
+  void publish(SnapshotPtr snapshot);
+  void reload();
+  void check_certificates();
+  void begin_drain(const std::string& why);
+  void watch_drain();
+  bool ready() const;
+  AdminResponse handle_admin(const AdminRequest& request);
+  boost::json::object certs_json() const;
+  boost::json::object listeners_json() const;
+
+  ProxyOptions options_;
+  boost::asio::io_context io_;
+  Metrics metrics_;
+  std::unique_ptr<AccessLog> access_log_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::unique_ptr<AdminServer> admin_;
+  boost::asio::signal_set signals_;
+  boost::asio::steady_timer cert_timer_;
+  boost::asio::steady_timer drain_timer_;
+  SnapshotPtr current_;
+  std::map<std::string, BoundListener> listeners_;
+  std::string cert_fingerprint_;  // mtimes and sizes of cert, key and CA files
+  std::string last_cert_error_;
+  uint64_t tls_generation_ = 0;
+  bool draining_ = false;
+  std::chrono::steady_clock::time_point drain_deadline_;
+  int exit_code_ = 0;
+};
+
+}  // namespace weft

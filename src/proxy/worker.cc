@@ -1,0 +1,282 @@
+#include "proxy/worker.h"
+
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "identity/spiffe_id.h"
+#include "proxy/l4/splice_relay.h"
+#include "proxy/policy/connect_policy.h"
+#include "transport/hbone/h2_connection.h"
+#include "transport/hbone/tunnel_stream.h"
+
+namespace weft {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+std::string remote_of(const tcp::socket& s) {
+  boost::system::error_code ec;
+  auto ep = s.remote_endpoint(ec);
+  if (ec) return "";
+  return HostPort{ep.address().to_string(), ep.port()}.to_string();
+}
+
+std::string expected_principal(const ServiceConfig& s) {
+  return s.spiffe_ids.size() == 1 ? s.spiffe_ids.front() : "unknown";
+}
+
+// Connects `socket` to `target` (an IP literal or a name) and calls done(error_code).
+template <class Done>
+void connect_to(asio::io_context& io, tcp::socket& socket, const HostPort& target, Done done) {
+  boost::system::error_code ec;
+  const auto ip = asio::ip::make_address(target.host, ec);
+  if (!ec) {
+    socket.async_connect(tcp::endpoint(ip, target.port), std::move(done));
+    return;
+  }
+  auto resolver = std::make_shared<tcp::resolver>(io);
+  resolver->async_resolve(target.host, std::to_string(target.port),
+                          [resolver, &socket, done = std::move(done)](
+                              const boost::system::error_code& ec, tcp::resolver::results_type r) mutable {
+                            if (ec) return done(ec);
+                            asio::async_connect(socket, r,
+                                                [done = std::move(done)](const boost::system::error_code& ec,
+                                                                         const tcp::endpoint&) mutable { done(ec); });
+                          });
+}
+
+}  // namespace
+
+Worker::Worker(unsigned index, Metrics& metrics, AccessLog& access_log)
+    : index_(index), metrics_(metrics), access_log_(access_log), io_(1), pool_(io_, metrics) {}
+
+Worker::~Worker() { stop_and_join(); }
+
+void Worker::start() {
+  thread_ = std::thread([this] {
+    auto guard = asio::make_work_guard(io_);
+    io_.run();
+  });
+}
+
+void Worker::stop_and_join() {
+  io_.stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Worker::post_snapshot(SnapshotPtr snapshot) {
+  asio::post(io_, [this, snapshot = std::move(snapshot)] {
+    snapshot_ = snapshot;
+    pool_.update(snapshot_->tls, snapshot_->config->pool);
+  });
+}
+
+void Worker::post_listener(const std::string& key, std::shared_ptr<Listener> listener) {
+  asio::post(io_, [this, key, listener = std::move(listener)] {
+    if (draining_) return listener->close();
+    listeners_[key] = listener;
+    listener->start([this, key](tcp::socket s) { on_accept(key, std::move(s)); });
+  });
+}
+
+void Worker::post_close_listener(const std::string& key) {
+  asio::post(io_, [this, key] {
+    if (auto it = listeners_.find(key); it != listeners_.end()) {
+      it->second->close();
+      listeners_.erase(it);
+    }
+  });
+}
+
+void Worker::post_drain() {
+  asio::post(io_, [this] {
+    draining_ = true;
+    for (auto& [key, l] : listeners_) l->close();
+    listeners_.clear();
+    pool_.retire_all();
+    for (auto& [raw, weak] : inbound_)
+      if (auto c = weak.lock()) c->retire();
+  });
+}
+
+void Worker::on_accept(const std::string& key, tcp::socket socket) {
+  metrics_.downstream_connections_total.inc();
+  if (!snapshot_) return;
+  if (key == "inbound") return handle_inbound(std::move(socket));
+  if (key.rfind("outbound/", 0) == 0) return handle_outbound(key.substr(9), std::move(socket));
+  if (key.rfind("l4/", 0) == 0) return handle_l4(key.substr(3), std::move(socket));
+}
+
+void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
+  const auto& cfg = *snapshot_->config;
+  const OutboundListenerConfig* listener = nullptr;
+  for (const auto& o : cfg.outbound)
+    if (o.name == name) listener = &o;
+  const ServiceConfig* service = listener ? cfg.find_service(listener->service) : nullptr;
+  if (!service || !snapshot_->tls) return;  // removed by a reload a moment ago: just close
+
+  AccessLogEntry entry;
+  entry.direction = "outbound";
+  entry.listener = name;
+  entry.downstream = remote_of(socket);
+  entry.local_identity = snapshot_->tls->spiffe_id;
+  entry.upstream = service->name;
+  entry.authority = service->authority;
+  auto counters = metrics_.tcp({"source", snapshot_->tls->spiffe_id, expected_principal(*service),
+                                service->authority, "mutual_tls"});
+  auto stream = std::make_shared<TunnelStream>(
+      std::move(socket), std::move(counters), true, metrics_,
+      [this, entry = std::move(entry)](const TunnelStream& s, const std::string& result) mutable {
+        entry.peer_identity = s.peer_identity();
+        entry.bytes_received = s.bytes_from_tcp();
+        entry.bytes_sent = s.bytes_to_tcp();
+        entry.result = result;
+        access_log_.write(entry);
+      });
+  pool_.open(*service, std::move(stream));
+}
+
+void Worker::handle_inbound(tcp::socket socket) {
+  if (!snapshot_->tls) return;
+  const std::string downstream = remote_of(socket);
+  auto tls = std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(socket), *snapshot_->tls->server);
+  auto* raw = tls.get();
+  // A peer that connects and says nothing must not hold a slot forever.
+  auto timer = std::make_shared<asio::steady_timer>(io_, snapshot_->config->pool.connect_timeout);
+  timer->async_wait([raw_sock = &raw->lowest_layer()](const boost::system::error_code& ec) {
+    if (!ec) {
+      boost::system::error_code ignored;
+      raw_sock->close(ignored);
+    }
+  });
+  raw->async_handshake(
+      asio::ssl::stream_base::server,
+      [this, tls = std::move(tls), timer, downstream](const boost::system::error_code& ec) mutable {
+        timer->cancel();
+        if (ec) {
+          metrics_.tls_handshake_errors.inc();
+          AccessLogEntry entry;
+          entry.direction = "inbound";
+          entry.listener = "inbound";
+          entry.downstream = downstream;
+          entry.result = "tls_handshake_failed: " + ec.message();
+          access_log_.write(entry);
+          return;
+        }
+        auto peer = peer_spiffe_id(tls->native_handle());
+        auto td = peer ? spiffe_trust_domain(*peer) : Result<std::string>(make_error("none"));
+        if (!peer || !td || *td != snapshot_->tls->trust_domain) {
+          metrics_.tls_handshake_errors.inc();
+          AccessLogEntry entry;
+          entry.direction = "inbound";
+          entry.listener = "inbound";
+          entry.downstream = downstream;
+          entry.peer_identity = peer.value_or("");
+          entry.result = "peer_identity_rejected: certificate has no SPIFFE ID of trust domain " +
+                         snapshot_->tls->trust_domain;
+          access_log_.write(entry);
+          boost::system::error_code ignored;
+          tls->lowest_layer().close(ignored);
+          return;
+        }
+        start_inbound_tunnel(std::move(tls), *peer, downstream);
+      });
+}
+
+void Worker::start_inbound_tunnel(std::unique_ptr<asio::ssl::stream<tcp::socket>> tls,
+                                  const std::string& peer, const std::string& downstream) {
+  H2Connection::Hooks hooks;
+  hooks.on_closed = [this](H2Connection* c) { inbound_.erase(c); };
+  hooks.on_connect = [this, peer, downstream](const std::shared_ptr<H2Connection>&, int32_t,
+                                              const std::string& authority) {
+    const auto snap = snapshot_;
+    const auto verdict = authorize_connect(*snap->config, snap->tls->trust_domain, authority, peer);
+    AccessLogEntry entry;
+    entry.direction = "inbound";
+    entry.listener = "inbound";
+    entry.downstream = downstream;
+    entry.peer_identity = peer;
+    entry.local_identity = snap->tls->spiffe_id;
+    entry.authority = authority;
+    if (verdict.status != 0) {
+      entry.result = verdict.reason;
+      access_log_.write(entry);
+      return H2Connection::ConnectDecision{verdict.status, nullptr};
+    }
+    const HostPort target = verdict.target->address;
+    entry.upstream = target.to_string();
+    auto counters = metrics_.tcp({"destination", peer, snap->tls->spiffe_id, authority, "mutual_tls"});
+    auto stream = std::make_shared<TunnelStream>(
+        tcp::socket(io_), std::move(counters), false, metrics_,
+        [this, entry = std::move(entry)](const TunnelStream& s, const std::string& result) mutable {
+          entry.bytes_received = s.bytes_to_tcp();
+          entry.bytes_sent = s.bytes_from_tcp();
+          entry.result = result;
+          access_log_.write(entry);
+        });
+    connect_to(io_, stream->socket(), target, [this, stream](const boost::system::error_code& ec) {
+      if (ec) {
+        metrics_.upstream_connect_failures.inc();
+        if (auto c = stream->connection()) c->reject_stream(stream->stream_id(), 503);
+        // No reset: it would overtake the 503 and the client would only see a broken stream.
+        stream->fail("upstream_connect_failed: " + ec.message(), false);
+        return;
+      }
+      boost::system::error_code ignored;
+      stream->socket().set_option(tcp::no_delay(true), ignored);
+      if (auto c = stream->connection()) c->accept_stream(stream->stream_id());
+      stream->start_relay();
+    });
+    return H2Connection::ConnectDecision{0, stream};
+  };
+  H2Connection::Settings settings;
+  settings.max_concurrent_streams = 1000;
+  auto conn = std::make_shared<H2Connection>(H2Connection::Role::server, std::move(tls), peer,
+                                             metrics_, std::move(hooks), settings);
+  inbound_[conn.get()] = conn;
+  if (draining_) conn->retire();
+  conn->start();
+}
+
+void Worker::handle_l4(const std::string& name, tcp::socket socket) {
+  const L4ListenerConfig* l4 = nullptr;
+  for (const auto& l : snapshot_->config->l4)
+    if (l.name == name) l4 = &l;
+  if (!l4) return;
+  AccessLogEntry entry;
+  entry.direction = "l4";
+  entry.listener = name;
+  entry.downstream = remote_of(socket);
+  entry.upstream = l4->upstream.to_string();
+  auto upstream = std::make_shared<tcp::socket>(io_);
+  auto downstream = std::make_shared<tcp::socket>(std::move(socket));
+  connect_to(io_, *upstream, l4->upstream,
+             [this, upstream, downstream, entry = std::move(entry)](const boost::system::error_code& ec) mutable {
+               if (ec) {
+                 metrics_.upstream_connect_failures.inc();
+                 entry.result = "upstream_connect_failed: " + ec.message();
+                 access_log_.write(entry);
+                 return;  // closing the downstream tells the client
+               }
+               boost::system::error_code ignored;
+               upstream->set_option(tcp::no_delay(true), ignored);
+               auto counters = metrics_.tcp({"destination", "", "", entry.upstream, "none"});
+               auto relay = std::make_shared<SpliceRelay>(
+                   std::move(*downstream), std::move(*upstream), std::move(counters), metrics_,
+                   [this, entry = std::move(entry)](const SpliceRelay& r, const std::string& result) mutable {
+                     entry.bytes_received = r.bytes_received();
+                     entry.bytes_sent = r.bytes_sent();
+                     entry.result = result;
+                     access_log_.write(entry);
+                   });
+               relay->start();
+             });
+}
+
+}  // namespace weft

@@ -1,0 +1,61 @@
+// A worker: one thread, one io_context, its own listeners (SO_REUSEPORT), its own HBONE pool.
+// Connections accepted here stay here for life. Other threads talk to a worker only by posting
+// to it (snapshots, listeners, drain); nothing here is shared or locked.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+#include "proxy/listener/listener.h"
+#include "proxy/snapshot.h"
+#include "stats/access_log.h"
+#include "stats/metrics.h"
+#include "transport/hbone/hbone_client_pool.h"
+
+namespace weft {
+
+class H2Connection;
+
+class Worker {
+ public:
+  Worker(unsigned index, Metrics& metrics, AccessLog& access_log);
+  ~Worker();
+
+  boost::asio::io_context& io() { return io_; }
+  void start();
+  void stop_and_join();
+
+  // Thread-safe: each posts to the worker's thread.
+  void post_snapshot(SnapshotPtr snapshot);
+  // `key` is "outbound/<name>", "inbound" or "l4/<name>".
+  void post_listener(const std::string& key, std::shared_ptr<Listener> listener);
+  void post_close_listener(const std::string& key);
+  void post_drain();
+
+ private:
+  void on_accept(const std::string& key, boost::asio::ip::tcp::socket socket);
+  void handle_outbound(const std::string& name, boost::asio::ip::tcp::socket socket);
+  void handle_inbound(boost::asio::ip::tcp::socket socket);
+  void handle_l4(const std::string& name, boost::asio::ip::tcp::socket socket);
+  void start_inbound_tunnel(std::unique_ptr<boost::asio::ssl::stream<boost::asio::ip::tcp::socket>> tls,
+                            const std::string& peer, const std::string& downstream);
+
+  unsigned index_;
+  Metrics& metrics_;
+  AccessLog& access_log_;
+  boost::asio::io_context io_;
+  std::thread thread_;
+  SnapshotPtr snapshot_;
+  HboneClientPool pool_;
+  std::map<std::string, std::shared_ptr<Listener>> listeners_;
+  std::map<H2Connection*, std::weak_ptr<H2Connection>> inbound_;
+  bool draining_ = false;
+};
+
+}  // namespace weft

@@ -1,0 +1,112 @@
+#include "stats/metrics.h"
+
+#include <sstream>
+
+namespace weft {
+
+std::shared_ptr<TcpCounters> Metrics::tcp(const TcpLabels& labels) {
+  std::lock_guard lock(mutex_);
+  auto& slot = tcp_[labels];
+  if (!slot) slot = std::make_shared<TcpCounters>();
+  return slot;
+}
+
+namespace {
+
+std::string escape_label(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+struct Simple {
+  const char* name;
+  const char* type;
+  const char* help;
+  const Counter* counter;
+};
+
+}  // namespace
+
+std::string Metrics::prometheus() const {
+  std::ostringstream out;
+  const Simple simple[] = {
+      {"downstream_connections_active", "gauge", "Connections from local apps or peers now open", &downstream_connections_active},
+      {"downstream_connections_total", "counter", "Connections accepted on any listener", &downstream_connections_total},
+      {"tls_handshake_errors_total", "counter", "TLS handshakes that failed (bad certificate, garbage, truncation)", &tls_handshake_errors},
+      {"hbone_protocol_errors_total", "counter", "HBONE connections closed for bad HTTP/2", &hbone_protocol_errors},
+      {"hbone_requests_rejected_total", "counter", "CONNECT requests answered 400, 401 or 503", &hbone_requests_rejected},
+      {"hbone_connections_active", "gauge", "HBONE (HTTP/2 over mTLS) connections now open", &hbone_connections_active},
+      {"hbone_streams_active", "gauge", "Tunnelled streams now open", &hbone_streams_active},
+      {"upstream_connect_failures_total", "counter", "Failed connects to upstream peers or local apps", &upstream_connect_failures},
+      {"config_reloads_total", "counter", "Successful config reloads", &config_reloads},
+      {"config_reload_failures_total", "counter", "Refused config reloads (the old config stayed)", &config_reload_failures},
+      {"certificate_reloads_total", "counter", "Certificate rotations picked up from disk", &certificate_reloads},
+  };
+  for (const auto& s : simple) {
+    out << "# HELP weft_" << s.name << " " << s.help << "\n# TYPE weft_" << s.name << " " << s.type
+        << "\nweft_" << s.name << " " << s.counter->get() << "\n";
+  }
+  std::lock_guard lock(mutex_);
+  struct Family {
+    const char* name;
+    const char* help;
+    std::atomic<uint64_t> TcpCounters::*field;
+  };
+  const Family families[] = {
+      {"istio_tcp_connections_opened_total", "Total TCP connections opened", &TcpCounters::opened},
+      {"istio_tcp_connections_closed_total", "Total TCP connections closed", &TcpCounters::closed},
+      {"istio_tcp_sent_bytes_total", "Bytes sent in responses over TCP", &TcpCounters::sent_bytes},
+      {"istio_tcp_received_bytes_total", "Bytes received in requests over TCP", &TcpCounters::received_bytes},
+  };
+  for (const auto& f : families) {
+    out << "# HELP " << f.name << " " << f.help << "\n# TYPE " << f.name << " counter\n";
+    for (const auto& [l, c] : tcp_) {
+      out << f.name << "{reporter=\"" << escape_label(l.reporter) << "\",source_principal=\""
+          << escape_label(l.source_principal) << "\",destination_principal=\""
+          << escape_label(l.destination_principal) << "\",destination_service=\""
+          << escape_label(l.destination_service) << "\",connection_security_policy=\""
+          << escape_label(l.security_policy) << "\",request_protocol=\"tcp\"} "
+          << ((*c).*(f.field)).load(std::memory_order_relaxed) << "\n";
+    }
+  }
+  return out.str();
+}
+
+boost::json::object Metrics::to_json() const {
+  boost::json::object o;
+  o["downstream_connections_active"] = downstream_connections_active.get();
+  o["downstream_connections_total"] = downstream_connections_total.get();
+  o["tls_handshake_errors"] = tls_handshake_errors.get();
+  o["hbone_protocol_errors"] = hbone_protocol_errors.get();
+  o["hbone_requests_rejected"] = hbone_requests_rejected.get();
+  o["hbone_connections_active"] = hbone_connections_active.get();
+  o["hbone_streams_active"] = hbone_streams_active.get();
+  o["upstream_connect_failures"] = upstream_connect_failures.get();
+  o["config_reloads"] = config_reloads.get();
+  o["config_reload_failures"] = config_reload_failures.get();
+  o["certificate_reloads"] = certificate_reloads.get();
+  boost::json::array tcp;
+  std::lock_guard lock(mutex_);
+  for (const auto& [l, c] : tcp_) {
+    tcp.push_back(boost::json::object{{"reporter", l.reporter},
+                                      {"source_principal", l.source_principal},
+                                      {"destination_principal", l.destination_principal},
+                                      {"destination_service", l.destination_service},
+                                      {"opened", c->opened.load()},
+                                      {"closed", c->closed.load()},
+                                      {"sent_bytes", c->sent_bytes.load()},
+                                      {"received_bytes", c->received_bytes.load()}});
+  }
+  o["tcp"] = std::move(tcp);
+  return o;
+}
+
+}  // namespace weft

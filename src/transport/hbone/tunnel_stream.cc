@@ -1,0 +1,193 @@
+#include "transport/hbone/tunnel_stream.h"
+
+#include <nghttp2/nghttp2.h>
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/write.hpp>
+
+#include "transport/hbone/h2_connection.h"
+
+namespace weft {
+
+namespace asio = boost::asio;
+
+TunnelStream::TunnelStream(asio::ip::tcp::socket socket, std::shared_ptr<TcpCounters> counters,
+                           bool tcp_is_downstream, Metrics& metrics, Finished finished)
+    : socket_(std::move(socket)),
+      counters_(std::move(counters)),
+      tcp_is_downstream_(tcp_is_downstream),
+      metrics_(metrics),
+      finished_(std::move(finished)) {
+  metrics_.downstream_connections_active.inc();
+  if (counters_) counters_->opened.fetch_add(1, std::memory_order_relaxed);
+}
+
+TunnelStream::~TunnelStream() {
+  metrics_.downstream_connections_active.dec();
+  if (counters_) counters_->closed.fetch_add(1, std::memory_order_relaxed);
+}
+
+void TunnelStream::attach(std::shared_ptr<H2Connection> conn, int32_t stream_id) {
+  peer_identity_ = conn->peer_identity();
+  conn_ = std::move(conn);
+  stream_id_ = stream_id;
+}
+
+void TunnelStream::on_response(int status) {
+  if (status == 200) {
+    start_relay();
+    return;
+  }
+  // 401: the peer's policy denied us; 400: it does not know the target; 503: no upstream.
+  fail("upstream_refused_" + std::to_string(status));
+}
+
+void TunnelStream::start_relay() {
+  if (done_ || relaying_) return;
+  relaying_ = true;
+  arm_tcp_read();
+  if (!pending_.empty()) write_to_tcp();  // data that arrived before the tunnel was up
+}
+
+void TunnelStream::arm_tcp_read() {
+  if (reading_ || tcp_eof_ || done_ || !relaying_) return;
+  reading_ = true;
+  socket_.async_wait(asio::socket_base::wait_read,
+                     [self = shared_from_this()](const boost::system::error_code& ec) {
+                       self->on_tcp_readable(ec);
+                     });
+}
+
+void TunnelStream::on_tcp_readable(const boost::system::error_code& wait_ec) {
+  reading_ = false;
+  if (done_) return;
+  if (wait_ec) return fail("downstream_read_error");
+  if (!rbuf_) rbuf_ = BufferPool::local().take();
+  boost::system::error_code ec;
+  const size_t n = socket_.read_some(asio::buffer(rbuf_.get(), BufferPool::kBufferSize), ec);
+  if (ec == asio::error::would_block || ec == asio::error::try_again) {
+    arm_tcp_read();
+    return;
+  }
+  if (ec == asio::error::eof) {
+    tcp_eof_ = true;
+    rbuf_.reset();
+  } else if (ec) {
+    // The TCP side reset: tell the peer the tunnel broke rather than pretending a clean close.
+    return fail(tcp_is_downstream_ ? "downstream_reset" : "upstream_reset");
+  } else {
+    rlen_ = n;
+    roff_ = 0;
+    from_tcp_ += n;
+    if (counters_) {
+      auto& c = tcp_is_downstream_ ? counters_->received_bytes : counters_->sent_bytes;
+      c.fetch_add(n, std::memory_order_relaxed);
+    }
+  }
+  if (conn_) conn_->resume(stream_id_);
+}
+
+long TunnelStream::read_for_h2(uint8_t* buf, size_t len, uint32_t* flags) {
+  if (rlen_ > roff_) {
+    const size_t n = std::min(len, rlen_ - roff_);
+    std::memcpy(buf, rbuf_.get() + roff_, n);
+    roff_ += n;
+    if (roff_ == rlen_) {
+      rlen_ = roff_ = 0;
+      arm_tcp_read();  // keep the buffer: the next read reuses it
+    }
+    return static_cast<long>(n);
+  }
+  if (tcp_eof_) {
+    *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return 0;
+  }
+  // Nothing read yet; an idle stream gives its buffer back to the pool.
+  rbuf_.reset();
+  return NGHTTP2_ERR_DEFERRED;
+}
+
+void TunnelStream::on_h2_data(const uint8_t* data, size_t len) {
+  pending_.insert(pending_.end(), data, data + len);
+  if (relaying_) write_to_tcp();
+}
+
+void TunnelStream::write_to_tcp() {
+  if (writing_ || done_) return;
+  if (pending_.empty()) {
+    if (h2_eof_ && !tcp_write_shut_) {
+      tcp_write_shut_ = true;
+      boost::system::error_code ignored;
+      socket_.shutdown(asio::ip::tcp::socket::shutdown_send, ignored);  // pass the half-close on
+    }
+    maybe_finish();
+    return;
+  }
+  std::swap(pending_, inflight_);
+  writing_ = true;
+  asio::async_write(socket_, asio::buffer(inflight_),
+                    [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+                      self->writing_ = false;
+                      if (self->done_) return;
+                      if (ec) {
+                        return self->fail(self->tcp_is_downstream_ ? "downstream_write_error"
+                                                                   : "upstream_write_error");
+                      }
+                      self->to_tcp_ += n;
+                      if (self->counters_) {
+                        auto& c = self->tcp_is_downstream_ ? self->counters_->sent_bytes
+                                                           : self->counters_->received_bytes;
+                        c.fetch_add(n, std::memory_order_relaxed);
+                      }
+                      self->inflight_.clear();
+                      if (self->inflight_.capacity() > BufferPool::kBufferSize)
+                        std::vector<uint8_t>().swap(self->inflight_);
+                      if (self->conn_) self->conn_->consume(self->stream_id_, n);
+                      self->write_to_tcp();
+                    });
+}
+
+void TunnelStream::on_h2_end_stream() {
+  h2_eof_ = true;
+  if (relaying_) write_to_tcp();
+}
+
+void TunnelStream::on_h2_closed(uint32_t error_code) {
+  h2_closed_ = true;
+  if (error_code != NGHTTP2_NO_ERROR) {
+    // Reset or connection lost: whatever was not yet written is lost too, so close now.
+    if (result_ == "ok") result_ = error_code == NGHTTP2_CONNECT_ERROR ? "tunnel_broken" : "tunnel_reset";
+    fail(result_);
+    return;
+  }
+  maybe_finish();
+}
+
+void TunnelStream::maybe_finish() {
+  if (done_) return;
+  // Done when the h2 stream is closed (both END_STREAMs exchanged) and every byte it carried
+  // has been written to the TCP side.
+  if (h2_closed_ && !writing_ && pending_.empty()) finish(result_);
+}
+
+void TunnelStream::fail(const std::string& result, bool reset_peer) {
+  if (done_) return;
+  if (result_ == "ok") result_ = result;
+  if (reset_peer && conn_ && !h2_closed_) conn_->reset(stream_id_, NGHTTP2_CONNECT_ERROR);
+  finish(result_);
+}
+
+void TunnelStream::finish(const std::string& result) {
+  if (done_) return;
+  done_ = true;
+  boost::system::error_code ignored;
+  socket_.close(ignored);
+  rbuf_.reset();
+  auto conn = std::move(conn_);
+  if (finished_) {
+    auto f = std::move(finished_);
+    f(*this, result);
+  }
+}
+
+}  // namespace weft
