@@ -1,7 +1,7 @@
 #include "cli/cli.h"
 
-#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include <iostream>
 
@@ -33,9 +33,11 @@ int run_cli(int argc, char** argv) {
   // weft ca init
   auto* ca = app.add_subcommand("ca", "manage the mesh certificate authority");
   ca->require_subcommand(1);
-  auto* ca_init = ca->add_subcommand("init", "create a root CA (ca.crt, ca.key) for a trust domain");
+  auto* ca_init =
+      ca->add_subcommand("init", "create a root CA (ca.crt, ca.key) for a trust domain");
   std::string trust_domain, key_type = "ed25519", out_dir, ca_ttl = "3650d";
-  ca_init->add_option("--trust-domain", trust_domain, "trust domain, e.g. cluster.local")->required();
+  ca_init->add_option("--trust-domain", trust_domain, "trust domain, e.g. cluster.local")
+      ->required();
   ca_init->add_option("--out", out_dir, "directory to write ca.crt and ca.key into")->required();
   ca_init->add_option("--key-type", key_type, "ed25519 (default) or ecdsa-p256");
   ca_init->add_option("--ttl", ca_ttl, "validity, e.g. 3650d");
@@ -48,16 +50,22 @@ int run_cli(int argc, char** argv) {
   std::vector<std::string> dns;
   issue->add_option("--ca", ca_dir, "CA directory made by 'weft ca init'")->required();
   issue->add_option("--spiffe-id", spiffe_id, "spiffe://<td>/ns/<ns>/sa/<sa>")->required();
-  issue->add_option("--out", cert_out, "directory to write cert.pem, key.pem and ca.crt into")->required();
+  issue->add_option("--out", cert_out, "directory to write cert.pem, key.pem and ca.crt into")
+      ->required();
   issue->add_option("--ttl", ttl, "validity, e.g. 24h");
   issue->add_option("--dns", dns, "extra DNS SAN (repeatable)");
   issue->add_option("--key-type", leaf_key_type, "ed25519 (default) or ecdsa-p256");
+  std::string backdate = "1m";
+  issue->add_option(
+      "--backdate", backdate,
+      "start the validity this long before now (clock skew; tests mint expired certs)");
   auto* show = cert->add_subcommand("show", "print a certificate's identity and validity");
   std::string show_path;
   show->add_option("path", show_path, "PEM certificate")->required();
 
   // weft proxy
-  auto* proxy = app.add_subcommand("proxy", "run the sidecar / node proxy from a static YAML config");
+  auto* proxy =
+      app.add_subcommand("proxy", "run the sidecar / node proxy from a static YAML config");
   std::string config_file, admin_address_path;
   bool check_only = false;
   proxy->add_option("-c,--config", config_file, "YAML config file")->required();
@@ -91,9 +99,12 @@ int run_cli(int argc, char** argv) {
       o.ttl = parse_ttl_flag(ttl, "--ttl");
       o.dns_names = dns;
       o.key_type = *kt;
+      o.not_before_offset =
+          -std::chrono::duration_cast<std::chrono::seconds>(parse_ttl_flag(backdate, "--backdate"));
       issue_certificate(o);
       auto info = load_certificate_info(std::filesystem::path(cert_out) / "cert.pem");
-      std::cout << "issued " << spiffe_id << " in " << cert_out << " (cert.pem, key.pem mode 0600, ca.crt)"
+      std::cout << "issued " << spiffe_id << " in " << cert_out
+                << " (cert.pem, key.pem mode 0600, ca.crt)"
                 << ", expires " << (info ? format_utc(info->not_after) : "?") << "\n";
       return 0;
     }
@@ -103,8 +114,8 @@ int run_cli(int argc, char** argv) {
       std::cout << "subject:    " << info->subject << "\nserial:     " << info->serial_hex
                 << "\nspiffe id:  " << info->spiffe_id().value_or("(none)")
                 << "\nnot before: " << format_utc(info->not_before)
-                << "\nnot after:  " << format_utc(info->not_after) << "\nis CA:      "
-                << (info->is_ca ? "yes" : "no") << "\n";
+                << "\nnot after:  " << format_utc(info->not_after)
+                << "\nis CA:      " << (info->is_ca ? "yes" : "no") << "\n";
       return 0;
     }
     if (*proxy) {

@@ -66,8 +66,8 @@ class Reader {
     return scalar(n, join(parent, key));
   }
 
-  HostPort address(const YAML::Node& map, const std::string& parent, const char* key,
-                   bool required, HostPort fallback = {}, bool allow_zero = false) const {
+  HostPort address(const YAML::Node& map, const std::string& parent, const char* key, bool required,
+                   HostPort fallback = {}, bool allow_zero = false) const {
     const YAML::Node n = map[key];
     if (!n.IsDefined() || n.IsNull()) {
       if (required) fail(map, join(parent, key), "is required (host:port)");
@@ -175,8 +175,9 @@ ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
   }
   Reader r(source, base);
   if (root.IsNull()) throw ConfigError(source + ": the config is empty");
-  r.require_map(root, "", {"identity", "workers", "admin", "drain_timeout", "cert_check_interval",
-                           "access_log", "services", "outbound", "inbound", "l4", "pool"});
+  r.require_map(root, "",
+                {"identity", "workers", "admin", "drain_timeout", "cert_check_interval",
+                 "access_log", "services", "outbound", "inbound", "l4", "pool"});
   ProxyConfig c;
   c.source = source;
   c.workers = r.number(root, "", "workers", 0, 0, 256);
@@ -332,28 +333,31 @@ boost::json::value ProxyConfig::to_json() const {
     json::array addrs, ids;
     for (const auto& a : s.addresses) addrs.push_back(json::value(a.to_string()));
     for (const auto& i : s.spiffe_ids) ids.push_back(json::value(i));
-    svcs.push_back(json::object{{"name", s.name}, {"addresses", addrs}, {"authority", s.authority},
-                                {"spiffe_ids", ids}});
+    svcs.push_back(json::object{
+        {"name", s.name}, {"addresses", addrs}, {"authority", s.authority}, {"spiffe_ids", ids}});
   }
   o["services"] = svcs;
   json::array outs;
   for (const auto& l : outbound)
-    outs.push_back(json::object{{"name", l.name}, {"listen", l.listen.to_string()}, {"service", l.service}});
+    outs.push_back(
+        json::object{{"name", l.name}, {"listen", l.listen.to_string()}, {"service", l.service}});
   o["outbound"] = outs;
   json::array targets;
   for (const auto& t : inbound.targets) {
     json::array allow, deny;
     for (const auto& a : t.allow) allow.push_back(json::value(a));
     for (const auto& d : t.deny) deny.push_back(json::value(d));
-    targets.push_back(json::object{{"authority", t.authority}, {"address", t.address.to_string()},
-                                   {"allow", allow}, {"deny", deny}});
+    targets.push_back(json::object{{"authority", t.authority},
+                                   {"address", t.address.to_string()},
+                                   {"allow", allow},
+                                   {"deny", deny}});
   }
   if (inbound.enabled)
     o["inbound"] = json::object{{"listen", inbound.listen.to_string()}, {"targets", targets}};
   json::array l4s;
   for (const auto& l : l4)
-    l4s.push_back(json::object{{"name", l.name}, {"listen", l.listen.to_string()},
-                               {"upstream", l.upstream.to_string()}});
+    l4s.push_back(json::object{
+        {"name", l.name}, {"listen", l.listen.to_string()}, {"upstream", l.upstream.to_string()}});
   o["l4"] = l4s;
   o["pool"] = {{"max_streams", pool.max_streams},
                {"idle_timeout", format_duration(pool.idle_timeout)},

@@ -31,9 +31,9 @@ struct IdentityConfig {
 // A service reachable over HBONE: the peer proxies that front it and who they must be.
 struct ServiceConfig {
   std::string name;
-  std::vector<HostPort> addresses;       // peer proxies' HBONE listeners, tried in order
-  std::string authority;                 // CONNECT :authority, the target the peer maps locally
-  std::vector<std::string> spiffe_ids;   // accepted server identities (exact match)
+  std::vector<HostPort> addresses;      // peer proxies' HBONE listeners, tried in order
+  std::string authority;                // CONNECT :authority, the target the peer maps locally
+  std::vector<std::string> spiffe_ids;  // accepted server identities (exact match)
 };
 
 struct OutboundListenerConfig {
@@ -43,8 +43,8 @@ struct OutboundListenerConfig {
 };
 
 struct InboundTargetConfig {
-  std::string authority;  // as sent in CONNECT :authority
-  HostPort address;       // the local address it maps to
+  std::string authority;           // as sent in CONNECT :authority
+  HostPort address;                // the local address it maps to
   std::vector<std::string> allow;  // SPIFFE IDs; empty means any ID of our trust domain
   std::vector<std::string> deny;   // checked first
 };

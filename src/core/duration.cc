@@ -17,12 +17,18 @@ Result<Millis> parse_duration(std::string_view text) {
   std::from_chars(text.data(), text.data() + digits, n);
   const std::string_view unit = text.substr(digits);
   long long ms_per = 0;
-  if (unit == "ms") ms_per = 1;
-  else if (unit == "s") ms_per = 1000;
-  else if (unit == "m") ms_per = 60'000;
-  else if (unit == "h") ms_per = 3'600'000;
-  else if (unit == "d") ms_per = 86'400'000;
-  else return bad();
+  if (unit == "ms")
+    ms_per = 1;
+  else if (unit == "s")
+    ms_per = 1000;
+  else if (unit == "m")
+    ms_per = 60'000;
+  else if (unit == "h")
+    ms_per = 3'600'000;
+  else if (unit == "d")
+    ms_per = 86'400'000;
+  else
+    return bad();
   return Millis(n * ms_per);
 }
 

@@ -61,11 +61,13 @@ ossl::Cert new_cert(EVP_PKEY* key, const std::string& cn, std::chrono::seconds n
   BN_free(bn);
   const long nb = static_cast<long>(not_before_offset.count());
   X509_gmtime_adj(X509_getm_notBefore(cert.get()), nb);
-  X509_gmtime_adj(X509_getm_notAfter(cert.get()),
-                  nb + static_cast<long>(std::chrono::duration_cast<std::chrono::seconds>(ttl).count()));
+  X509_gmtime_adj(
+      X509_getm_notAfter(cert.get()),
+      nb + static_cast<long>(std::chrono::duration_cast<std::chrono::seconds>(ttl).count()));
   X509_set_pubkey(cert.get(), key);
   X509_NAME* name = X509_get_subject_name(cert.get());
-  X509_NAME_add_entry_by_txt(name, "O", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>("weft"), -1, -1, 0);
+  X509_NAME_add_entry_by_txt(name, "O", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>("weft"), -1, -1, 0);
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
                              reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
   return cert;
@@ -128,7 +130,8 @@ void init_ca(const CaInitOptions& o) {
   if (!td) fail(td.error());
   ensure_dir(o.out_dir);
   if (fs::exists(o.out_dir / "ca.key"))
-    fail(o.out_dir.string() + "/ca.key already exists; refusing to overwrite a CA (remove it first)");
+    fail(o.out_dir.string() +
+         "/ca.key already exists; refusing to overwrite a CA (remove it first)");
   auto key = generate_key(o.key_type);
   auto cert = new_cert(key.get(), "weft root CA " + *td, std::chrono::seconds(-60), o.ttl);
   X509_set_issuer_name(cert.get(), X509_get_subject_name(cert.get()));

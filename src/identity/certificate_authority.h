@@ -1,7 +1,8 @@
 // The offline CA tooling behind `weft ca init` and `weft cert issue`: a root CA whose URI SAN
 // names its trust domain, and leaf certificates that carry one SPIFFE ID each.
 // Files: CA dir = ca.crt + ca.key; leaf dir = cert.pem + key.pem + ca.crt (the trust bundle).
-// Private keys are written 0600 and replaced atomically (rename), so watchers never see half a file.
+// Private keys are written 0600 and replaced atomically (rename), so watchers never see half a
+// file.
 #pragma once
 
 #include <chrono>

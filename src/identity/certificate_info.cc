@@ -39,13 +39,16 @@ CertificateInfo describe_certificate(X509* cert) {
   info.not_before = asn1_to_time(X509_get0_notBefore(cert));
   info.not_after = asn1_to_time(X509_get0_notAfter(cert));
   info.is_ca = X509_check_ca(cert) != 0;
-  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  auto* names =
+      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
   if (names) {
     for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
       const GENERAL_NAME* gn = sk_GENERAL_NAME_value(names, i);
       if (gn->type == GEN_URI || gn->type == GEN_DNS) {
-        const ASN1_IA5STRING* s = gn->type == GEN_URI ? gn->d.uniformResourceIdentifier : gn->d.dNSName;
-        std::string v(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)), ASN1_STRING_length(s));
+        const ASN1_IA5STRING* s =
+            gn->type == GEN_URI ? gn->d.uniformResourceIdentifier : gn->d.dNSName;
+        std::string v(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                      ASN1_STRING_length(s));
         (gn->type == GEN_URI ? info.uri_sans : info.dns_sans).push_back(std::move(v));
       }
     }

@@ -44,7 +44,8 @@ Result<std::string> spiffe_trust_domain(std::string_view uri) {
 
 Result<SpiffeId> parse_spiffe_id(std::string_view text) {
   constexpr std::string_view scheme = "spiffe://";
-  if (text.size() > 2048) return make_error(expected_form(text.substr(0, 64), "longer than 2048 bytes"));
+  if (text.size() > 2048)
+    return make_error(expected_form(text.substr(0, 64), "longer than 2048 bytes"));
   if (text.substr(0, scheme.size()) != scheme)
     return make_error(expected_form(text, "must start with spiffe://"));
   std::string_view rest = text.substr(scheme.size());
@@ -52,7 +53,8 @@ Result<SpiffeId> parse_spiffe_id(std::string_view text) {
   size_t start = 0;
   while (true) {
     const size_t slash = rest.find('/', start);
-    parts.push_back(rest.substr(start, slash == std::string_view::npos ? rest.npos : slash - start));
+    parts.push_back(
+        rest.substr(start, slash == std::string_view::npos ? rest.npos : slash - start));
     if (slash == std::string_view::npos) break;
     start = slash + 1;
   }
@@ -65,10 +67,12 @@ Result<SpiffeId> parse_spiffe_id(std::string_view text) {
   if (parts[1] != "ns") return make_error(expected_form(text, "second segment must be 'ns'"));
   if (parts[3] != "sa") return make_error(expected_form(text, "fourth segment must be 'sa'"));
   for (size_t i : {2u, 4u}) {
-    if (parts[i].empty()) return make_error(expected_form(text, "empty namespace or service account"));
+    if (parts[i].empty())
+      return make_error(expected_form(text, "empty namespace or service account"));
     for (char c : parts[i]) {
       if (!segment_char(c))
-        return make_error(expected_form(text, "path segments may only hold letters, digits, '.', '-' and '_'"));
+        return make_error(
+            expected_form(text, "path segments may only hold letters, digits, '.', '-' and '_'"));
     }
   }
   return SpiffeId{*td, std::string(parts[2]), std::string(parts[4])};

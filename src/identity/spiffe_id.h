@@ -20,7 +20,8 @@ struct SpiffeId {
   bool operator==(const SpiffeId&) const = default;
 };
 
-inline constexpr std::string_view kSpiffeIdForm = "spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>";
+inline constexpr std::string_view kSpiffeIdForm =
+    "spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>";
 
 // Strict parse: no missing segment, no trailing slash, no query or fragment, lowercase trust
 // domain of [a-z0-9.-_], path segments of [A-Za-z0-9.-_]. Errors show the expected form.

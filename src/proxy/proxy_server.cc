@@ -52,13 +52,16 @@ ProxyServer::ProxyServer(ProxyOptions options)
   if (config->needs_identity()) {
     cert_fingerprint_ = file_fingerprint(config->identity);
     auto loaded = load_tls_contexts(config->identity, ++tls_generation_);
-    if (!loaded) throw std::runtime_error(config->source.string() + ": identity: " + loaded.error());
+    if (!loaded)
+      throw std::runtime_error(config->source.string() + ": identity: " + loaded.error());
     tls = *loaded;
   }
   current_ = std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls});
 
-  const unsigned n = config->workers ? config->workers : std::max(1u, std::thread::hardware_concurrency());
-  for (unsigned i = 0; i < n; ++i) workers_.push_back(std::make_unique<Worker>(i, metrics_, *access_log_));
+  const unsigned n =
+      config->workers ? config->workers : std::max(1u, std::thread::hardware_concurrency());
+  for (unsigned i = 0; i < n; ++i)
+    workers_.push_back(std::make_unique<Worker>(i, metrics_, *access_log_));
   auto bound = bind_listeners(*config);
 
   auto admin = AdminServer::bind(io_, config->admin,
@@ -118,7 +121,8 @@ std::map<std::string, std::pair<std::string, HostPort>> ProxyServer::wanted_list
   return out;
 }
 
-std::map<std::string, ProxyServer::BoundListener> ProxyServer::bind_listeners(const ProxyConfig& config) {
+std::map<std::string, ProxyServer::BoundListener> ProxyServer::bind_listeners(
+    const ProxyConfig& config) {
   std::map<std::string, BoundListener> next;
   for (const auto& [key, want] : wanted_listeners(config)) {
     const auto& [spec, address] = want;
@@ -172,12 +176,13 @@ void ProxyServer::reload() {
   try {
     auto config = std::make_shared<const ProxyConfig>(load_proxy_config(options_.config_file));
     if (config->workers && config->workers != workers_.size())
-      spdlog::warn("reload: 'workers' changed to {}; takes effect at the next restart", config->workers);
+      spdlog::warn("reload: 'workers' changed to {}; takes effect at the next restart",
+                   config->workers);
     auto tls = current_->tls;
     const auto& old_id = current_->config->identity;
-    const bool id_changed = config->identity.cert != old_id.cert || config->identity.key != old_id.key ||
-                            config->identity.ca != old_id.ca ||
-                            config->identity.trust_domain != old_id.trust_domain;
+    const bool id_changed =
+        config->identity.cert != old_id.cert || config->identity.key != old_id.key ||
+        config->identity.ca != old_id.ca || config->identity.trust_domain != old_id.trust_domain;
     if (config->needs_identity() && (!tls || id_changed)) {
       auto loaded = load_tls_contexts(config->identity, ++tls_generation_);
       if (!loaded) throw std::runtime_error("identity: " + loaded.error());
@@ -211,8 +216,9 @@ void ProxyServer::check_certificates() {
     } else if (loaded.error() != last_cert_error_) {
       // Often a rotation caught half-written; the next check retries. Keep serving the old one.
       last_cert_error_ = loaded.error();
-      spdlog::warn("certificate files changed but cannot be used yet (keeping the current ones): {}",
-                   loaded.error());
+      spdlog::warn(
+          "certificate files changed but cannot be used yet (keeping the current ones): {}",
+          loaded.error());
     }
   }
   cert_timer_.expires_after(current_->config->cert_check_interval);
@@ -237,8 +243,10 @@ void ProxyServer::watch_drain() {
   const auto open = metrics_.downstream_connections_active.get();
   const bool late = std::chrono::steady_clock::now() >= drain_deadline_;
   if (open == 0 || late) {
-    if (open) spdlog::warn("drain deadline reached; closing {} connections still open", open);
-    else spdlog::info("drained; exiting");
+    if (open)
+      spdlog::warn("drain deadline reached; closing {} connections still open", open);
+    else
+      spdlog::info("drained; exiting");
     signals_.cancel();
     if (admin_) admin_->close();
     io_.stop();
@@ -297,7 +305,8 @@ AdminResponse ProxyServer::handle_admin(const AdminRequest& r) {
   if (r.path == "/ready") {
     if (!get) return method_not_allowed("GET");
     const bool ok = ready();
-    return {ok ? 200 : 503, "text/plain", ok ? "LIVE\n" : (draining_ ? "DRAINING\n" : "NOT READY\n")};
+    return {ok ? 200 : 503, "text/plain",
+            ok ? "LIVE\n" : (draining_ ? "DRAINING\n" : "NOT READY\n")};
   }
   if (r.path == "/healthz") return {200, "text/plain", "ok\n"};
   if (r.path == "/stats") return {200, "application/json", json::serialize(metrics_.to_json())};

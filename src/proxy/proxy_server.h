@@ -44,7 +44,8 @@ class ProxyServer {
     std::vector<std::shared_ptr<Listener>> per_worker;
   };
 
-  std::map<std::string, std::pair<std::string, HostPort>> wanted_listeners(const ProxyConfig& c) const;
+  std::map<std::string, std::pair<std::string, HostPort>> wanted_listeners(
+      const ProxyConfig& c) const;
   // Binds what is new in `config` and returns the set; throws on failure, leaving the old set.
   std::map<std::string, BoundListener> bind_listeners(const ProxyConfig& config);
   void swap_listeners(std::map<std::string, BoundListener> next);

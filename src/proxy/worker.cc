@@ -41,14 +41,15 @@ void connect_to(asio::io_context& io, tcp::socket& socket, const HostPort& targe
     return;
   }
   auto resolver = std::make_shared<tcp::resolver>(io);
-  resolver->async_resolve(target.host, std::to_string(target.port),
-                          [resolver, &socket, done = std::move(done)](
-                              const boost::system::error_code& ec, tcp::resolver::results_type r) mutable {
-                            if (ec) return done(ec);
-                            asio::async_connect(socket, r,
-                                                [done = std::move(done)](const boost::system::error_code& ec,
-                                                                         const tcp::endpoint&) mutable { done(ec); });
-                          });
+  resolver->async_resolve(
+      target.host, std::to_string(target.port),
+      [resolver, &socket, done = std::move(done)](const boost::system::error_code& ec,
+                                                  tcp::resolver::results_type r) mutable {
+        if (ec) return done(ec);
+        asio::async_connect(socket, r,
+                            [done = std::move(done)](const boost::system::error_code& ec,
+                                                     const tcp::endpoint&) mutable { done(ec); });
+      });
 }
 
 }  // namespace
@@ -145,7 +146,8 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
 void Worker::handle_inbound(tcp::socket socket) {
   if (!snapshot_->tls) return;
   const std::string downstream = remote_of(socket);
-  auto tls = std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(socket), *snapshot_->tls->server);
+  auto tls =
+      std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(socket), *snapshot_->tls->server);
   auto* raw = tls.get();
   // A peer that connects and says nothing must not hold a slot forever.
   auto timer = std::make_shared<asio::steady_timer>(io_, snapshot_->config->pool.connect_timeout);
@@ -211,7 +213,8 @@ void Worker::start_inbound_tunnel(std::unique_ptr<asio::ssl::stream<tcp::socket>
     }
     const HostPort target = verdict.target->address;
     entry.upstream = target.to_string();
-    auto counters = metrics_.tcp({"destination", peer, snap->tls->spiffe_id, authority, "mutual_tls"});
+    auto counters =
+        metrics_.tcp({"destination", peer, snap->tls->spiffe_id, authority, "mutual_tls"});
     auto stream = std::make_shared<TunnelStream>(
         tcp::socket(io_), std::move(counters), false, metrics_,
         [this, entry = std::move(entry)](const TunnelStream& s, const std::string& result) mutable {
@@ -237,6 +240,9 @@ void Worker::start_inbound_tunnel(std::unique_ptr<asio::ssl::stream<tcp::socket>
   };
   H2Connection::Settings settings;
   settings.max_concurrent_streams = 1000;
+  // Longer than any sane client pool idle timeout, so the client always closes first and never
+  // races a server-side close with a new stream; still frees tunnels that clients abandoned.
+  settings.idle_timeout = std::chrono::minutes(10);
   auto conn = std::make_shared<H2Connection>(H2Connection::Role::server, std::move(tls), peer,
                                              metrics_, std::move(hooks), settings);
   inbound_[conn.get()] = conn;
@@ -257,7 +263,8 @@ void Worker::handle_l4(const std::string& name, tcp::socket socket) {
   auto upstream = std::make_shared<tcp::socket>(io_);
   auto downstream = std::make_shared<tcp::socket>(std::move(socket));
   connect_to(io_, *upstream, l4->upstream,
-             [this, upstream, downstream, entry = std::move(entry)](const boost::system::error_code& ec) mutable {
+             [this, upstream, downstream,
+              entry = std::move(entry)](const boost::system::error_code& ec) mutable {
                if (ec) {
                  metrics_.upstream_connect_failures.inc();
                  entry.result = "upstream_connect_failed: " + ec.message();
@@ -269,7 +276,8 @@ void Worker::handle_l4(const std::string& name, tcp::socket socket) {
                auto counters = metrics_.tcp({"destination", "", "", entry.upstream, "none"});
                auto relay = std::make_shared<SpliceRelay>(
                    std::move(*downstream), std::move(*upstream), std::move(counters), metrics_,
-                   [this, entry = std::move(entry)](const SpliceRelay& r, const std::string& result) mutable {
+                   [this, entry = std::move(entry)](const SpliceRelay& r,
+                                                    const std::string& result) mutable {
                      entry.bytes_received = r.bytes_received();
                      entry.bytes_sent = r.bytes_sent();
                      entry.result = result;

@@ -13,7 +13,8 @@ namespace weft {
 AccessLog::AccessLog(const std::string& target) {
   if (target == "off") return;
   if (target == "stdout")
-    logger_ = std::make_shared<spdlog::logger>("access", std::make_shared<spdlog::sinks::stdout_sink_mt>());
+    logger_ = std::make_shared<spdlog::logger>("access",
+                                               std::make_shared<spdlog::sinks::stdout_sink_mt>());
   else
     logger_ = std::make_shared<spdlog::logger>(
         "access", std::make_shared<spdlog::sinks::basic_file_sink_mt>(target));
@@ -30,7 +31,7 @@ void AccessLog::write(const AccessLogEntry& e) {
   start.insert(start.size() - 1, "." + fmt::format("{:03}", start_ms % 1000));
   boost::json::object o{
       {"start", start},
-      {"duration_ms", duration_cast<microseconds>(now - e.start).count() / 1000.0},
+      {"duration_us", duration_cast<microseconds>(now - e.start).count()},
       {"direction", e.direction},
       {"listener", e.listener},
       {"downstream", e.downstream},

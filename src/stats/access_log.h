@@ -16,12 +16,12 @@ namespace weft {
 struct AccessLogEntry {
   std::string direction;  // outbound, inbound, l4
   std::string listener;
-  std::string downstream;      // client address
-  std::string peer_identity;   // SPIFFE ID of the peer proxy, if any
+  std::string downstream;     // client address
+  std::string peer_identity;  // SPIFFE ID of the peer proxy, if any
   std::string local_identity;
-  std::string upstream;        // address or service we forwarded to
-  std::string authority;       // HBONE target
-  std::string result = "ok";   // ok, or why it ended
+  std::string upstream;       // address or service we forwarded to
+  std::string authority;      // HBONE target
+  std::string result = "ok";  // ok, or why it ended
   std::chrono::system_clock::time_point start = std::chrono::system_clock::now();
   uint64_t bytes_received = 0;  // from downstream
   uint64_t bytes_sent = 0;      // to downstream

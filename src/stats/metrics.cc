@@ -38,17 +38,26 @@ struct Simple {
 std::string Metrics::prometheus() const {
   std::ostringstream out;
   const Simple simple[] = {
-      {"downstream_connections_active", "gauge", "Connections from local apps or peers now open", &downstream_connections_active},
-      {"downstream_connections_total", "counter", "Connections accepted on any listener", &downstream_connections_total},
-      {"tls_handshake_errors_total", "counter", "TLS handshakes that failed (bad certificate, garbage, truncation)", &tls_handshake_errors},
-      {"hbone_protocol_errors_total", "counter", "HBONE connections closed for bad HTTP/2", &hbone_protocol_errors},
-      {"hbone_requests_rejected_total", "counter", "CONNECT requests answered 400, 401 or 503", &hbone_requests_rejected},
-      {"hbone_connections_active", "gauge", "HBONE (HTTP/2 over mTLS) connections now open", &hbone_connections_active},
+      {"downstream_connections_active", "gauge", "Connections from local apps or peers now open",
+       &downstream_connections_active},
+      {"downstream_connections_total", "counter", "Connections accepted on any listener",
+       &downstream_connections_total},
+      {"tls_handshake_errors_total", "counter",
+       "TLS handshakes that failed (bad certificate, garbage, truncation)", &tls_handshake_errors},
+      {"hbone_protocol_errors_total", "counter", "HBONE connections closed for bad HTTP/2",
+       &hbone_protocol_errors},
+      {"hbone_requests_rejected_total", "counter", "CONNECT requests answered 400, 401 or 503",
+       &hbone_requests_rejected},
+      {"hbone_connections_active", "gauge", "HBONE (HTTP/2 over mTLS) connections now open",
+       &hbone_connections_active},
       {"hbone_streams_active", "gauge", "Tunnelled streams now open", &hbone_streams_active},
-      {"upstream_connect_failures_total", "counter", "Failed connects to upstream peers or local apps", &upstream_connect_failures},
+      {"upstream_connect_failures_total", "counter",
+       "Failed connects to upstream peers or local apps", &upstream_connect_failures},
       {"config_reloads_total", "counter", "Successful config reloads", &config_reloads},
-      {"config_reload_failures_total", "counter", "Refused config reloads (the old config stayed)", &config_reload_failures},
-      {"certificate_reloads_total", "counter", "Certificate rotations picked up from disk", &certificate_reloads},
+      {"config_reload_failures_total", "counter", "Refused config reloads (the old config stayed)",
+       &config_reload_failures},
+      {"certificate_reloads_total", "counter", "Certificate rotations picked up from disk",
+       &certificate_reloads},
   };
   for (const auto& s : simple) {
     out << "# HELP weft_" << s.name << " " << s.help << "\n# TYPE weft_" << s.name << " " << s.type
@@ -64,7 +73,8 @@ std::string Metrics::prometheus() const {
       {"istio_tcp_connections_opened_total", "Total TCP connections opened", &TcpCounters::opened},
       {"istio_tcp_connections_closed_total", "Total TCP connections closed", &TcpCounters::closed},
       {"istio_tcp_sent_bytes_total", "Bytes sent in responses over TCP", &TcpCounters::sent_bytes},
-      {"istio_tcp_received_bytes_total", "Bytes received in requests over TCP", &TcpCounters::received_bytes},
+      {"istio_tcp_received_bytes_total", "Bytes received in requests over TCP",
+       &TcpCounters::received_bytes},
   };
   for (const auto& f : families) {
     out << "# HELP " << f.name << " " << f.help << "\n# TYPE " << f.name << " counter\n";

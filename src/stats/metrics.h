@@ -51,10 +51,10 @@ class Metrics {
   // weft_ counters and gauges; names are the Prometheus names without the prefix.
   Counter downstream_connections_active;
   Counter downstream_connections_total;
-  Counter tls_handshake_errors;       // bad certs, garbage, truncated TLS
-  Counter hbone_protocol_errors;      // bad HTTP/2 framing or non-CONNECT requests
-  Counter hbone_requests_rejected;    // 400/401/503 answers
-  Counter hbone_connections_active;   // pooled tunnels and accepted tunnels
+  Counter tls_handshake_errors;      // bad certs, garbage, truncated TLS
+  Counter hbone_protocol_errors;     // bad HTTP/2 framing or non-CONNECT requests
+  Counter hbone_requests_rejected;   // 400/401/503 answers
+  Counter hbone_connections_active;  // pooled tunnels and accepted tunnels
   Counter hbone_streams_active;
   Counter upstream_connect_failures;
   Counter config_reloads;

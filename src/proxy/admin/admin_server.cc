@@ -67,11 +67,12 @@ class AdminSession : public std::enable_shared_from_this<AdminSession> {
 AdminServer::AdminServer(asio::io_context& io, Handler handler)
     : acceptor_(io), handler_(std::move(handler)) {}
 
-Result<std::unique_ptr<AdminServer>> AdminServer::bind(asio::io_context& io, const HostPort& address,
-                                                       Handler handler) {
+Result<std::unique_ptr<AdminServer>> AdminServer::bind(asio::io_context& io,
+                                                       const HostPort& address, Handler handler) {
   std::unique_ptr<AdminServer> s(new AdminServer(io, std::move(handler)));
   boost::system::error_code ec;
-  const auto ip = asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
+  const auto ip =
+      asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
   if (ec) return make_error("admin: " + address.host + " is not an IP address");
   const tcp::endpoint ep(ip, address.port);
   s->acceptor_.open(ep.protocol(), ec);

@@ -57,7 +57,8 @@ void SpliceRelay::pump(Direction& d) {
   const int to = d.to->native_handle();
   for (;;) {
     if (d.in_pipe > 0) {
-      const ssize_t n = ::splice(d.pipe_r, nullptr, to, nullptr, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+      const ssize_t n =
+          ::splice(d.pipe_r, nullptr, to, nullptr, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n > 0) {
         d.in_pipe -= static_cast<size_t>(n);
         d.bytes += static_cast<uint64_t>(n);
@@ -86,7 +87,8 @@ void SpliceRelay::pump(Direction& d) {
       d.done = true;
       return check_done();
     }
-    const ssize_t n = ::splice(from, nullptr, d.pipe_w, nullptr, kSpliceChunk, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    const ssize_t n =
+        ::splice(from, nullptr, d.pipe_w, nullptr, kSpliceChunk, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n > 0) {
       d.in_pipe += static_cast<size_t>(n);
       continue;

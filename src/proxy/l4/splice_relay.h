@@ -22,8 +22,8 @@ class SpliceRelay : public std::enable_shared_from_this<SpliceRelay> {
   ~SpliceRelay();
 
   void start();
-  uint64_t bytes_received() const { return up_.bytes; }   // downstream -> upstream
-  uint64_t bytes_sent() const { return down_.bytes; }     // upstream -> downstream
+  uint64_t bytes_received() const { return up_.bytes; }  // downstream -> upstream
+  uint64_t bytes_sent() const { return down_.bytes; }    // upstream -> downstream
 
  private:
   struct Direction {

@@ -9,14 +9,17 @@ namespace weft {
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
-Listener::Listener(asio::io_context& io, std::string name) : acceptor_(io), name_(std::move(name)) {}
+Listener::Listener(asio::io_context& io, std::string name)
+    : acceptor_(io), name_(std::move(name)) {}
 
 Result<std::shared_ptr<Listener>> Listener::bind(asio::io_context& io, std::string name,
                                                  const HostPort& address) {
   std::shared_ptr<Listener> l(new Listener(io, std::move(name)));
   boost::system::error_code ec;
-  const auto ip = asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
-  if (ec) return make_error("listener '" + l->name_ + "': " + address.host + " is not an IP address");
+  const auto ip =
+      asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
+  if (ec)
+    return make_error("listener '" + l->name_ + "': " + address.host + " is not an IP address");
   const tcp::endpoint ep(ip, address.port);
   l->acceptor_.open(ep.protocol(), ec);
   if (!ec) l->acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
@@ -45,19 +48,19 @@ void Listener::close() {
 }
 
 void Listener::accept() {
-  acceptor_.async_accept([self = shared_from_this()](const boost::system::error_code& ec,
-                                                      tcp::socket socket) {
-    if (ec == asio::error::operation_aborted || !self->acceptor_.is_open()) return;
-    if (ec) {
-      // EMFILE and friends: log, keep listening; the next accept may succeed.
-      spdlog::warn("listener '{}': accept failed: {}", self->name_, ec.message());
-    } else {
-      boost::system::error_code ignored;
-      socket.set_option(tcp::no_delay(true), ignored);
-      self->handler_(std::move(socket));
-    }
-    self->accept();
-  });
+  acceptor_.async_accept(
+      [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket socket) {
+        if (ec == asio::error::operation_aborted || !self->acceptor_.is_open()) return;
+        if (ec) {
+          // EMFILE and friends: log, keep listening; the next accept may succeed.
+          spdlog::warn("listener '{}': accept failed: {}", self->name_, ec.message());
+        } else {
+          boost::system::error_code ignored;
+          socket.set_option(tcp::no_delay(true), ignored);
+          self->handler_(std::move(socket));
+        }
+        self->accept();
+      });
 }
 
 }  // namespace weft

@@ -22,8 +22,7 @@ int cb_begin_headers(nghttp2_session*, const nghttp2_frame* frame, void* user) {
 
 int cb_header(nghttp2_session*, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
               const uint8_t* value, size_t valuelen, uint8_t, void* user) {
-  return self(user)->on_header(frame->hd.stream_id,
-                               {reinterpret_cast<const char*>(name), namelen},
+  return self(user)->on_header(frame->hd.stream_id, {reinterpret_cast<const char*>(name), namelen},
                                {reinterpret_cast<const char*>(value), valuelen});
 }
 
@@ -39,6 +38,13 @@ int cb_data_chunk(nghttp2_session*, uint8_t, int32_t stream_id, const uint8_t* d
 
 int cb_stream_close(nghttp2_session*, int32_t stream_id, uint32_t error_code, void* user) {
   return self(user)->on_stream_close(stream_id, error_code);
+}
+
+int cb_frame_send(nghttp2_session*, const nghttp2_frame* frame, void* user) {
+  // nghttp2 answers a peer's protocol violation with GOAWAY carrying an error code.
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
+    self(user)->on_protocol_error(nghttp2_http2_strerror(frame->goaway.error_code));
+  return 0;
 }
 
 ssize_t cb_read_data(nghttp2_session*, int32_t, uint8_t* buf, size_t len, uint32_t* flags,
@@ -70,6 +76,7 @@ H2Connection::H2Connection(Role role, std::unique_ptr<Tls> tls, std::string peer
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, cb_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_data_chunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
+  nghttp2_session_callbacks_set_on_frame_send_callback(cbs, cb_frame_send);
   nghttp2_option* opt = nullptr;
   nghttp2_option_new(&opt);
   // We send WINDOW_UPDATE only after bytes reach the TCP side: that is the backpressure.
@@ -221,36 +228,37 @@ void H2Connection::flush() {
     return;
   }
   writing_ = true;
-  boost::asio::async_write(*tls_, boost::asio::buffer(out_),
-                           [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
-                             self->writing_ = false;
-                             if (ec) return self->terminate("tls write: " + ec.message());
-                             self->flush();
-                           });
+  boost::asio::async_write(
+      *tls_, boost::asio::buffer(out_),
+      [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
+        self->writing_ = false;
+        if (ec) return self->terminate("tls write: " + ec.message());
+        self->flush();
+      });
 }
 
 void H2Connection::do_read() {
-  tls_->async_read_some(
-      boost::asio::buffer(in_.get(), kReadSize),
-      [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
-        if (self->closed_) return;
-        if (ec) {
-          const bool clean = ec == boost::asio::error::eof ||
-                             ec == boost::asio::ssl::error::stream_truncated;
-          if (!clean) self->metrics_.hbone_protocol_errors.inc();
-          return self->terminate(clean ? "" : "tls read: " + ec.message());
-        }
-        self->in_nghttp2_ = true;
-        const ssize_t rv = nghttp2_session_mem_recv(self->session_, self->in_.get(), n);
-        self->in_nghttp2_ = false;
-        if (rv < 0) {
-          self->metrics_.hbone_protocol_errors.inc();
-          return self->terminate(std::string("bad http2 from peer: ") +
-                                 nghttp2_strerror(static_cast<int>(rv)));
-        }
-        self->flush();
-        if (!self->closed_) self->do_read();
-      });
+  tls_->async_read_some(boost::asio::buffer(in_.get(), kReadSize),
+                        [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+                          if (self->closed_) return;
+                          if (ec) {
+                            const bool clean = ec == boost::asio::error::eof ||
+                                               ec == boost::asio::ssl::error::stream_truncated;
+                            if (!clean) self->metrics_.hbone_protocol_errors.inc();
+                            return self->terminate(clean ? "" : "tls read: " + ec.message());
+                          }
+                          self->in_nghttp2_ = true;
+                          const ssize_t rv =
+                              nghttp2_session_mem_recv(self->session_, self->in_.get(), n);
+                          self->in_nghttp2_ = false;
+                          if (rv < 0) {
+                            self->metrics_.hbone_protocol_errors.inc();
+                            return self->terminate(std::string("bad http2 from peer: ") +
+                                                   nghttp2_strerror(static_cast<int>(rv)));
+                          }
+                          self->flush();
+                          if (!self->closed_) self->do_read();
+                        });
 }
 
 void H2Connection::terminate(const std::string& why) {
@@ -270,6 +278,11 @@ void H2Connection::terminate(const std::string& why) {
   if (hooks_.on_closed) hooks_.on_closed(this);
 }
 
+void H2Connection::on_protocol_error(const char* what) {
+  metrics_.hbone_protocol_errors.inc();
+  spdlog::debug("hbone: protocol error with '{}': {}", peer_identity_, what);
+}
+
 int H2Connection::on_begin_headers(int32_t stream_id) {
   headers_[stream_id] = {};
   return 0;
@@ -279,12 +292,18 @@ int H2Connection::on_header(int32_t stream_id, std::string_view name, std::strin
   auto it = headers_.find(stream_id);
   if (it == headers_.end()) return 0;  // trailers or an unknown stream: ignored
   auto& h = it->second;
-  if (name == ":method") h.method = value;
-  else if (name == ":authority") h.authority = value;
-  else if (name == ":status") h.status = value;
-  else if (name == ":scheme") h.scheme = value;
-  else if (name == ":path") h.path = value;
-  else if (name == ":protocol") h.protocol = value;
+  if (name == ":method")
+    h.method = value;
+  else if (name == ":authority")
+    h.authority = value;
+  else if (name == ":status")
+    h.status = value;
+  else if (name == ":scheme")
+    h.scheme = value;
+  else if (name == ":path")
+    h.path = value;
+  else if (name == ":protocol")
+    h.protocol = value;
   return 0;
 }
 

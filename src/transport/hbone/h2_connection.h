@@ -40,8 +40,8 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
   struct Hooks {
     std::function<ConnectDecision(const std::shared_ptr<H2Connection>&, int32_t stream_id,
                                   const std::string& authority)>
-        on_connect;                                  // server role
-    std::function<void(H2Connection*)> on_closed;    // the connection is gone
+        on_connect;                                // server role
+    std::function<void(H2Connection*)> on_closed;  // the connection is gone
   };
 
   struct Settings {
@@ -83,6 +83,7 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
   int on_frame_recv(int32_t stream_id, uint8_t type, uint8_t flags, int headers_category);
   int on_data_chunk(int32_t stream_id, const uint8_t* data, size_t len);
   int on_stream_close(int32_t stream_id, uint32_t error_code);
+  void on_protocol_error(const char* what);
 
  private:
   struct PendingHeaders {

@@ -55,12 +55,13 @@ class Dialer : public std::enable_shared_from_this<Dialer> {
         [self = shared_from_this(), hp](const boost::system::error_code& ec,
                                         tcp::resolver::results_type results) {
           if (ec) return self->failed(hp, "cannot resolve: " + ec.message());
-          asio::async_connect(self->stream_->lowest_layer(), results,
-                              [self, hp](const boost::system::error_code& ec, const tcp::endpoint&) {
-                                if (ec) return self->failed(hp, "connect: " + self->why(ec));
-                                self->stream_->lowest_layer().set_option(tcp::no_delay(true));
-                                self->handshake(hp);
-                              });
+          asio::async_connect(
+              self->stream_->lowest_layer(), results,
+              [self, hp](const boost::system::error_code& ec, const tcp::endpoint&) {
+                if (ec) return self->failed(hp, "connect: " + self->why(ec));
+                self->stream_->lowest_layer().set_option(tcp::no_delay(true));
+                self->handshake(hp);
+              });
         });
   }
 
@@ -181,9 +182,9 @@ void HboneClientPool::dial(const ServiceConfig& service) {
           H2Connection::Settings settings;
           settings.max_concurrent_streams = max;
           settings.idle_timeout = idle;
-          conn = std::make_shared<H2Connection>(H2Connection::Role::client, std::move(tls),
-                                                std::move(peer), metrics_, std::move(hooks),
-                                                settings);
+          conn =
+              std::make_shared<H2Connection>(H2Connection::Role::client, std::move(tls),
+                                             std::move(peer), metrics_, std::move(hooks), settings);
           conn->start();
         }
         on_dialed(name, std::move(conn), error);

@@ -156,7 +156,8 @@ void TunnelStream::on_h2_closed(uint32_t error_code) {
   h2_closed_ = true;
   if (error_code != NGHTTP2_NO_ERROR) {
     // Reset or connection lost: whatever was not yet written is lost too, so close now.
-    if (result_ == "ok") result_ = error_code == NGHTTP2_CONNECT_ERROR ? "tunnel_broken" : "tunnel_reset";
+    if (result_ == "ok")
+      result_ = error_code == NGHTTP2_CONNECT_ERROR ? "tunnel_broken" : "tunnel_reset";
     fail(result_);
     return;
   }
