@@ -204,7 +204,7 @@ ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
     c.pool.connect_timeout = r.duration(pool, "pool", "connect_timeout", c.pool.connect_timeout);
   }
 
-  std::set<std::string> names, listens;
+  std::set<std::string> service_names, listener_names, listens;
   const auto services = r.sequence(root, "services");
   for (size_t i = 0; i < services.size(); ++i) {
     const std::string f = "services[" + std::to_string(i) + "]";
@@ -212,7 +212,7 @@ ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
     r.require_map(n, f, {"name", "addresses", "authority", "spiffe_ids"});
     ServiceConfig s;
     s.name = r.string_field(n, f, "name", true);
-    check_name(r, n["name"], f + ".name", s.name, names);
+    check_name(r, n["name"], f + ".name", s.name, service_names);
     const YAML::Node addrs = n["addresses"];
     if (!addrs.IsDefined() || !addrs.IsSequence() || addrs.size() == 0)
       r.fail(addrs.IsDefined() ? addrs : n, f + ".addresses",
@@ -241,7 +241,7 @@ ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
     r.require_map(n, f, {"name", "listen", "service"});
     OutboundListenerConfig o;
     o.name = r.string_field(n, f, "name", true);
-    check_name(r, n["name"], f + ".name", o.name, names);
+    check_name(r, n["name"], f + ".name", o.name, listener_names);
     o.listen = r.address(n, f, "listen", true, {}, true);
     check_listen(r, n["listen"], f + ".listen", o.listen, listens);
     o.service = r.string_field(n, f, "service", true);
@@ -280,7 +280,7 @@ ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
     r.require_map(n, f, {"name", "listen", "upstream"});
     L4ListenerConfig l;
     l.name = r.string_field(n, f, "name", true);
-    check_name(r, n["name"], f + ".name", l.name, names);
+    check_name(r, n["name"], f + ".name", l.name, listener_names);
     l.listen = r.address(n, f, "listen", true, {}, true);
     check_listen(r, n["listen"], f + ".listen", l.listen, listens);
     l.upstream = r.address(n, f, "upstream", true);
