@@ -34,6 +34,11 @@ std::string file_fingerprint(const IdentityConfig& id) {
 // Each proxied connection needs two descriptors; the default soft limit of 1024 would cap a
 // proxy at a few hundred connections.
 void raise_fd_limit() {
+  // As root we may also raise the hard limit; otherwise take the soft limit up to the hard one.
+  struct rlimit big {
+    1u << 20, 1u << 20
+  };
+  if (::setrlimit(RLIMIT_NOFILE, &big) == 0) return;
   struct rlimit rl {};
   if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;

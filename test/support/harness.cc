@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <gtest/gtest.h>
+
 #include <boost/json.hpp>
 #include <fstream>
 #include <random>
@@ -116,9 +118,18 @@ WeftProxy::WeftProxy(fs::path config, fs::path workdir)
 
 WeftProxy::~WeftProxy() {
   if (pid_ > 0 && running()) {
-    ::kill(pid_, SIGKILL);
-    int st = 0;
-    ::waitpid(pid_, &st, 0);
+    // SIGTERM with a short drain, so sanitizers get to report leaks at exit.
+    ::kill(pid_, SIGTERM);
+    if (wait_exit(std::chrono::seconds(15)) < 0) {
+      ::kill(pid_, SIGKILL);
+      int st = 0;
+      ::waitpid(pid_, &st, 0);
+    }
+  }
+  const std::string err = log();
+  for (const char* bad : {"AddressSanitizer", "LeakSanitizer", "runtime error:"}) {
+    if (err.find(bad) != std::string::npos)
+      ADD_FAILURE() << "weft proxy reported " << bad << ":\n" << err;
   }
 }
 
