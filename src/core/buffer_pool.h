@@ -13,7 +13,7 @@ namespace weft {
 class BufferPool {
  public:
   static constexpr size_t kBufferSize = 64 * 1024;
-  static constexpr size_t kMaxFree = 256;
+  static constexpr size_t kMaxFree = 32;  // 2 MiB kept per worker after a burst
 
   struct Deleter {
     void operator()(uint8_t* p) const;

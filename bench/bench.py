@@ -1,0 +1,371 @@
+"""Weft benchmark: every path measured in the same run, on this machine, on loopback.
+
+Paths: direct, HAProxy L4, Weft L4, HAProxy mTLS chain, stunnel mTLS chain, Weft mTLS chain.
+Measures: iperf3 single-stream throughput; wrk latency at 1 connection (p50, p99) and req/s at
+64 connections against a small nginx response; proxy RSS idle and under load; CPU seconds per
+1,000 requests; memory per idle tunnelled connection (10,000 idle connections).
+Prints a markdown table and writes it to bench/results/."""
+import datetime, json, os, re, resource, shutil, socket, subprocess, sys, tempfile, time, urllib.request
+
+WEFT = sys.argv[1]
+DURATION = int(os.environ.get("BENCH_SECONDS", "5"))
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+TCK = os.sysconf("SC_CLK_TCK")
+work = tempfile.mkdtemp(prefix="weft-bench-")
+procs = []
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def start(name, args, **kw):
+    p = subprocess.Popen(args, stdout=open(f"{work}/{name}.out", "w"), stderr=open(f"{work}/{name}.err", "w"), **kw)
+    procs.append(p)
+    return p
+
+
+def wait_port(port, proc=None, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"process exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close(); return
+        except OSError:
+            time.sleep(0.02)  # polling interval
+    raise SystemExit(f"port {port} not ready")
+
+
+def rss_kb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TCK
+
+
+def weft_cmd(*a):
+    subprocess.run([WEFT, *a], check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------- fixtures
+def setup_pki():
+    weft_cmd("ca", "init", "--trust-domain", "bench.local", "--out", f"{work}/ca")
+    for who in ("client", "server"):
+        weft_cmd("cert", "issue", "--ca", f"{work}/ca", "--spiffe-id", f"spiffe://bench.local/ns/b/sa/{who}", "--out", f"{work}/{who}")
+        with open(f"{work}/{who}/combined.pem", "w") as f:
+            f.write(open(f"{work}/{who}/cert.pem").read() + open(f"{work}/{who}/key.pem").read())
+
+
+def start_backends():
+    ng = free_port()
+    os.makedirs(f"{work}/nginx", exist_ok=True)
+    with open(f"{work}/nginx.conf", "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 19000; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s; client_header_timeout 600s;
+  client_body_temp_path {work}/nginx; proxy_temp_path {work}/nginx; fastcgi_temp_path {work}/nginx;
+  uwsgi_temp_path {work}/nginx; scgi_temp_path {work}/nginx;
+  server {{ listen 127.0.0.1:{ng} backlog=8192; location / {{ return 200 "hello from nginx\\n"; }}
+           location = /status {{ stub_status; }} }} }}
+""")
+    p = start("nginx", ["nginx", "-c", f"{work}/nginx.conf", "-p", work])
+    wait_port(ng, p)
+    ip = free_port()
+    p = start("iperf3", ["iperf3", "-s", "-p", str(ip), "-1"] if False else ["iperf3", "-s", "-p", str(ip)])
+    wait_port(ip, p)
+    return ng, ip
+
+
+def haproxy_l4(ng, ip):
+    ports = {"http": free_port(), "iperf": free_port()}
+    cfg = f"""global
+  nbthread 1
+  maxconn 7500
+  ulimit-n 20000
+defaults
+  mode tcp
+  option splice-auto
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+"""
+    for name, target in (("http", ng), ("iperf", ip)):
+        cfg += f"frontend f_{name}\n  bind 127.0.0.1:{ports[name]}\n  default_backend b_{name}\nbackend b_{name}\n  server s 127.0.0.1:{target}\n"
+    open(f"{work}/haproxy-l4.cfg", "w").write(cfg)
+    p = start("haproxy-l4", ["haproxy", "-db", "-f", f"{work}/haproxy-l4.cfg"])
+    wait_port(ports["http"], p)
+    return [p], ports
+
+
+def haproxy_mtls(ng, ip):
+    ports = {"http": free_port(), "iperf": free_port()}
+    inner = {"http": free_port(), "iperf": free_port()}
+    head = "global\n  nbthread 1\n  maxconn 7500\n  ulimit-n 20000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\n" \
+           "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n"
+    client, server = head, head
+    for name, target in (("http", ng), ("iperf", ip)):
+        client += (f"frontend f_{name}\n  bind 127.0.0.1:{ports[name]}\n  default_backend b_{name}\n"
+                   f"backend b_{name}\n  server s 127.0.0.1:{inner[name]} ssl crt {work}/client/combined.pem ca-file {work}/ca/ca.crt verify required\n")
+        server += (f"frontend f_{name}\n  bind 127.0.0.1:{inner[name]} ssl crt {work}/server/combined.pem ca-file {work}/ca/ca.crt verify required\n"
+                   f"  default_backend b_{name}\nbackend b_{name}\n  server s 127.0.0.1:{target}\n")
+    open(f"{work}/haproxy-c.cfg", "w").write(client)
+    open(f"{work}/haproxy-s.cfg", "w").write(server)
+    ps = start("haproxy-s", ["haproxy", "-db", "-f", f"{work}/haproxy-s.cfg"])
+    pc = start("haproxy-c", ["haproxy", "-db", "-f", f"{work}/haproxy-c.cfg"])
+    wait_port(inner["http"], ps); wait_port(ports["http"], pc)
+    return [pc, ps], ports
+
+
+def stunnel_mtls(ng, ip):
+    ports = {"http": free_port(), "iperf": free_port()}
+    inner = {"http": free_port(), "iperf": free_port()}
+    common = f"foreground = yes\nCAfile = {work}/ca/ca.crt\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
+    client = common + f"pid = {work}/stunnel-c.pid\ncert = {work}/client/cert.pem\nkey = {work}/client/key.pem\n"
+    server = common + f"pid = {work}/stunnel-s.pid\ncert = {work}/server/cert.pem\nkey = {work}/server/key.pem\nrequireCert = yes\n"
+    for name, target in (("http", ng), ("iperf", ip)):
+        client += f"[{name}]\nclient = yes\naccept = 127.0.0.1:{ports[name]}\nconnect = 127.0.0.1:{inner[name]}\n"
+        server += f"[{name}]\naccept = 127.0.0.1:{inner[name]}\nconnect = 127.0.0.1:{target}\n"
+    open(f"{work}/stunnel-c.conf", "w").write(client)
+    open(f"{work}/stunnel-s.conf", "w").write(server)
+    ps = start("stunnel-s", ["stunnel", f"{work}/stunnel-s.conf"])
+    pc = start("stunnel-c", ["stunnel", f"{work}/stunnel-c.conf"])
+    wait_port(inner["http"], ps); wait_port(ports["http"], pc)
+    return [pc, ps], ports
+
+
+def weft_ready(name, cfg):
+    open(f"{work}/{name}.yaml", "w").write(cfg)
+    p = start(name, [WEFT, "proxy", "-c", f"{work}/{name}.yaml", "--admin-address-path", f"{work}/{name}.admin"])
+    end = time.time() + 20
+    while time.time() < end:
+        if p.poll() is not None:
+            raise SystemExit(f"weft {name} exited: " + open(f"{work}/{name}.err").read())
+        try:
+            admin = open(f"{work}/{name}.admin").read().strip()
+            if urllib.request.urlopen(f"http://{admin}/ready", timeout=1).status == 200:
+                return p, json.load(urllib.request.urlopen(f"http://{admin}/listeners"))
+        except Exception:
+            time.sleep(0.02)
+    raise SystemExit(f"weft {name} not ready")
+
+
+def port_of(addr):
+    return int(addr.rsplit(":", 1)[1])
+
+
+def weft_l4(ng, ip):
+    p, l = weft_ready("weft-l4", f"""workers: 1
+admin: {{listen: 127.0.0.1:0}}
+access_log: off
+l4:
+  - {{name: http, listen: 127.0.0.1:0, upstream: 127.0.0.1:{ng}}}
+  - {{name: iperf, listen: 127.0.0.1:0, upstream: 127.0.0.1:{ip}}}
+""")
+    return [p], {"http": port_of(l["l4/http"]), "iperf": port_of(l["l4/iperf"])}
+
+
+def weft_mtls(ng, ip):
+    pb, lb = weft_ready("weft-b", f"""identity: {{cert: {work}/server/cert.pem, key: {work}/server/key.pem, ca: {work}/ca/ca.crt}}
+workers: 1
+admin: {{listen: 127.0.0.1:0}}
+access_log: off
+inbound:
+  listen: 127.0.0.1:0
+  targets:
+    - {{address: 127.0.0.1:{ng}, allow: [spiffe://bench.local/ns/b/sa/client]}}
+    - {{address: 127.0.0.1:{ip}, allow: [spiffe://bench.local/ns/b/sa/client]}}
+""")
+    b = lb["inbound"]
+    pa, la = weft_ready("weft-a", f"""identity: {{cert: {work}/client/cert.pem, key: {work}/client/key.pem, ca: {work}/ca/ca.crt}}
+workers: 1
+admin: {{listen: 127.0.0.1:0}}
+access_log: off
+pool: {{max_streams: 1000}}
+services:
+  - {{name: http, addresses: ["{b}"], authority: "127.0.0.1:{ng}", spiffe_ids: [spiffe://bench.local/ns/b/sa/server]}}
+  - {{name: iperf, addresses: ["{b}"], authority: "127.0.0.1:{ip}", spiffe_ids: [spiffe://bench.local/ns/b/sa/server]}}
+outbound:
+  - {{name: http, listen: 127.0.0.1:0, service: http}}
+  - {{name: iperf, listen: 127.0.0.1:0, service: iperf}}
+""")
+    return [pa, pb], {"http": port_of(la["outbound/http"]), "iperf": port_of(la["outbound/iperf"])}
+
+
+# ---------------------------------------------------------------- measures
+def iperf(port):
+    r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(DURATION), "-J"],
+                       capture_output=True, text=True, timeout=DURATION + 30)
+    try:
+        return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except Exception:
+        log(f"iperf3 via {port} failed: {r.stdout[-300:]} {r.stderr[-300:]}")
+        return None
+
+
+def to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n = float(m.group(1))
+    return n / 1000 if m.group(2) == "us" else n * 1000 if m.group(2) == "s" else n
+
+
+def wrk(port, conns, pids):
+    threads = 1 if conns == 1 else 2
+    before = sum(cpu_s(p) for p in pids)
+    p = subprocess.Popen(["wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while p.poll() is None:
+        peak = max(peak, sum(rss_kb(x) for x in pids)) if pids else 0
+        time.sleep(0.25)  # sampling interval for RSS under load
+    out = p.stdout.read()
+    after = sum(cpu_s(x) for x in pids)
+    res = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    res["rps"] = float(m.group(1)) if m else None
+    total = re.search(r"(\d+) requests in", out)
+    requests = int(total.group(1)) if total else 0
+    for q in ("50", "99"):
+        m = re.search(rf"^\s+{q}%\s+(\S+)", out, re.M)
+        res[f"p{q}"] = to_ms(m.group(1)) if m else None
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errs:
+        log(f"wrk via {port}: {errs.group(0)}")
+    res["cpu_per_1k"] = (after - before) / (requests / 1000) if requests and pids else None
+    res["rss_load_kb"] = peak
+    return res
+
+
+def nginx_active():
+    body = urllib.request.urlopen(f"http://127.0.0.1:{NGINX}/status", timeout=2).read().decode()
+    return int(re.search(r"Active connections:\s+(\d+)", body).group(1))
+
+
+def idle_memory(port, pids, count):
+    """RSS growth of the proxies per idle connection held open end to end."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    base_active = nginx_active()
+    before = sum(rss_kb(p) for p in pids)
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        end = time.time() + 60
+        while nginx_active() < base_active + count and time.time() < end:
+            time.sleep(0.05)  # polling until every connection reached nginx
+        reached = nginx_active() - base_active
+        after = sum(rss_kb(p) for p in pids)
+        return (after - before) * 1024 / count, reached
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---------------------------------------------------------------- main
+def main():
+    global NGINX
+    for tool in ("nginx", "iperf3", "wrk", "haproxy", "stunnel"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} missing: run scripts/install-deps")
+    setup_pki()
+    NGINX, IPERF = start_backends()
+    paths = [("direct", lambda: ([], {"http": NGINX, "iperf": IPERF})),
+             ("HAProxy L4", lambda: haproxy_l4(NGINX, IPERF)),
+             ("Weft L4", lambda: weft_l4(NGINX, IPERF)),
+             ("HAProxy mTLS chain", lambda: haproxy_mtls(NGINX, IPERF)),
+             ("stunnel mTLS chain", lambda: stunnel_mtls(NGINX, IPERF)),
+             ("Weft mTLS chain", lambda: weft_mtls(NGINX, IPERF))]
+    rows = {}
+    for name, make in paths:
+        log(f"{name}: starting")
+        ps, ports = make()
+        pids = [p.pid for p in ps]
+        row = {"idle_rss_kb": max((rss_kb(p) for p in pids), default=None)}
+        log(f"{name}: iperf3 {DURATION}s")
+        row["gbps"] = iperf(ports["iperf"])
+        log(f"{name}: wrk 1 connection {DURATION}s")
+        c1 = wrk(ports["http"], 1, pids)
+        row["p50"], row["p99"] = c1["p50"], c1["p99"]
+        log(f"{name}: wrk 64 connections {DURATION}s")
+        c64 = wrk(ports["http"], 64, pids)
+        row["rps"], row["cpu_per_1k"] = c64["rps"], c64["cpu_per_1k"]
+        row["rss_load_kb"] = c64["rss_load_kb"] if pids else None
+        if pids and name != "stunnel mTLS chain":  # stunnel: a thread per connection, 10k is not idle-able
+            # HAProxy reserves 2.5 descriptors per connection (sockets and splice pipes) under a 20,000 descriptor limit here.
+            count = IDLE_CONNS if name.startswith("Weft") else min(IDLE_CONNS, 7000)
+            log(f"{name}: {count} idle connections")
+            per, reached = idle_memory(ports["http"], pids, count)
+            row["idle_conn_bytes"], row["idle_reached"] = per, reached
+        rows[name] = row
+        for p in ps:
+            p.terminate()
+        for p in ps:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return rows
+
+
+def fmt(v, f="{:.2f}"):
+    return "n/a" if v is None else f.format(v)
+
+
+def report(rows):
+    lines = [f"## Weft benchmark, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, loopback, {DURATION}s per measure",
+             "",
+             "| path | iperf3 Gbit/s | p50 ms (1 conn) | p99 ms (1 conn) | req/s (64 conns) | CPU s / 1k req | idle RSS MB (max proxy) | RSS under load MB (all proxies) | bytes / idle conn (all proxies) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        idle = r.get("idle_conn_bytes")
+        idle_s = "n/a" if idle is None else f"{idle:,.0f} ({r['idle_reached']} open)"
+        lines.append(f"| {name} | {fmt(r['gbps'])} | {fmt(r['p50'], '{:.3f}')} | {fmt(r['p99'], '{:.3f}')} | {fmt(r['rps'], '{:,.0f}')} | "
+                     f"{fmt(r['cpu_per_1k'], '{:.3f}')} | {fmt(r['idle_rss_kb'] and r['idle_rss_kb'] / 1024)} | "
+                     f"{fmt(r['rss_load_kb'] and r['rss_load_kb'] / 1024)} | {idle_s} |")
+    w, h, wl, hl = rows.get("Weft mTLS chain"), rows.get("HAProxy mTLS chain"), rows.get("Weft L4"), rows.get("HAProxy L4")
+
+    def ratio(a, b):
+        return None if not a or not b else a / b
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    checks = [
+        ("Weft mTLS ≥ 1.3× HAProxy mTLS, iperf3", ratio(w["gbps"], h["gbps"]), lambda x: x >= 1.3, "{:.2f}×"),
+        ("Weft mTLS ≥ 1.3× HAProxy mTLS, req/s at 64", ratio(w["rps"], h["rps"]), lambda x: x >= 1.3, "{:.2f}×"),
+        ("Weft p50 at 1 conn ≤ HAProxy chain", ratio(w["p50"], h["p50"]), lambda x: x <= 1.0, "{:.2f}× of HAProxy's"),
+        ("Weft L4 ≥ HAProxy L4, iperf3", ratio(wl["gbps"], hl["gbps"]), lambda x: x >= 1.0, "{:.2f}×"),
+        ("a Weft proxy's idle RSS ≤ 10 MB", max(wl["idle_rss_kb"], w["idle_rss_kb"]) / 1024, lambda x: x <= 10, "{:.1f} MB"),
+        ("≤ 8 KiB per idle tunnelled connection (both proxies)", w.get("idle_conn_bytes") and w["idle_conn_bytes"] / 1024, lambda x: x <= 8, "{:.2f} KiB"),
+    ]
+    for label, v, ok, f in checks:
+        lines.append(f"| {label} | {fmt(v, f)} | {'n/a' if v is None else ('yes' if ok(v) else 'NO')} |")
+    return "\n".join(lines) + "\n"
+
+
+try:
+    rows = main()
+    text = report(rows)
+    print(text)
+    os.makedirs("bench/results", exist_ok=True)
+    path = f"bench/results/{datetime.datetime.utcnow():%Y%m%d-%H%M%S}.md"
+    open(path, "w").write(text)
+    log(f"written to {path}")
+finally:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
