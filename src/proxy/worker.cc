@@ -146,53 +146,50 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
 void Worker::handle_inbound(tcp::socket socket) {
   if (!snapshot_->tls) return;
   const std::string downstream = remote_of(socket);
-  auto tls =
-      std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(socket), *snapshot_->tls->server);
+  auto tls = std::make_unique<TlsSocket>(std::move(socket), snapshot_->tls->server->native_handle(),
+                                         TlsSocket::Role::server);
   auto* raw = tls.get();
   // A peer that connects and says nothing must not hold a slot forever.
   auto timer = std::make_shared<asio::steady_timer>(io_, snapshot_->config->pool.connect_timeout);
-  timer->async_wait([raw_sock = &raw->lowest_layer()](const boost::system::error_code& ec) {
-    if (!ec) {
-      boost::system::error_code ignored;
-      raw_sock->close(ignored);
-    }
+  timer->async_wait([raw](const boost::system::error_code& ec) {
+    if (!ec) raw->close();
   });
-  raw->async_handshake(
-      asio::ssl::stream_base::server,
-      [this, tls = std::move(tls), timer, downstream](const boost::system::error_code& ec) mutable {
-        timer->cancel();
-        if (ec) {
-          metrics_.tls_handshake_errors.inc();
-          AccessLogEntry entry;
-          entry.direction = "inbound";
-          entry.listener = "inbound";
-          entry.downstream = downstream;
-          entry.result = "tls_handshake_failed: " + ec.message();
-          access_log_.write(entry);
-          return;
-        }
-        auto peer = peer_spiffe_id(tls->native_handle());
-        auto td = peer ? spiffe_trust_domain(*peer) : Result<std::string>(make_error("none"));
-        if (!peer || !td || *td != snapshot_->tls->trust_domain) {
-          metrics_.tls_handshake_errors.inc();
-          AccessLogEntry entry;
-          entry.direction = "inbound";
-          entry.listener = "inbound";
-          entry.downstream = downstream;
-          entry.peer_identity = peer.value_or("");
-          entry.result = "peer_identity_rejected: certificate has no SPIFFE ID of trust domain " +
-                         snapshot_->tls->trust_domain;
-          access_log_.write(entry);
-          boost::system::error_code ignored;
-          tls->lowest_layer().close(ignored);
-          return;
-        }
-        start_inbound_tunnel(std::move(tls), *peer, downstream);
-      });
+  raw->async_handshake([this, holder = std::make_shared<std::unique_ptr<TlsSocket>>(std::move(tls)),
+                        timer, downstream](const boost::system::error_code& ec) mutable {
+    timer->cancel();
+    auto tls = std::move(*holder);
+    if (ec) {
+      metrics_.tls_handshake_errors.inc();
+      AccessLogEntry entry;
+      entry.direction = "inbound";
+      entry.listener = "inbound";
+      entry.downstream = downstream;
+      entry.result =
+          "tls_handshake_failed: " + (tls->error().empty() ? ec.message() : tls->error());
+      access_log_.write(entry);
+      return;
+    }
+    auto peer = peer_spiffe_id(tls->native_handle());
+    auto td = peer ? spiffe_trust_domain(*peer) : Result<std::string>(make_error("none"));
+    if (!peer || !td || *td != snapshot_->tls->trust_domain) {
+      metrics_.tls_handshake_errors.inc();
+      AccessLogEntry entry;
+      entry.direction = "inbound";
+      entry.listener = "inbound";
+      entry.downstream = downstream;
+      entry.peer_identity = peer.value_or("");
+      entry.result = "peer_identity_rejected: certificate has no SPIFFE ID of trust domain " +
+                     snapshot_->tls->trust_domain;
+      access_log_.write(entry);
+      tls->close();
+      return;
+    }
+    start_inbound_tunnel(std::move(tls), *peer, downstream);
+  });
 }
 
-void Worker::start_inbound_tunnel(std::unique_ptr<asio::ssl::stream<tcp::socket>> tls,
-                                  const std::string& peer, const std::string& downstream) {
+void Worker::start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::string& peer,
+                                  const std::string& downstream) {
   H2Connection::Hooks hooks;
   hooks.on_closed = [this](H2Connection* c) { inbound_.erase(c); };
   hooks.on_connect = [this, peer, downstream](const std::shared_ptr<H2Connection>&, int32_t,

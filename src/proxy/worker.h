@@ -43,9 +43,8 @@ class Worker {
   void handle_outbound(const std::string& name, boost::asio::ip::tcp::socket socket);
   void handle_inbound(boost::asio::ip::tcp::socket socket);
   void handle_l4(const std::string& name, boost::asio::ip::tcp::socket socket);
-  void start_inbound_tunnel(
-      std::unique_ptr<boost::asio::ssl::stream<boost::asio::ip::tcp::socket>> tls,
-      const std::string& peer, const std::string& downstream);
+  void start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::string& peer,
+                            const std::string& downstream);
 
   unsigned index_;
   Metrics& metrics_;

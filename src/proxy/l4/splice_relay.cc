@@ -52,6 +52,8 @@ void SpliceRelay::pump(Direction& d) {
     if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return fail("pipe_failed");
     d.pipe_r = fds[0];
     d.pipe_w = fds[1];
+    // A bigger pipe moves more per splice call; pages are only used while bytes are in it.
+    ::fcntl(d.pipe_w, F_SETPIPE_SZ, 1 << 20);
   }
   const int from = d.from->native_handle();
   const int to = d.to->native_handle();

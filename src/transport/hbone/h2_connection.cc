@@ -3,8 +3,6 @@
 #include <nghttp2/nghttp2.h>
 #include <spdlog/spdlog.h>
 
-#include <boost/asio/write.hpp>
-
 #include "transport/hbone/tunnel_stream.h"
 
 namespace weft {
@@ -47,6 +45,13 @@ int cb_frame_send(nghttp2_session*, const nghttp2_frame* frame, void* user) {
   return 0;
 }
 
+ssize_t cb_read_length(nghttp2_session*, uint8_t, int32_t, int32_t session_window,
+                       int32_t stream_window, uint32_t remote_max_frame_size, void*) {
+  // As large as the peer accepts and the windows allow: fewer frames, fewer callbacks.
+  return std::min<ssize_t>(
+      {session_window, stream_window, static_cast<ssize_t>(remote_max_frame_size)});
+}
+
 ssize_t cb_read_data(nghttp2_session*, int32_t, uint8_t* buf, size_t len, uint32_t* flags,
                      nghttp2_data_source* source, void*) {
   return static_cast<TunnelStream*>(source->ptr)->read_for_h2(buf, len, flags);
@@ -68,7 +73,7 @@ H2Connection::H2Connection(Role role, std::unique_ptr<Tls> tls, std::string peer
       metrics_(metrics),
       hooks_(std::move(hooks)),
       settings_(settings),
-      idle_timer_(tls_->get_executor()) {
+      idle_timer_(tls_->socket().get_executor()) {
   nghttp2_session_callbacks* cbs = nullptr;
   nghttp2_session_callbacks_new(&cbs);
   nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, cb_begin_headers);
@@ -77,6 +82,7 @@ H2Connection::H2Connection(Role role, std::unique_ptr<Tls> tls, std::string peer
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_data_chunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
   nghttp2_session_callbacks_set_on_frame_send_callback(cbs, cb_frame_send);
+  nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, cb_read_length);
   nghttp2_option* opt = nullptr;
   nghttp2_option_new(&opt);
   // We send WINDOW_UPDATE only after bytes reach the TCP side: that is the backpressure.
@@ -99,9 +105,10 @@ void H2Connection::start() {
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, settings_.max_concurrent_streams},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, settings_.stream_window},
+      {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, settings_.max_frame_size},
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
   };
-  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, role_ == Role::client ? 3 : 2);
+  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, role_ == Role::client ? 4 : 3);
   nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0,
                                         static_cast<int32_t>(settings_.connection_window));
   in_.reset(new uint8_t[kReadSize]);
@@ -208,9 +215,9 @@ void H2Connection::update_idle_timer() {
 void H2Connection::flush() {
   // nghttp2 is not reentrant: output produced inside a callback is sent after it returns.
   if (in_nghttp2_ || writing_ || closed_) return;
-  out_.clear();
   in_nghttp2_ = true;
-  while (out_.size() < kMaxWriteBatch) {
+  size_t produced = 0;
+  while (produced < kMaxWriteBatch) {
     const uint8_t* data = nullptr;
     const ssize_t n = nghttp2_session_mem_send(session_, &data);
     if (n < 0) {
@@ -219,46 +226,60 @@ void H2Connection::flush() {
       return;
     }
     if (n == 0) break;
-    out_.insert(out_.end(), data, data + n);
+    // Encrypt straight from nghttp2's buffer: the pointer is valid until the next mem_send.
+    if (!tls_->write(data, static_cast<size_t>(n))) {
+      in_nghttp2_ = false;
+      terminate("tls write: " + tls_->error());
+      return;
+    }
+    produced += static_cast<size_t>(n);
   }
   in_nghttp2_ = false;
-  if (out_.empty()) {
+  if (!tls_->has_output()) {
     if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_))
       terminate("");
     return;
   }
   writing_ = true;
-  boost::asio::async_write(
-      *tls_, boost::asio::buffer(out_),
-      [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
-        self->writing_ = false;
-        if (ec) return self->terminate("tls write: " + ec.message());
-        self->flush();
-      });
+  tls_->async_flush([self = shared_from_this()](const boost::system::error_code& ec) {
+    self->writing_ = false;
+    if (self->closed_) return;
+    if (ec) return self->terminate("tls write: " + ec.message());
+    self->flush();
+  });
 }
 
 void H2Connection::do_read() {
-  tls_->async_read_some(boost::asio::buffer(in_.get(), kReadSize),
-                        [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
-                          if (self->closed_) return;
-                          if (ec) {
-                            const bool clean = ec == boost::asio::error::eof ||
-                                               ec == boost::asio::ssl::error::stream_truncated;
-                            if (!clean) self->metrics_.hbone_protocol_errors.inc();
-                            return self->terminate(clean ? "" : "tls read: " + ec.message());
-                          }
-                          self->in_nghttp2_ = true;
-                          const ssize_t rv =
-                              nghttp2_session_mem_recv(self->session_, self->in_.get(), n);
-                          self->in_nghttp2_ = false;
-                          if (rv < 0) {
-                            self->metrics_.hbone_protocol_errors.inc();
-                            return self->terminate(std::string("bad http2 from peer: ") +
-                                                   nghttp2_strerror(static_cast<int>(rv)));
-                          }
-                          self->flush();
-                          if (!self->closed_) self->do_read();
-                        });
+  for (;;) {
+    const long n = tls_->read(in_.get(), kReadSize);
+    if (n == 0) break;
+    if (n < 0) return on_read_error();
+    in_nghttp2_ = true;
+    const ssize_t rv = nghttp2_session_mem_recv(session_, in_.get(), static_cast<size_t>(n));
+    in_nghttp2_ = false;
+    if (rv < 0) {
+      metrics_.hbone_protocol_errors.inc();
+      return terminate(std::string("bad http2 from peer: ") +
+                       nghttp2_strerror(static_cast<int>(rv)));
+    }
+    if (closed_) return;
+  }
+  flush();
+  if (closed_) return;
+  tls_->async_fill([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (self->closed_) return;
+    if (ec) return self->terminate("tls read: " + ec.message());
+    self->do_read();
+  });
+}
+
+void H2Connection::on_read_error() {
+  // close_notify or a bare FIN is an ordinary end; anything else (bad records, garbage after
+  // the handshake) is a protocol error worth counting.
+  const std::string& why = tls_->error();
+  const bool clean = why.empty() || why.find("truncated") != std::string::npos;
+  if (!clean) metrics_.hbone_protocol_errors.inc();
+  terminate(clean ? "" : "tls read: " + why);
 }
 
 void H2Connection::terminate(const std::string& why) {
@@ -267,8 +288,8 @@ void H2Connection::terminate(const std::string& why) {
   if (!why.empty()) spdlog::debug("hbone: connection with '{}' closed: {}", peer_identity_, why);
   idle_timer_.cancel();
   boost::system::error_code ignored;
-  tls_->lowest_layer().shutdown(boost::asio::ip::tcp::socket::shutdown_both, ignored);
-  tls_->lowest_layer().close(ignored);
+  tls_->socket().shutdown(boost::asio::ip::tcp::socket::shutdown_both, ignored);
+  tls_->close();
   auto streams = std::move(streams_);
   streams_.clear();
   for (auto& [id, s] : streams) {

@@ -14,12 +14,11 @@
 #include <string>
 #include <vector>
 
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include "core/duration.h"
 #include "stats/metrics.h"
+#include "transport/tls/tls_socket.h"
 
 struct nghttp2_session;
 
@@ -30,7 +29,7 @@ class TunnelStream;
 class H2Connection : public std::enable_shared_from_this<H2Connection> {
  public:
   enum class Role { client, server };
-  using Tls = boost::asio::ssl::stream<boost::asio::ip::tcp::socket>;
+  using Tls = TlsSocket;
 
   struct ConnectDecision {
     int status = 0;                        // non-zero: answer this now and end the stream
@@ -48,7 +47,8 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
     uint32_t max_concurrent_streams = 100;
     uint32_t stream_window = 4 * 1024 * 1024;
     uint32_t connection_window = 16 * 1024 * 1024;
-    Millis idle_timeout{0};  // 0: never close for idleness
+    uint32_t max_frame_size = 64 * 1024;  // what we accept; fewer, larger DATA frames
+    Millis idle_timeout{0};               // 0: never close for idleness
   };
 
   H2Connection(Role role, std::unique_ptr<Tls> tls, std::string peer_identity, Metrics& metrics,
@@ -92,6 +92,7 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
 
   void flush();
   void do_read();
+  void on_read_error();
   void terminate(const std::string& why);
   void update_idle_timer();
   std::shared_ptr<TunnelStream> find(int32_t stream_id);
@@ -106,7 +107,6 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
 
   std::map<int32_t, std::shared_ptr<TunnelStream>> streams_;
   std::map<int32_t, PendingHeaders> headers_;
-  std::vector<uint8_t> out_;
   std::unique_ptr<uint8_t[]> in_;
   boost::asio::steady_timer idle_timer_;
   bool writing_ = false;

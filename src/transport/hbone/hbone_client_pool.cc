@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include "transport/hbone/tunnel_stream.h"
@@ -41,13 +40,14 @@ class Dialer : public std::enable_shared_from_this<Dialer> {
   void try_next() {
     if (index_ >= service_.addresses.size()) return finish(nullptr, "", last_error_);
     const HostPort& hp = service_.addresses[index_++];
-    stream_ = std::make_unique<H2Connection::Tls>(io_, *tls_->client);
+    socket_ = std::make_unique<tcp::socket>(io_);
     timer_.expires_after(timeout_);
     timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
       if (!ec) {
         self->timed_out_ = true;
         boost::system::error_code ignored;
-        self->stream_->lowest_layer().close(ignored);
+        if (self->socket_) self->socket_->close(ignored);
+        if (self->stream_) self->stream_->close();
       }
     });
     resolver_.async_resolve(
@@ -56,35 +56,40 @@ class Dialer : public std::enable_shared_from_this<Dialer> {
                                         tcp::resolver::results_type results) {
           if (ec) return self->failed(hp, "cannot resolve: " + ec.message());
           asio::async_connect(
-              self->stream_->lowest_layer(), results,
+              *self->socket_, results,
               [self, hp](const boost::system::error_code& ec, const tcp::endpoint&) {
                 if (ec) return self->failed(hp, "connect: " + self->why(ec));
-                self->stream_->lowest_layer().set_option(tcp::no_delay(true));
+                boost::system::error_code ignored;
+                self->socket_->set_option(tcp::no_delay(true), ignored);
+                // A failed attempt's TLS socket may still be on the call stack: park it.
+                self->previous_stream_ = std::move(self->stream_);
+                self->stream_ = std::make_unique<H2Connection::Tls>(
+                    std::move(*self->socket_), self->tls_->client->native_handle(),
+                    TlsSocket::Role::client);
                 self->handshake(hp);
               });
         });
   }
 
   void handshake(const HostPort& hp) {
-    stream_->async_handshake(
-        asio::ssl::stream_base::client,
-        [self = shared_from_this(), hp](const boost::system::error_code& ec) {
-          if (ec) {
-            self->metrics_.tls_handshake_errors.inc();
-            return self->failed(hp, "mTLS handshake: " + self->why(ec) +
-                                        " (does the peer trust our CA, and we its?)");
-          }
-          auto peer = peer_spiffe_id(self->stream_->native_handle());
-          const auto& ids = self->service_.spiffe_ids;
-          if (!peer || std::find(ids.begin(), ids.end(), *peer) == ids.end()) {
-            self->metrics_.tls_handshake_errors.inc();
-            return self->failed(hp, "peer presented identity '" + peer.value_or("none") +
-                                        "', which is not in services." + self->service_.name +
-                                        ".spiffe_ids");
-          }
-          self->timer_.cancel();
-          self->finish(std::move(self->stream_), *peer, "");
-        });
+    stream_->async_handshake([self = shared_from_this(), hp](const boost::system::error_code& ec) {
+      if (ec) {
+        self->metrics_.tls_handshake_errors.inc();
+        const std::string why = self->timed_out_ ? self->why(ec) : self->stream_->error();
+        return self->failed(
+            hp, "mTLS handshake: " + why + " (does the peer trust our CA, and we its?)");
+      }
+      auto peer = peer_spiffe_id(self->stream_->native_handle());
+      const auto& ids = self->service_.spiffe_ids;
+      if (!peer || std::find(ids.begin(), ids.end(), *peer) == ids.end()) {
+        self->metrics_.tls_handshake_errors.inc();
+        return self->failed(hp, "peer presented identity '" + peer.value_or("none") +
+                                    "', which is not in services." + self->service_.name +
+                                    ".spiffe_ids");
+      }
+      self->timer_.cancel();
+      self->finish(std::move(self->stream_), *peer, "");
+    });
   }
 
   std::string why(const boost::system::error_code& ec) const {
@@ -113,7 +118,9 @@ class Dialer : public std::enable_shared_from_this<Dialer> {
   tcp::resolver resolver_;
   asio::steady_timer timer_;
   Done done_;
+  std::unique_ptr<tcp::socket> socket_;
   std::unique_ptr<H2Connection::Tls> stream_;
+  std::unique_ptr<H2Connection::Tls> previous_stream_;
   size_t index_ = 0;
   bool timed_out_ = false;
   std::string last_error_ = "no addresses";

@@ -11,6 +11,10 @@ namespace weft {
 
 namespace asio = boost::asio;
 
+namespace {
+constexpr size_t kKeepBuffer = 1024 * 1024;
+}
+
 TunnelStream::TunnelStream(asio::ip::tcp::socket socket, std::shared_ptr<TcpCounters> counters,
                            bool tcp_is_downstream, Metrics& metrics, Finished finished)
     : socket_(std::move(socket)),
@@ -140,7 +144,9 @@ void TunnelStream::write_to_tcp() {
                         c.fetch_add(n, std::memory_order_relaxed);
                       }
                       self->inflight_.clear();
-                      if (self->inflight_.capacity() > BufferPool::kBufferSize)
+                      // Keep a moderate buffer for the next burst (freeing and re-faulting pages
+                      // per write costs more than the copy); drop an outsized one.
+                      if (self->inflight_.capacity() > kKeepBuffer)
                         std::vector<uint8_t>().swap(self->inflight_);
                       if (self->conn_) self->conn_->consume(self->stream_id_, n);
                       self->write_to_tcp();

@@ -58,6 +58,8 @@ Result<std::shared_ptr<const TlsContexts>> load_tls_contexts(const IdentityConfi
   SSL_CTX_set_verify((*server)->native_handle(), SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
                      nullptr);
   SSL_CTX_set_alpn_select_cb((*server)->native_handle(), select_h2, nullptr);
+  // Tunnels are long-lived and pooled; resumption tickets would only cost bytes and a key.
+  SSL_CTX_set_num_tickets((*server)->native_handle(), 0);
   SSL_CTX_set_verify((*client)->native_handle(), SSL_VERIFY_PEER, nullptr);
   SSL_CTX_set_alpn_protos((*client)->native_handle(), kAlpnH2, sizeof kAlpnH2);
 
