@@ -303,7 +303,8 @@ def main():
         row["rss_load_kb"] = c64["rss_load_kb"] if pids else None
         if pids and name != "stunnel mTLS chain":  # stunnel: a thread per connection, 10k is not idle-able
             # HAProxy reserves 2.5 descriptors per connection (sockets and splice pipes) under a 20,000 descriptor limit here.
-            count = IDLE_CONNS if name.startswith("Weft") else min(IDLE_CONNS, 7000)
+            # Weft L4 holds two sockets per connection in one process: 9,000 fit under the limit.
+            count = {"Weft mTLS chain": IDLE_CONNS, "Weft L4": min(IDLE_CONNS, 9000)}.get(name, min(IDLE_CONNS, 7000))
             log(f"{name}: {count} idle connections")
             per, reached = idle_memory(ports["http"], pids, count)
             row["idle_conn_bytes"], row["idle_reached"] = per, reached

@@ -3,14 +3,60 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <tuple>
+#include <vector>
+
 namespace weft {
 
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
 namespace {
+
 constexpr size_t kSpliceChunk = 1 << 20;
-}
+
+// Pipes are taken only while bytes are in flight and returned empty, so an idle connection
+// holds two sockets and no pipe (4 more descriptors each would cap a proxy at a few thousand
+// idle connections). Per worker thread, like every connection.
+struct PipePool {
+  std::vector<std::pair<int, int>> free;
+  ~PipePool() {
+    for (auto [r, w] : free) {
+      ::close(r);
+      ::close(w);
+    }
+  }
+  static PipePool& local() {
+    thread_local PipePool pool;
+    return pool;
+  }
+  bool take(int& r, int& w) {
+    if (!free.empty()) {
+      std::tie(r, w) = free.back();
+      free.pop_back();
+      return true;
+    }
+    int fds[2];
+    if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return false;
+    // A bigger pipe moves more per splice call; pages are only used while bytes are in it.
+    ::fcntl(fds[1], F_SETPIPE_SZ, 1 << 20);
+    r = fds[0];
+    w = fds[1];
+    return true;
+  }
+  void give_back(int& r, int& w) {
+    if (r < 0) return;
+    if (free.size() < 64) {
+      free.emplace_back(r, w);
+    } else {
+      ::close(r);
+      ::close(w);
+    }
+    r = w = -1;
+  }
+};
+
+}  // namespace
 
 SpliceRelay::SpliceRelay(tcp::socket downstream, tcp::socket upstream,
                          std::shared_ptr<TcpCounters> counters, Metrics& metrics, Finished finished)
@@ -30,8 +76,12 @@ SpliceRelay::SpliceRelay(tcp::socket downstream, tcp::socket upstream,
 
 SpliceRelay::~SpliceRelay() {
   for (Direction* d : {&up_, &down_}) {
-    if (d->pipe_r >= 0) ::close(d->pipe_r);
-    if (d->pipe_w >= 0) ::close(d->pipe_w);
+    if (d->in_pipe == 0) {
+      PipePool::local().give_back(d->pipe_r, d->pipe_w);
+    } else {  // bytes left in it: not reusable
+      ::close(d->pipe_r);
+      ::close(d->pipe_w);
+    }
   }
   metrics_.downstream_connections_active.dec();
   if (counters_) counters_->closed.fetch_add(1, std::memory_order_relaxed);
@@ -41,20 +91,18 @@ void SpliceRelay::start() {
   boost::system::error_code ignored;
   downstream_.non_blocking(true, ignored);
   upstream_.non_blocking(true, ignored);
-  pump(up_);
-  pump(down_);
+  for (Direction* d : {&up_, &down_}) {
+    d->from->async_wait(tcp::socket::wait_read,
+                        [self = shared_from_this(), d](const boost::system::error_code& ec) {
+                          if (ec) return self->fail("read_wait_error");
+                          self->pump(*d);
+                        });
+  }
 }
 
 void SpliceRelay::pump(Direction& d) {
   if (d.done || finished_called_) return;
-  if (d.pipe_r < 0) {
-    int fds[2];
-    if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return fail("pipe_failed");
-    d.pipe_r = fds[0];
-    d.pipe_w = fds[1];
-    // A bigger pipe moves more per splice call; pages are only used while bytes are in it.
-    ::fcntl(d.pipe_w, F_SETPIPE_SZ, 1 << 20);
-  }
+  if (d.pipe_r < 0 && !PipePool::local().take(d.pipe_r, d.pipe_w)) return fail("pipe_failed");
   const int from = d.from->native_handle();
   const int to = d.to->native_handle();
   for (;;) {
@@ -101,6 +149,7 @@ void SpliceRelay::pump(Direction& d) {
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN) {
+      PipePool::local().give_back(d.pipe_r, d.pipe_w);  // empty here: idle costs no pipe
       d.waiting = true;
       d.from->async_wait(tcp::socket::wait_read,
                          [self = shared_from_this(), &d](const boost::system::error_code& ec) {

@@ -4,6 +4,8 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
+#include <boost/asio/steady_timer.hpp>
+
 namespace weft {
 
 namespace asio = boost::asio;
