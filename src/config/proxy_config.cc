@@ -36,7 +36,8 @@ class Reader {
                    std::initializer_list<std::string_view> allowed) const {
     if (!node.IsMap()) fail(node, field, "expected a mapping (key: value lines)");
     for (const auto& kv : node) {
-      const std::string key = kv.first.as<std::string>();
+      if (!kv.first.IsScalar()) fail(kv.first, field, "keys must be plain names");
+      const std::string key = kv.first.Scalar();
       bool known = false;
       for (auto a : allowed) known = known || a == key;
       if (!known) {
@@ -164,8 +165,9 @@ const InboundTargetConfig* ProxyConfig::find_target(std::string_view authority) 
   return nullptr;
 }
 
-ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
-                               const fs::path& base) {
+namespace {
+
+ProxyConfig parse_checked(std::string_view yaml, const std::string& source, const fs::path& base) {
   YAML::Node root;
   try {
     root = YAML::Load(std::string(yaml));
@@ -305,6 +307,19 @@ ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
   if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty())
     r.fail(root, "outbound", "nothing to do: configure at least one of outbound, inbound or l4");
   return c;
+}
+
+}  // namespace
+
+ProxyConfig parse_proxy_config(std::string_view yaml, const std::string& source,
+                               const fs::path& base) {
+  try {
+    return parse_checked(yaml, source, base);
+  } catch (const YAML::Exception& e) {
+    // Anything yaml-cpp still objects to (odd node types, conversions) is a config error too.
+    throw ConfigError(source + ":" + std::to_string(e.mark.line + 1) + ":" +
+                      std::to_string(e.mark.column + 1) + ": " + e.msg);
+  }
 }
 
 ProxyConfig load_proxy_config(const fs::path& file) {

@@ -130,10 +130,12 @@ bool TlsSocket::pull_from_socket(boost::system::error_code& ec) {
 }
 
 void TlsSocket::async_fill(Handler done) {
-  socket_.async_wait(tcp::socket::wait_read, [this, done = std::move(done)](boost::system::error_code ec) {
+  socket_.async_wait(tcp::socket::wait_read, [this, done = std::move(done)](
+                                                 boost::system::error_code ec) {
     if (!ec) {
       pull_from_socket(ec);
-      if (ec == asio::error::would_block || ec == asio::error::try_again || ec == asio::error::eof) ec = {};
+      if (ec == asio::error::would_block || ec == asio::error::try_again || ec == asio::error::eof)
+        ec = {};
     }
     done(ec);
   });
@@ -172,8 +174,10 @@ void TlsSocket::async_flush(Handler done) {
   std::swap(out_, sending_);
   asio::async_write(socket_, asio::buffer(sending_),
                     [this, done = std::move(done)](boost::system::error_code ec, size_t) {
-                      if (sending_.capacity() > kKeepSendBuffer) std::vector<uint8_t>().swap(sending_);
-                      else sending_.clear();
+                      if (sending_.capacity() > kKeepSendBuffer)
+                        std::vector<uint8_t>().swap(sending_);
+                      else
+                        sending_.clear();
                       flushing_ = false;
                       done(ec);
                     });

@@ -66,8 +66,8 @@ class TlsSocket {
   // whenever it drains, so an idle connection holds no read buffer.
   BufferPool::Buffer in_;
   size_t in_off_ = 0, in_len_ = 0;
-  std::vector<uint8_t> out_;       // ciphertext waiting to be sent
-  std::vector<uint8_t> sending_;   // ciphertext on the wire now
+  std::vector<uint8_t> out_;      // ciphertext waiting to be sent
+  std::vector<uint8_t> sending_;  // ciphertext on the wire now
   bool flushing_ = false;
   bool eof_ = false;
   bool socket_eof_ = false;
