@@ -29,6 +29,9 @@ Result<Millis> parse_duration(std::string_view text) {
     ms_per = 86'400'000;
   else
     return bad();
+  constexpr long long kMaxMillis = 100LL * 365 * 86'400'000;  // a century is plenty
+  if (n > kMaxMillis / ms_per)
+    return make_error("duration '" + std::string(text) + "' is too long (at most 36500d)");
   return Millis(n * ms_per);
 }
 

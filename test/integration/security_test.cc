@@ -35,7 +35,7 @@ TEST_F(MeshTest, CertificateFromAnotherCaIsRefused) {
   ASSERT_TRUE(a.wait_ready());
   EXPECT_EQ(echo_roundtrip(a.port("outbound/app"), "let me in"), "");
   EXPECT_EQ(echo_.accepted(), 0u);
-  EXPECT_GE(b->stat("tls_handshake_errors"), 1u);
+  EXPECT_GE(b->wait_stat("tls_handshake_errors", 1), 1u);
   EXPECT_TRUE(b->running());
 }
 
@@ -133,7 +133,7 @@ TEST_F(MeshTest, GarbageAndTruncationOnEveryPortCloseTheConnectionOnly) {
   blast(inbound,
         std::string("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11));  // truncated ClientHello
   blast(admin_port, garbage);
-  EXPECT_GE(b->stat("tls_handshake_errors"), 2u);
+  EXPECT_GE(b->wait_stat("tls_handshake_errors", 2), 2u);
 
   // Truncated and bogus HTTP/2 after a good mTLS handshake.
   const auto h2_garbage = [&](const std::string& payload) {
@@ -158,7 +158,7 @@ TEST_F(MeshTest, GarbageAndTruncationOnEveryPortCloseTheConnectionOnly) {
   h2_garbage("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + garbage);
   h2_garbage("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x10\x01\x04\x00\x00\x00\x01garbage");
   h2_garbage(garbage);
-  EXPECT_GE(b->stat("hbone_protocol_errors"), 2u);
+  EXPECT_GE(b->wait_stat("hbone_protocol_errors", 2), 2u);
 
   // Still serving.
   EXPECT_TRUE(b->running());

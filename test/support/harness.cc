@@ -181,6 +181,15 @@ uint64_t WeftProxy::stat(const std::string& name) {
   return v.as_object().at(name).to_number<uint64_t>();
 }
 
+uint64_t WeftProxy::wait_stat(const std::string& name, uint64_t value) {
+  uint64_t v = stat(name);
+  for (int i = 0; i < 1000 && v < value; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+    v = stat(name);
+  }
+  return v;
+}
+
 void WeftProxy::signal(int sig) {
   if (pid_ > 0) ::kill(pid_, sig);
 }

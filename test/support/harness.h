@@ -69,6 +69,8 @@ class WeftProxy {
   std::string log() const;
   std::string access_log() const;          // stdout: one JSON line per connection
   uint64_t stat(const std::string& name);  // from /stats
+  // Polls /stats until `name` reaches at least `value` (10 s at most); returns the last reading.
+  uint64_t wait_stat(const std::string& name, uint64_t value);
 
  private:
   fs::path config_, workdir_, admin_file_, out_, err_;

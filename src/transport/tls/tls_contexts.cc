@@ -30,6 +30,11 @@ Result<std::shared_ptr<ssl::context>> make_context(ssl::context::method method,
   SSL_CTX* raw = ctx->native_handle();
   SSL_CTX_set_min_proto_version(raw, TLS1_3_VERSION);
   SSL_CTX_set_mode(raw, SSL_MODE_RELEASE_BUFFERS);  // idle connections keep no TLS buffers
+  // AES-128-GCM first, as BoringSSL (Envoy, Istio) orders it on CPUs with AES instructions: the
+  // same TLS 1.3 security level for mesh traffic at about three quarters of AES-256's cost.
+  SSL_CTX_set_ciphersuites(
+      raw, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
+  SSL_CTX_set_options(raw, SSL_OP_CIPHER_SERVER_PREFERENCE);
   if (SSL_CTX_use_certificate_chain_file(raw, id.cert.c_str()) != 1)
     return make_error("cannot load certificate " + id.cert.string() + ": " + ossl::last_error());
   if (SSL_CTX_use_PrivateKey_file(raw, id.key.c_str(), SSL_FILETYPE_PEM) != 1)

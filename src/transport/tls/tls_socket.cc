@@ -70,8 +70,7 @@ TlsSocket::TlsSocket(tcp::socket socket, SSL_CTX* ctx, Role role) : socket_(std:
   ssl_ = SSL_new(ctx);
   BIO* bio = BIO_new(bio_method());
   BIO_set_data(bio, this);
-  BIO_up_ref(bio);  // SSL_set_bio takes one reference for each direction
-  SSL_set_bio(ssl_, bio, bio);
+  SSL_set_bio(ssl_, bio, bio);  // the same BIO both ways: SSL takes our one reference
   if (role == Role::client)
     SSL_set_connect_state(ssl_);
   else
