@@ -6,6 +6,8 @@
 #include <iostream>
 
 #include "config/proxy_config.h"
+#include "control/control_server.h"
+#include "control/join_keys.h"
 #include "core/logging.h"
 #include "identity/certificate_authority.h"
 #include "identity/certificate_info.h"
@@ -73,6 +75,38 @@ int run_cli(int argc, char** argv) {
                     "write the admin address (host:port) to this file once listening");
   proxy->add_flag("--check", check_only, "validate the config and exit");
 
+  // weft control
+  auto* control =
+      app.add_subcommand("control", "run the control plane (join keys, registry, CA, mesh IPs)");
+  ControlOptions copt;
+  std::string control_data = "weft-control", control_ca, control_listen = "0.0.0.0:8443",
+              node_ttl = "24h", control_addr_file;
+  control->add_option("--data-dir", control_data, "SQLite database, admin token and TLS files");
+  control->add_option(
+      "--ca", control_ca,
+      "CA directory (ca.crt, ca.key) from 'weft ca init' or a plug-in intermediate");
+  control->add_option("--listen", control_listen, "API address (HTTPS)");
+  control->add_flag("--insecure-http", copt.insecure_http,
+                    "serve plain HTTP: local development ONLY");
+  control->add_option("--mesh-cidr", copt.mesh_cidr, "mesh IP pool; each agent gets a /24 of it");
+  control->add_option("--node-cert-ttl", node_ttl, "lifetime of node certificates");
+  control->add_option("--address-file", control_addr_file,
+                      "write the bound host:port here once listening");
+  auto* keys = control->add_subcommand("keys", "manage join keys (works on the data dir directly)");
+
+  auto* keys_create = keys->add_subcommand("create", "create a join key; it is shown once");
+  std::string key_ttl = "1h", key_cluster, key_id;
+  bool key_reusable = false;
+  keys_create->add_option("--ttl", key_ttl, "how long the key may be used");
+  keys_create->add_flag("--reusable", key_reusable, "allow many agents to join with it");
+  keys_create->add_option("--cluster", key_cluster, "only agents of this cluster may use it");
+  auto* keys_list =
+      keys->add_subcommand("list", "list join keys (hashes only; secrets are never stored)");
+  auto* keys_revoke = keys->add_subcommand("revoke", "revoke a join key by id");
+  keys_revoke->add_option("id", key_id, "key id from 'keys list'")->required();
+  // `weft control keys create --data-dir D` reads naturally: options fall through to `control`.
+  for (auto* sub : {keys, keys_create, keys_list, keys_revoke}) sub->fallthrough();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -117,6 +151,47 @@ int run_cli(int argc, char** argv) {
                 << "\nnot after:  " << format_utc(info->not_after)
                 << "\nis CA:      " << (info->is_ca ? "yes" : "no") << "\n";
       return 0;
+    }
+    if (*control) {
+      auto pool = parse_mesh_pool(copt.mesh_cidr);
+      if (!pool) throw std::runtime_error(pool.error());
+      if (*keys) {
+        auto store = open_sqlite_store(control_data, nullptr);
+        if (*keys_create) {
+          auto k =
+              create_join_key(*store, parse_ttl_flag(key_ttl, "--ttl"), key_reusable, key_cluster);
+          std::cout << k.secret << "\n";
+          std::cerr << "join key " << k.record.id
+                    << (k.record.reusable ? " (reusable)" : " (single use)") << ", expires "
+                    << format_utc(static_cast<std::time_t>(k.record.expires_at / 1000))
+                    << (key_cluster.empty() ? "" : ", cluster " + key_cluster)
+                    << "; it is shown only now\n";
+        } else if (*keys_list) {
+          std::printf("%-14s %-10s %-8s %-6s %-22s %s\n", "ID", "CLUSTER", "REUSABLE", "USES",
+                      "EXPIRES", "STATE");
+          const auto now = std::time(nullptr);
+          for (const auto& k : store->list_join_keys())
+            std::printf("%-14s %-10s %-8s %-6lld %-22s %s\n", k.id.c_str(),
+                        k.cluster.empty() ? "-" : k.cluster.c_str(), k.reusable ? "yes" : "no",
+                        static_cast<long long>(k.uses),
+                        format_utc(static_cast<std::time_t>(k.expires_at / 1000)).c_str(),
+                        k.revoked ? "revoked" : (k.expires_at / 1000 < now ? "expired" : "active"));
+        } else if (*keys_revoke) {
+          if (!store->revoke_join_key(key_id))
+            throw std::runtime_error("no join key with id " + key_id);
+          std::cout << "revoked " << key_id << "\n";
+        }
+        return 0;
+      }
+      auto listen = parse_host_port(control_listen, true);
+      if (!listen) throw std::runtime_error("--listen: " + listen.error());
+      copt.data_dir = control_data;
+      copt.ca_dir = control_ca;
+      copt.listen = *listen;
+      copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
+      copt.address_file = control_addr_file;
+      ControlServer server(copt);
+      return server.run();
     }
     if (*proxy) {
       if (check_only) {

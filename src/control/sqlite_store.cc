@@ -1,0 +1,244 @@
+#include <arpa/inet.h>
+#include <sqlite3.h>
+
+#include <stdexcept>
+
+#include "control/store.h"
+
+namespace weft {
+
+std::string MeshPool::cidr() const {
+  in_addr a{htonl(base)};
+  return std::string(inet_ntoa(a)) + "/" + std::to_string(prefix);
+}
+
+std::string MeshPool::block_cidr(uint32_t block) const {
+  in_addr a{htonl(base + block * 256)};
+  return std::string(inet_ntoa(a)) + "/24";
+}
+
+std::string MeshPool::agent_ip(uint32_t block) const {
+  in_addr a{htonl(base + block * 256 + 1)};
+  return inet_ntoa(a);
+}
+
+Result<MeshPool> parse_mesh_pool(const std::string& cidr) {
+  const auto slash = cidr.find('/');
+  in_addr a{};
+  if (slash == std::string::npos || inet_pton(AF_INET, cidr.substr(0, slash).c_str(), &a) != 1)
+    return make_error("mesh pool '" + cidr + "' is not an IPv4 CIDR like 100.64.0.0/10");
+  unsigned prefix = 0;
+  try {
+    prefix = static_cast<unsigned>(std::stoul(cidr.substr(slash + 1)));
+  } catch (const std::exception&) {
+    return make_error("mesh pool '" + cidr + "': bad prefix length");
+  }
+  if (prefix < 8 || prefix > 24)
+    return make_error("mesh pool '" + cidr + "': prefix must be /8 to /24 (each agent takes a /24)");
+  MeshPool p;
+  p.prefix = prefix;
+  p.base = ntohl(a.s_addr) & ~((1u << (32 - prefix)) - 1);
+  return p;
+}
+
+namespace {
+
+class Statement {
+ public:
+  Statement(sqlite3* db, const char* sql) {
+    if (sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr) != SQLITE_OK)
+      throw std::runtime_error(std::string("sqlite: ") + sqlite3_errmsg(db) + " in: " + sql);
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  Statement& bind(int i, const std::string& v) {
+    sqlite3_bind_text(stmt_, i, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Statement& bind(int i, int64_t v) {
+    sqlite3_bind_int64(stmt_, i, v);
+    return *this;
+  }
+  bool step() {
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    throw std::runtime_error(std::string("sqlite: ") + sqlite3_errmsg(sqlite3_db_handle(stmt_)));
+  }
+  std::string text(int col) {
+    auto* p = sqlite3_column_text(stmt_, col);
+    return p ? reinterpret_cast<const char*>(p) : "";
+  }
+  int64_t integer(int col) { return sqlite3_column_int64(stmt_, col); }
+
+ private:
+  sqlite3_stmt* stmt_ = nullptr;
+};
+
+// Schema versions, applied in order; user_version records how far a database has come.
+const char* const kMigrations[] = {
+    R"(CREATE TABLE join_keys(id TEXT PRIMARY KEY, hash TEXT UNIQUE NOT NULL, cluster TEXT NOT NULL,
+         reusable INTEGER NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL,
+         uses INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0);
+       CREATE TABLE agents(id TEXT PRIMARY KEY, name TEXT NOT NULL, cluster TEXT NOT NULL,
+         public_key TEXT UNIQUE NOT NULL, block INTEGER UNIQUE NOT NULL,
+         registered_at INTEGER NOT NULL, last_seen INTEGER NOT NULL);
+       CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);)",
+};
+
+class SqliteStore final : public ControlStore {
+ public:
+  SqliteStore(const std::filesystem::path& file, const MeshPool* pool) {
+    if (sqlite3_open(file.c_str(), &db_) != SQLITE_OK)
+      throw std::runtime_error("cannot open " + file.string() + ": " + sqlite3_errmsg(db_));
+    exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;");
+    sqlite3_busy_timeout(db_, 5000);  // the CLI may write keys while control runs
+    migrate();
+    if (!pool) return;
+    Statement get(db_, "SELECT value FROM meta WHERE key='mesh_pool'");
+    if (get.step()) {
+      if (get.text(0) != pool->cidr())
+        throw std::runtime_error("the data in " + file.string() + " was allocated from mesh pool " + get.text(0) +
+                                 ", not " + pool->cidr() + "; start with --mesh-cidr " + get.text(0));
+    } else {
+      Statement put(db_, "INSERT INTO meta(key, value) VALUES('mesh_pool', ?)");
+      put.bind(1, pool->cidr()).step();
+    }
+  }
+  ~SqliteStore() override { sqlite3_close(db_); }
+
+  void create_join_key(const JoinKey& k) override {
+    Statement s(db_, "INSERT INTO join_keys(id, hash, cluster, reusable, expires_at, created_at) VALUES(?,?,?,?,?,?)");
+    s.bind(1, k.id).bind(2, k.hash).bind(3, k.cluster).bind(4, int64_t{k.reusable}).bind(5, k.expires_at).bind(6, k.created_at).step();
+  }
+
+  std::vector<JoinKey> list_join_keys() override {
+    std::vector<JoinKey> out;
+    Statement s(db_, "SELECT id, hash, cluster, reusable, expires_at, created_at, uses, revoked FROM join_keys ORDER BY created_at");
+    while (s.step())
+      out.push_back({s.text(0), s.text(1), s.text(2), s.integer(3) != 0, s.integer(4), s.integer(5), s.integer(6), s.integer(7) != 0});
+    return out;
+  }
+
+  bool revoke_join_key(const std::string& id) override {
+    Statement s(db_, "UPDATE join_keys SET revoked=1 WHERE id=?");
+    s.bind(1, id).step();
+    return sqlite3_changes(db_) > 0;
+  }
+
+  RegisterOutcome register_agent(const Registration& r, const MeshPool& pool, int64_t now) override {
+    exec("BEGIN IMMEDIATE");
+    try {
+      RegisterOutcome out = register_in_transaction(r, pool, now);
+      exec(out.agent ? "COMMIT" : "ROLLBACK");
+      return out;
+    } catch (...) {
+      exec("ROLLBACK");
+      throw;
+    }
+  }
+
+  std::vector<AgentRecord> list_agents() override {
+    std::vector<AgentRecord> out;
+    Statement s(db_, "SELECT id, name, cluster, public_key, block, registered_at, last_seen FROM agents ORDER BY block");
+    while (s.step())
+      out.push_back({s.text(0), s.text(1), s.text(2), s.text(3), static_cast<uint32_t>(s.integer(4)), s.integer(5), s.integer(6)});
+    return out;
+  }
+
+ private:
+  RegisterOutcome register_in_transaction(const Registration& r, const MeshPool& pool, int64_t now) {
+    RegisterOutcome out;
+    {
+      Statement s(db_, "SELECT id, name, cluster, public_key, block, registered_at FROM agents WHERE public_key=?");
+      s.bind(1, r.public_key);
+      if (s.step()) {  // a known node: same ID, same block (idempotent)
+        AgentRecord a{s.text(0), s.text(1), s.text(2), s.text(3), static_cast<uint32_t>(s.integer(4)), s.integer(5), now};
+        Statement touch(db_, "UPDATE agents SET last_seen=? WHERE id=?");
+        touch.bind(1, now).bind(2, a.id).step();
+        out.agent = a;
+        return out;
+      }
+    }
+    const auto deny = [&](const std::string& why) {
+      out.status = 401;
+      out.error = why;
+      return out;
+    };
+    if (r.key_hash.empty()) return deny("auth_key is required for a node control has not seen");
+    Statement k(db_, "SELECT id, cluster, reusable, expires_at, uses, revoked FROM join_keys WHERE hash=?");
+    k.bind(1, r.key_hash);
+    if (!k.step()) return deny("unknown join key");
+    const std::string key_id = k.text(0), key_cluster = k.text(1);
+    if (k.integer(5)) return deny("join key " + key_id + " was revoked");
+    if (k.integer(3) <= now) return deny("join key " + key_id + " has expired");
+    if (!k.integer(2) && k.integer(4) > 0) return deny("join key " + key_id + " is single-use and was already used");
+    if (!key_cluster.empty() && !r.cluster.empty() && key_cluster != r.cluster)
+      return deny("join key " + key_id + " is for cluster '" + key_cluster + "', not '" + r.cluster + "'");
+
+    // Lowest free block: 0 if free, else the first block whose successor is free.
+    int64_t block = -1;
+    {
+      Statement z(db_, "SELECT 1 FROM agents WHERE block=0");
+      if (!z.step()) {
+        block = 0;
+      } else {
+        Statement g(db_, "SELECT MIN(a.block + 1) FROM agents a LEFT JOIN agents b ON b.block = a.block + 1 WHERE b.block IS NULL");
+        g.step();
+        block = g.integer(0);
+      }
+    }
+    if (block < 0 || block >= static_cast<int64_t>(pool.block_count())) {
+      out.status = 503;
+      out.error = "mesh IP pool " + pool.cidr() + " is exhausted: all " + std::to_string(pool.block_count()) +
+                  " /24 blocks are allocated; start control with a wider --mesh-cidr or remove agents";
+      return out;
+    }
+    AgentRecord a{r.agent_id, r.name, r.cluster.empty() ? key_cluster : r.cluster, r.public_key,
+                  static_cast<uint32_t>(block), now, now};
+    Statement ins(db_, "INSERT INTO agents(id, name, cluster, public_key, block, registered_at, last_seen) VALUES(?,?,?,?,?,?,?)");
+    ins.bind(1, a.id).bind(2, a.name).bind(3, a.cluster).bind(4, a.public_key).bind(5, int64_t{a.block})
+        .bind(6, now).bind(7, now).step();
+    Statement use(db_, "UPDATE join_keys SET uses = uses + 1 WHERE id=?");
+    use.bind(1, key_id).step();
+    out.agent = a;
+    return out;
+  }
+
+  void exec(const char* sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string msg = err ? err : "unknown";
+      sqlite3_free(err);
+      throw std::runtime_error("sqlite: " + msg);
+    }
+  }
+
+  void migrate() {
+    Statement v(db_, "PRAGMA user_version");
+    v.step();
+    int64_t version = v.integer(0);
+    const int64_t latest = static_cast<int64_t>(std::size(kMigrations));
+    if (version > latest)
+      throw std::runtime_error("the control database is schema version " + std::to_string(version) +
+                               ", newer than this weft understands (" + std::to_string(latest) + ")");
+    for (; version < latest; ++version) {
+      exec("BEGIN");
+      exec(kMigrations[version]);
+      exec(("PRAGMA user_version=" + std::to_string(version + 1)).c_str());
+      exec("COMMIT");
+    }
+  }
+
+  sqlite3* db_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<ControlStore> open_sqlite_store(const std::filesystem::path& data_dir, const MeshPool* pool) {
+  std::error_code ec;
+  std::filesystem::create_directories(data_dir, ec);
+  if (ec) throw std::runtime_error("cannot create " + data_dir.string() + ": " + ec.message());
+  return std::make_unique<SqliteStore>(data_dir / "control.db", pool);
+}
+
+}  // namespace weft

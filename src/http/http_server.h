@@ -1,0 +1,57 @@
+// A small HTTP/1.1 server (Boost.Beast) for the control-plane and agent REST APIs: optional
+// TLS with optional client certificates, a body limit (413), and one handler per request.
+// Runs on the io_context it is given; the handler is called on that io_context's thread.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
+
+#include "core/host_port.h"
+#include "core/result.h"
+
+namespace weft {
+
+struct HttpRequest {
+  std::string method;
+  std::string path;
+  std::string query;
+  std::string body;
+  std::string authorization;  // the Authorization header, if any
+  std::string peer_spiffe_id;  // verified client certificate's SPIFFE ID (TLS only)
+};
+
+struct HttpResponse {
+  int status = 200;
+  std::string body;
+  std::string content_type = "application/json";
+};
+
+class HttpServer {
+ public:
+  using Handler = std::function<HttpResponse(const HttpRequest&)>;
+  static constexpr size_t kMaxBody = 1024 * 1024;
+
+  // tls == nullptr serves plain HTTP.
+  static Result<std::unique_ptr<HttpServer>> bind(boost::asio::io_context& io, const HostPort& address,
+                                                  std::shared_ptr<boost::asio::ssl::context> tls,
+                                                  Handler handler);
+  ~HttpServer();
+  uint16_t port() const;
+  void close();
+
+ private:
+  struct Impl;
+  explicit HttpServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// {"error": message, "field": field} with the given status.
+HttpResponse json_error(int status, const std::string& message, const std::string& field = {});
+
+}  // namespace weft

@@ -1,0 +1,144 @@
+#include "identity/csr.h"
+
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "identity/certificate_info.h"
+#include "identity/openssl_ptr.h"
+#include "identity/spiffe_id.h"
+
+namespace weft {
+
+namespace {
+
+std::string bio_string(BIO* bio) {
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio, &data);
+  return std::string(data, static_cast<size_t>(n));
+}
+
+ossl::Key read_private(const std::string& pem) {
+  ossl::Bio b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  return ossl::Key(PEM_read_bio_PrivateKey(b.get(), nullptr, nullptr, nullptr));
+}
+
+std::string public_pem_of(EVP_PKEY* key) {
+  ossl::Bio b(BIO_new(BIO_s_mem()));
+  PEM_write_bio_PUBKEY(b.get(), key);
+  return bio_string(b.get());
+}
+
+bool read_text(const std::filesystem::path& p, std::string& out) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) return false;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  out = ss.str();
+  return true;
+}
+
+}  // namespace
+
+KeyPair generate_ed25519() {
+  ossl::Key key(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
+  ossl::Bio b(BIO_new(BIO_s_mem()));
+  PEM_write_bio_PrivateKey(b.get(), key.get(), nullptr, nullptr, 0, nullptr, nullptr);
+  return {bio_string(b.get()), public_pem_of(key.get())};
+}
+
+Result<std::string> make_csr(const std::string& private_pem, const std::string& common_name) {
+  auto key = read_private(private_pem);
+  if (!key) return make_error("not a PEM private key");
+  X509_REQ* req = X509_REQ_new();
+  X509_REQ_set_version(req, 0);
+  X509_NAME* name = X509_REQ_get_subject_name(req);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1, 0);
+  X509_REQ_set_pubkey(req, key.get());
+  const EVP_MD* md = EVP_PKEY_get_id(key.get()) == EVP_PKEY_ED25519 ? nullptr : EVP_sha256();
+  if (!X509_REQ_sign(req, key.get(), md)) {
+    X509_REQ_free(req);
+    return make_error("signing the CSR failed: " + ossl::last_error());
+  }
+  ossl::Bio b(BIO_new(BIO_s_mem()));
+  PEM_write_bio_X509_REQ(b.get(), req);
+  X509_REQ_free(req);
+  return bio_string(b.get());
+}
+
+Result<SigningCa> SigningCa::load(const std::filesystem::path& dir) {
+  SigningCa ca;
+  if (!read_text(dir / "ca.crt", ca.cert_pem_))
+    return make_error("cannot read " + (dir / "ca.crt").string() + " (create a CA with 'weft ca init')");
+  if (!read_text(dir / "ca.key", ca.key_pem_)) return make_error("cannot read " + (dir / "ca.key").string());
+  ossl::Bio b(BIO_new_mem_buf(ca.cert_pem_.data(), static_cast<int>(ca.cert_pem_.size())));
+  ossl::Cert cert(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
+  if (!cert) return make_error((dir / "ca.crt").string() + " holds no PEM certificate");
+  auto key = read_private(ca.key_pem_);
+  if (!key || X509_check_private_key(cert.get(), key.get()) != 1)
+    return make_error((dir / "ca.key").string() + " does not match " + (dir / "ca.crt").string());
+  auto info = describe_certificate(cert.get());
+  if (!info.is_ca) return make_error((dir / "ca.crt").string() + " is not a CA certificate");
+  auto id = info.spiffe_id();
+  auto td = id ? spiffe_trust_domain(*id) : Result<std::string>(make_error("none"));
+  if (!td)
+    return make_error((dir / "ca.crt").string() +
+                      " has no spiffe://<trust-domain> URI SAN; a plug-in CA needs one");
+  ca.trust_domain_ = *td;
+  return ca;
+}
+
+Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::string& spiffe_uri,
+                                    Millis ttl, const std::string& expected_public_pem) const {
+  ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
+  X509_REQ* req = PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr);
+  if (!req) return make_error("csr: not a PEM certificate request");
+  std::unique_ptr<X509_REQ, decltype(&X509_REQ_free)> req_guard(req, X509_REQ_free);
+  EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
+  if (!pub || X509_REQ_verify(req, pub) != 1) return make_error("csr: signature does not verify");
+  if (!expected_public_pem.empty() && public_pem_of(pub) != expected_public_pem)
+    return make_error("csr: signed by a different key than public_key");
+
+  ossl::Bio cb(BIO_new_mem_buf(cert_pem_.data(), static_cast<int>(cert_pem_.size())));
+  ossl::Cert ca(PEM_read_bio_X509(cb.get(), nullptr, nullptr, nullptr));
+  auto ca_key = read_private(key_pem_);
+  ossl::Cert cert(X509_new());
+  X509_set_version(cert.get(), 2);
+  unsigned char serial[16];
+  RAND_bytes(serial, sizeof serial);
+  serial[0] &= 0x7f;
+  BIGNUM* bn = BN_bin2bn(serial, sizeof serial, nullptr);
+  BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(cert.get()));
+  BN_free(bn);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -60);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()),
+                  static_cast<long>(std::chrono::duration_cast<std::chrono::seconds>(ttl).count()));
+  X509_set_pubkey(cert.get(), pub);
+  X509_set_subject_name(cert.get(), X509_REQ_get_subject_name(req));
+  X509_set_issuer_name(cert.get(), X509_get_subject_name(ca.get()));
+  X509V3_CTX ctx;
+  X509V3_set_ctx(&ctx, ca.get(), cert.get(), nullptr, nullptr, 0);
+  const std::pair<int, std::string> exts[] = {
+      {NID_basic_constraints, "critical,CA:FALSE"},
+      {NID_key_usage, "critical,digitalSignature"},
+      {NID_ext_key_usage, "serverAuth,clientAuth"},
+      {NID_authority_key_identifier, "keyid:always"},
+      {NID_subject_alt_name, "URI:" + spiffe_uri},
+  };
+  for (const auto& [nid, value] : exts) {
+    X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
+    if (!ext) return make_error("bad extension " + value + ": " + ossl::last_error());
+    X509_add_ext(cert.get(), ext, -1);
+    X509_EXTENSION_free(ext);
+  }
+  const EVP_MD* md = EVP_PKEY_get_id(ca_key.get()) == EVP_PKEY_ED25519 ? nullptr : EVP_sha256();
+  if (!X509_sign(cert.get(), ca_key.get(), md)) return make_error("signing failed: " + ossl::last_error());
+  ossl::Bio out(BIO_new(BIO_s_mem()));
+  PEM_write_bio_X509(out.get(), cert.get());
+  return bio_string(out.get());
+}
+
+}  // namespace weft

@@ -1,0 +1,40 @@
+// Certificate signing requests: an agent proves it holds its Ed25519 node key by signing a CSR
+// with it; control checks that signature and signs a short-lived certificate for the same key.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <string>
+
+#include "core/duration.h"
+#include "core/result.h"
+
+namespace weft {
+
+struct KeyPair {
+  std::string private_pem;  // never logged, never returned by an API
+  std::string public_pem;
+};
+
+KeyPair generate_ed25519();
+
+// A PEM CSR signed with `private_pem`.
+Result<std::string> make_csr(const std::string& private_pem, const std::string& common_name);
+
+// The CA that signs for control: ca.crt + ca.key from `weft ca init`, or a plug-in intermediate.
+class SigningCa {
+ public:
+  static Result<SigningCa> load(const std::filesystem::path& dir);
+  const std::string& trust_domain() const { return trust_domain_; }
+  const std::string& bundle_pem() const { return cert_pem_; }
+
+  // Verifies the CSR's self-signature and, if `expected_public_pem` is not empty, that it is
+  // for that key; returns a PEM certificate whose URI SAN is `spiffe_uri`.
+  Result<std::string> sign(const std::string& csr_pem, const std::string& spiffe_uri, Millis ttl,
+                           const std::string& expected_public_pem = {}) const;
+
+ private:
+  std::string cert_pem_, key_pem_, trust_domain_;
+};
+
+}  // namespace weft

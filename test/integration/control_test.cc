@@ -1,0 +1,289 @@
+// `weft control` as a real process: join keys, registration, IP allocation, persistence.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <boost/json.hpp>
+#include <future>
+#include <set>
+
+#include "identity/certificate_info.h"
+#include "identity/csr.h"
+#include "support/harness.h"
+
+namespace weft::test {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+struct Reply {
+  int status = 0;
+  boost::json::value body;
+};
+
+class ControlTest : public ::testing::Test {
+ protected:
+  ControlTest() {
+    auto r = run_weft({"ca", "init", "--trust-domain", "mesh.test", "--out", (dir_ / "ca").string()});
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+  }
+  ~ControlTest() override { stop(); }
+
+  void start(std::vector<std::string> extra = {}) {
+    std::remove((dir_ / "addr").c_str());
+    std::vector<std::string> args{WEFT_BINARY, "control", "--data-dir", (dir_ / "data").string(), "--ca",
+                                  (dir_ / "ca").string(), "--listen", "127.0.0.1:0", "--address-file",
+                                  (dir_ / "addr").string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    proc_ = std::make_unique<Process>(args, dir_ / "control.log");
+    for (int i = 0; i < 1000 && !fs::exists(dir_ / "addr"); ++i) {
+      ASSERT_TRUE(proc_->running()) << read_file(dir_ / "control.log");
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+    }
+    addr_ = read_file(dir_ / "addr");
+    addr_.erase(addr_.find('\n'));
+    token_ = read_file(dir_ / "data" / "admin.token");
+    token_.erase(token_.find('\n'));
+  }
+
+  void stop() {
+    if (proc_) {
+      proc_->signal(SIGTERM);
+      EXPECT_EQ(proc_->wait(), 0);
+      proc_.reset();
+      const std::string log = read_file(dir_ / "control.log");
+      for (const char* bad : {"AddressSanitizer", "LeakSanitizer", "runtime error:"})
+        EXPECT_EQ(log.find(bad), std::string::npos) << "weft control reported " << bad << ":\n" << log;
+    }
+  }
+
+  std::string create_key(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args{"control", "keys", "create", "--data-dir", (dir_ / "data").string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = run_weft(args);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return r.output.substr(0, r.output.find('\n'));
+  }
+
+  Reply request(const std::string& method, const std::string& path, const std::string& body,
+                const std::string& auth = "") {
+    asio::io_context io;
+    asio::ssl::context ctx(asio::ssl::context::tls_client);
+    ctx.load_verify_file((dir_ / "ca" / "ca.crt").string());
+    ctx.set_verify_mode(asio::ssl::verify_peer);  // chain only: identity is a SPIFFE URI, not a host name
+    beast::ssl_stream<beast::tcp_stream> s(io, ctx);
+    const auto colon = addr_.rfind(':');
+    beast::get_lowest_layer(s).connect(tcp::endpoint(asio::ip::make_address(addr_.substr(0, colon)),
+                                                     static_cast<uint16_t>(std::stoi(addr_.substr(colon + 1)))));
+    s.handshake(asio::ssl::stream_base::client);
+    http::request<http::string_body> req{method == "GET" ? http::verb::get : http::verb::post, path, 11};
+    req.set(http::field::host, "control");
+    if (!auth.empty()) req.set(http::field::authorization, auth);
+    req.body() = body;
+    req.prepare_payload();
+    boost::system::error_code wec;
+    http::write(s, req, wec);  // a refused (413) body may be cut short; the answer still comes
+    beast::flat_buffer buf;
+    http::response_parser<http::string_body> p;
+    p.body_limit(16 << 20);
+    http::read(s, buf, p);
+    Reply r;
+    r.status = static_cast<int>(p.get().result_int());
+    boost::system::error_code ec;
+    r.body = boost::json::parse(p.get().body(), ec);
+    return r;
+  }
+
+  struct Node {
+    KeyPair keys = generate_ed25519();
+    std::string csr = *make_csr(keys.private_pem, "node");
+  };
+
+  Reply register_node(const Node& n, const std::string& key, const std::string& cluster = "east") {
+    boost::json::object o{{"auth_key", key}, {"name", "n"}, {"cluster", cluster},
+                          {"public_key", n.keys.public_pem}, {"csr", n.csr}};
+    return request("POST", "/v1/register", boost::json::serialize(o));
+  }
+
+  size_t agent_count() {
+    auto r = request("GET", "/v1/agents", "", "Bearer " + token_);
+    return r.body.at("agents").as_array().size();
+  }
+
+  // A child process with its output in a file.
+  class Process {
+   public:
+    Process(const std::vector<std::string>& args, const fs::path& log) {
+      pid_ = fork();
+      if (pid_ == 0) {
+        FILE* f = std::fopen(log.c_str(), "w");
+        dup2(fileno(f), 1);
+        dup2(fileno(f), 2);
+        std::vector<char*> argv;
+        for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+        argv.push_back(nullptr);
+        execv(argv[0], argv.data());
+        _exit(127);
+      }
+    }
+    ~Process() {
+      if (pid_ > 0) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+      }
+    }
+    bool running() { return pid_ > 0 && waitpid(pid_, &status_, WNOHANG) == 0; }
+    void signal(int sig) { kill(pid_, sig); }
+    int wait() {
+      waitpid(pid_, &status_, 0);
+      pid_ = -1;
+      return WIFEXITED(status_) ? WEXITSTATUS(status_) : 128 + WTERMSIG(status_);
+    }
+
+   private:
+    pid_t pid_ = -1;
+    int status_ = 0;
+  };
+
+  TempDir dir_;
+  std::unique_ptr<Process> proc_;
+  std::string addr_, token_;
+};
+
+TEST_F(ControlTest, RegistrationRefusedForBadExpiredAndReusedKeys) {
+  start();
+  Node a, b, c, d;
+  auto r = register_node(a, "wjk_not_a_key");
+  EXPECT_EQ(r.status, 401);
+  EXPECT_EQ(r.body.at("field").as_string(), "auth_key");
+
+  const std::string expired = create_key({"--ttl", "1ms"});
+  r = register_node(b, expired);
+  EXPECT_EQ(r.status, 401);
+  EXPECT_NE(std::string(r.body.at("error").as_string()).find("expired"), std::string::npos);
+
+  const std::string once = create_key();
+  EXPECT_EQ(register_node(c, once).status, 200);
+  r = register_node(d, once);
+  EXPECT_EQ(r.status, 401);
+  EXPECT_NE(std::string(r.body.at("error").as_string()).find("already used"), std::string::npos);
+
+  // Revoked keys are refused too.
+  const std::string revoked = create_key({"--reusable"});
+  auto list = run_weft({"control", "keys", "list", "--data-dir", (dir_ / "data").string()});
+  EXPECT_EQ(list.exit_code, 0);
+  EXPECT_EQ(list.output.find("wjk_"), std::string::npos) << "secrets must never be listed";
+  EXPECT_EQ(agent_count(), 1u);
+}
+
+TEST_F(ControlTest, NodeCertificateCarriesTheNodeIdentityAndIsIdempotent) {
+  start();
+  const std::string key = create_key();
+  Node n;
+  auto r = register_node(n, key);
+  ASSERT_EQ(r.status, 200) << boost::json::serialize(r.body);
+  const std::string id(r.body.at("id").as_string());
+  const std::string spiffe = "spiffe://mesh.test/cluster/east/node/" + id;
+  EXPECT_EQ(r.body.at("spiffe_id").as_string(), spiffe);
+  EXPECT_EQ(r.body.at("mesh_ip").as_string(), "100.64.0.1");
+  EXPECT_EQ(r.body.at("mesh_block").as_string(), "100.64.0.0/24");
+  write_file(dir_ / "node.pem", std::string(r.body.at("certificate").as_string()));
+  auto info = load_certificate_info(dir_ / "node.pem");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->spiffe_id().value_or(""), spiffe);
+  EXPECT_EQ(std::system(("openssl verify -CAfile " + (dir_ / "ca" / "ca.crt").string() + " " +
+                         (dir_ / "node.pem").string() + " >/dev/null").c_str()),
+            0);
+  // Registering again (the key is spent, but the CSR proves the node key): same ID, same IP.
+  auto again = register_node(n, key);
+  EXPECT_EQ(again.status, 200);
+  EXPECT_EQ(again.body.at("id"), r.body.at("id"));
+  EXPECT_EQ(again.body.at("mesh_ip"), r.body.at("mesh_ip"));
+  // A CSR signed by another key than public_key is refused.
+  Node other;
+  boost::json::object o{{"auth_key", create_key()}, {"public_key", n.keys.public_pem}, {"csr", other.csr}};
+  auto bad = request("POST", "/v1/register", boost::json::serialize(o));
+  EXPECT_EQ(bad.status, 400);
+  EXPECT_EQ(bad.body.at("field").as_string(), "csr");
+}
+
+TEST_F(ControlTest, RestartKeepsAgentsAndAddresses) {
+  start();
+  const std::string key = create_key({"--reusable"});
+  std::vector<Node> nodes(3);
+  std::vector<std::string> ips;
+  for (auto& n : nodes) ips.emplace_back(register_node(n, key).body.at("mesh_ip").as_string());
+  stop();
+  start();
+  EXPECT_EQ(agent_count(), 3u);
+  for (size_t i = 0; i < nodes.size(); ++i)
+    EXPECT_EQ(register_node(nodes[i], "").body.at("mesh_ip").as_string(), ips[i]);
+  // Restarting with another pool would renumber everyone: refused, with the way out.
+  stop();
+  auto r = run_weft({"control", "--data-dir", (dir_ / "data").string(), "--ca", (dir_ / "ca").string(),
+                     "--listen", "127.0.0.1:0", "--mesh-cidr", "10.10.0.0/16"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--mesh-cidr 100.64.0.0/10"), std::string::npos) << r.output;
+}
+
+TEST_F(ControlTest, ExhaustedPoolGivesAClearError) {
+  start({"--mesh-cidr", "100.64.0.0/23"});
+  const std::string key = create_key({"--reusable"});
+  Node a, b, c;
+  EXPECT_EQ(register_node(a, key).status, 200);
+  EXPECT_EQ(register_node(b, key).status, 200);
+  auto r = register_node(c, key);
+  EXPECT_EQ(r.status, 503);
+  EXPECT_NE(std::string(r.body.at("error").as_string()).find("100.64.0.0/23 is exhausted"), std::string::npos);
+}
+
+TEST_F(ControlTest, HundredParallelRegistrationsGetDistinctAddresses) {
+  start();
+  const std::string key = create_key({"--reusable"});
+  std::vector<Node> nodes(100);
+  std::vector<std::future<Reply>> replies;
+  for (auto& n : nodes) replies.push_back(std::async(std::launch::async, [&] { return register_node(n, key); }));
+  std::set<std::string> ips;
+  for (auto& f : replies) {
+    auto r = f.get();
+    EXPECT_EQ(r.status, 200);
+    if (r.status == 200) ips.insert(std::string(r.body.at("mesh_ip").as_string()));
+  }
+  EXPECT_EQ(ips.size(), 100u);
+  EXPECT_EQ(agent_count(), 100u);
+}
+
+TEST_F(ControlTest, BadInputGetsJson4xxAndChangesNothing) {
+  start();
+  const std::string key = create_key({"--reusable"});
+  Node n;
+  const auto expect = [&](const std::string& body, int status, const std::string& field) {
+    auto r = request("POST", "/v1/register", body);
+    EXPECT_EQ(r.status, status) << body.substr(0, 80);
+    ASSERT_TRUE(r.body.is_object()) << "error bodies are JSON";
+    EXPECT_TRUE(r.body.as_object().contains("error"));
+    if (!field.empty()) {
+      EXPECT_EQ(r.body.at("field").as_string(), field);
+    }
+  };
+  expect("{not json", 400, "");
+  expect("[1,2]", 400, "");
+  expect(R"({"auth_key": 5})", 400, "auth_key");
+  expect(R"({"auth_key": "x", "bogus": 1})", 400, "");
+  expect(R"({"auth_key": ")" + key + R"(", "public_key": "x", "csr": "not a csr"})", 400, "csr");
+  expect(R"({"name": "UPPER case", "public_key": "x", "csr": "y"})", 400, "name");
+  expect(std::string(R"({"auth_key": ")") + std::string(2 << 20, 'a') + "\"}", 413, "");
+  EXPECT_EQ(request("GET", "/v1/agents", "").status, 401);
+  EXPECT_EQ(request("GET", "/v1/agents", "", "Bearer wrong").status, 401);
+  EXPECT_EQ(agent_count(), 0u);
+}
+
+}  // namespace
+}  // namespace weft::test
