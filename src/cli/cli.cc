@@ -4,7 +4,9 @@
 #include <CLI/CLI.hpp>
 
 #include <iostream>
+#include <sstream>
 
+#include "agent/agent_server.h"
 #include "config/proxy_config.h"
 #include "control/control_server.h"
 #include "control/join_keys.h"
@@ -107,6 +109,36 @@ int run_cli(int argc, char** argv) {
   // `weft control keys create --data-dir D` reads naturally: options fall through to `control`.
   for (auto* sub : {keys, keys_create, keys_list, keys_revoke}) sub->fallthrough();
 
+  // weft agent
+  auto* agent = app.add_subcommand(
+      "agent", "run the node agent (identity, registration, REST API, resources)");
+  AgentOptions aopt;
+  std::string agent_state, agent_proxies, agent_networks, agent_routes, agent_addr_file, agent_ca;
+  agent->add_option("--control", aopt.control_url, "control URL, e.g. https://control:8443")
+      ->envname("MESH_CONTROL_URL");
+  agent->add_option("--auth-key", aopt.auth_key, "join key for the first registration")
+      ->envname("MESH_AUTH_KEY");
+  agent->add_option("--state", agent_state, "state directory (default ~/.config/weft)");
+  agent->add_option("--port", aopt.api_port, "REST API port");
+  agent->add_option("--api-address", aopt.api_address, "REST API address");
+  agent->add_option("--quic-port", aopt.quic_port, "UDP port for peer-to-peer QUIC");
+  agent->add_option("--proxies", agent_proxies, "resource proxies: local_port:host:port,...");
+  agent->add_option("--networks", agent_networks,
+                    "local networks to proxy (CIDRs, comma-separated)");
+  agent->add_option("--advertise-routes", agent_routes,
+                    "routes to advertise (CIDRs, comma-separated)");
+  agent->add_option("--name", aopt.name, "node name (default: host name)");
+  agent->add_option("--cluster-id", aopt.cluster_id, "cluster this node belongs to");
+  agent->add_option("--control-ca", agent_ca,
+                    "CA bundle that signed control's certificate (https)");
+  agent
+      ->add_option("--api-token", aopt.api_token,
+                   "bearer token for API changes (default: <state>/api.token)")
+      ->envname("WEFT_AGENT_API_TOKEN");
+  agent->add_option("--resource-address", aopt.resource_address, "address resource listeners bind");
+  agent->add_option("--address-file", agent_addr_file,
+                    "write the API's host:port here once listening");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -191,6 +223,31 @@ int run_cli(int argc, char** argv) {
       copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
       copt.address_file = control_addr_file;
       ControlServer server(copt);
+      return server.run();
+    }
+    if (*agent) {
+      const auto split = [](const std::string& s) {
+        std::vector<std::string> out;
+        std::stringstream ss(s);
+        for (std::string item; std::getline(ss, item, ',');)
+          if (!item.empty()) out.push_back(item);
+        return out;
+      };
+      for (const auto& rule : split(agent_proxies)) {
+        auto r = parse_proxy_rule(rule);
+        if (!r) throw std::runtime_error("--proxies: " + r.error());
+        aopt.proxies.push_back(*r);
+      }
+      aopt.networks = split(agent_networks);
+      aopt.advertise_routes = split(agent_routes);
+      if (agent_state.empty()) {
+        const char* home = std::getenv("HOME");
+        agent_state = std::string(home ? home : ".") + "/.config/weft";
+      }
+      aopt.state_dir = agent_state;
+      aopt.control_ca = agent_ca;
+      aopt.address_file = agent_addr_file;
+      AgentServer server(aopt);
       return server.run();
     }
     if (*proxy) {

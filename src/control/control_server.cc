@@ -22,19 +22,23 @@ namespace {
 
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch()).count();
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
 
 Result<SigningCa> load_ca(const std::filesystem::path& dir) {
-  if (dir.empty()) return make_error("--ca is required: a directory with ca.crt and ca.key (weft ca init)");
+  if (dir.empty())
+    return make_error("--ca is required: a directory with ca.crt and ca.key (weft ca init)");
   return SigningCa::load(dir);
 }
 
 // Control's own serving certificate, minted from the mesh CA at every start.
-std::shared_ptr<boost::asio::ssl::context> make_tls(const SigningCa& ca, const std::filesystem::path& dir) {
+std::shared_ptr<boost::asio::ssl::context> make_tls(const SigningCa& ca,
+                                                    const std::filesystem::path& dir) {
   auto keys = generate_ed25519();
   auto csr = make_csr(keys.private_pem, "weft control");
-  auto cert = ca.sign(*csr, "spiffe://" + ca.trust_domain() + "/ns/weft-system/sa/control", std::chrono::hours(24 * 30));
+  auto cert = ca.sign(*csr, "spiffe://" + ca.trust_domain() + "/ns/weft-system/sa/control",
+                      std::chrono::hours(24 * 30));
   if (!cert) throw std::runtime_error("cannot issue control's certificate: " + cert.error());
   std::filesystem::create_directories(dir);
   write_file_atomic(dir / "control.key", keys.private_pem, 0600);
@@ -56,7 +60,8 @@ json::object agent_json(const AgentRecord& a, const MeshPool& pool, const std::s
           {"cluster", a.cluster},
           {"mesh_ip", pool.agent_ip(a.block)},
           {"mesh_block", pool.block_cidr(a.block)},
-          {"spiffe_id", "spiffe://" + td + "/cluster/" + (a.cluster.empty() ? "default" : a.cluster) + "/node/" + a.id},
+          {"spiffe_id", "spiffe://" + td + "/cluster/" +
+                            (a.cluster.empty() ? "default" : a.cluster) + "/node/" + a.id},
           {"registered_at_ms", a.registered_at},
           {"last_seen_ms", a.last_seen}};
 }
@@ -64,7 +69,8 @@ json::object agent_json(const AgentRecord& a, const MeshPool& pool, const std::s
 bool valid_label(const std::string& s) {
   if (s.empty() || s.size() > 63) return false;
   for (char c : s)
-    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_')) return false;
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
+      return false;
   return true;
 }
 
@@ -92,19 +98,23 @@ ControlServer::ControlServer(ControlOptions options) : options_(std::move(option
   admin_token_ = load_or_create_admin_token(options_.data_dir);
   std::shared_ptr<boost::asio::ssl::context> tls;
   if (options_.insecure_http) {
-    spdlog::warn("*** --insecure-http: the control API is PLAIN HTTP. Join keys and certificates cross the "
-                 "network unencrypted. For local development only. ***");
+    spdlog::warn(
+        "*** --insecure-http: the control API is PLAIN HTTP. Join keys and certificates cross the "
+        "network unencrypted. For local development only. ***");
   } else {
     tls = make_tls(ca_, options_.data_dir / "tls");
   }
-  auto http = HttpServer::bind(io_, options_.listen, tls, [this](const HttpRequest& r) { return handle(r); });
+  auto http = HttpServer::bind(io_, options_.listen, tls,
+                               [this](const HttpRequest& r) { return handle(r); });
   if (!http) throw std::runtime_error("control API: " + http.error());
   http_ = std::move(*http);
   const std::string bound = HostPort{options_.listen.host, http_->port()}.to_string();
   if (!options_.address_file.empty()) write_file_atomic(options_.address_file, bound + "\n", 0644);
-  spdlog::info("weft control ready on {}://{} trust domain {} mesh pool {} ({} agents registered), data in {}",
-               tls ? "https" : "http", bound, ca_.trust_domain(), pool_.cidr(), store_->list_agents().size(),
-               options_.data_dir.string());
+  spdlog::info(
+      "weft control ready on {}://{} trust domain {} mesh pool {} ({} agents registered), data in "
+      "{}",
+      tls ? "https" : "http", bound, ca_.trust_domain(), pool_.cidr(), store_->list_agents().size(),
+      options_.data_dir.string());
   signals_.add(SIGTERM);
   signals_.add(SIGINT);
   signals_.async_wait([this](const boost::system::error_code& ec, int) {
@@ -136,7 +146,8 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
     }
     if (r.path == "/v1/agents" || r.path == "/v1/keys") {
       if (!is_operator(r))
-        return json_error(401, "missing or wrong bearer token (the operator token is in <data-dir>/admin.token)");
+        return json_error(
+            401, "missing or wrong bearer token (the operator token is in <data-dir>/admin.token)");
       if (r.path == "/v1/agents" && r.method == "GET") return handle_agents();
       if (r.path == "/v1/keys" && r.method == "POST") return handle_create_key(r);
       return json_error(405, "method not allowed");
@@ -159,11 +170,13 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
     values[i] = v->value_or("");
   }
   auto& [auth_key, name, cluster, public_key, csr] = values;
-  if (public_key.empty()) return json_error(400, "public_key is required (the node's Ed25519 key, PEM)", "public_key");
+  if (public_key.empty())
+    return json_error(400, "public_key is required (the node's Ed25519 key, PEM)", "public_key");
   if (csr.empty()) return json_error(400, "csr is required (signed with the node key)", "csr");
   if (name.empty()) name = "node";
   if (!valid_label(name)) return json_error(400, "name must be 1-63 of [a-z0-9-._]", "name");
-  if (!cluster.empty() && !valid_label(cluster)) return json_error(400, "cluster must be 1-63 of [a-z0-9-._]", "cluster");
+  if (!cluster.empty() && !valid_label(cluster))
+    return json_error(400, "cluster must be 1-63 of [a-z0-9-._]", "cluster");
 
   Registration reg;
   reg.key_hash = auth_key.empty() ? "" : hash_join_key(auth_key);
@@ -172,7 +185,8 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   reg.public_key = public_key;
   reg.agent_id = sha256_hex(public_key).substr(0, 16);
   // Proof of possession first: the CSR must be signed by the key being registered.
-  const std::string probe_uri = "spiffe://" + ca_.trust_domain() + "/cluster/probe/node/" + reg.agent_id;
+  const std::string probe_uri =
+      "spiffe://" + ca_.trust_domain() + "/cluster/probe/node/" + reg.agent_id;
   if (auto probe = ca_.sign(csr, probe_uri, std::chrono::seconds(1), public_key); !probe)
     return json_error(400, probe.error(), "csr");
   auto outcome = store_->register_agent(reg, pool_, now_ms());
@@ -182,11 +196,13 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   }
   const AgentRecord& a = *outcome.agent;
   auto body = agent_json(a, pool_, ca_.trust_domain());
-  auto cert = ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);
+  auto cert =
+      ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);
   if (!cert) return json_error(500, cert.error());
   body["certificate"] = *cert;
   body["ca_bundle"] = ca_.bundle_pem();
-  body["certificate_ttl_s"] = std::chrono::duration_cast<std::chrono::seconds>(options_.node_cert_ttl).count();
+  body["certificate_ttl_s"] =
+      std::chrono::duration_cast<std::chrono::seconds>(options_.node_cert_ttl).count();
   spdlog::info("control: registered agent {} '{}' cluster '{}' mesh ip {}", a.id, a.name, a.cluster,
                pool_.agent_ip(a.block));
   return {200, json::serialize(body) + "\n"};
@@ -194,7 +210,8 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
 
 HttpResponse ControlServer::handle_agents() {
   json::array out;
-  for (const auto& a : store_->list_agents()) out.push_back(agent_json(a, pool_, ca_.trust_domain()));
+  for (const auto& a : store_->list_agents())
+    out.push_back(agent_json(a, pool_, ca_.trust_domain()));
   return {200, json::serialize(json::object{{"agents", out}}) + "\n"};
 }
 

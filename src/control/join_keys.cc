@@ -32,9 +32,12 @@ std::string sha256_hex(const std::string& data) {
   return out;
 }
 
-std::string hash_join_key(const std::string& secret) { return sha256_hex("weft-join-key:" + secret); }
+std::string hash_join_key(const std::string& secret) {
+  return sha256_hex("weft-join-key:" + secret);
+}
 
-CreatedKey create_join_key(ControlStore& store, Millis ttl, bool reusable, const std::string& cluster) {
+CreatedKey create_join_key(ControlStore& store, Millis ttl, bool reusable,
+                           const std::string& cluster) {
   CreatedKey k;
   k.secret = "wjk_" + random_hex(24);
   k.record.hash = hash_join_key(k.secret);
@@ -42,7 +45,8 @@ CreatedKey create_join_key(ControlStore& store, Millis ttl, bool reusable, const
   k.record.cluster = cluster;
   k.record.reusable = reusable;
   const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                       std::chrono::system_clock::now().time_since_epoch()).count();
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
   k.record.created_at = now;
   k.record.expires_at = now + ttl.count();
   store.create_join_key(k.record);

@@ -13,7 +13,8 @@ struct CreatedKey {
   std::string secret;  // "wjk_..." — printed once, never stored
 };
 
-CreatedKey create_join_key(ControlStore& store, Millis ttl, bool reusable, const std::string& cluster);
+CreatedKey create_join_key(ControlStore& store, Millis ttl, bool reusable,
+                           const std::string& cluster);
 std::string hash_join_key(const std::string& secret);
 std::string sha256_hex(const std::string& data);
 std::string random_hex(size_t bytes);

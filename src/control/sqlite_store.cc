@@ -34,7 +34,8 @@ Result<MeshPool> parse_mesh_pool(const std::string& cidr) {
     return make_error("mesh pool '" + cidr + "': bad prefix length");
   }
   if (prefix < 8 || prefix > 24)
-    return make_error("mesh pool '" + cidr + "': prefix must be /8 to /24 (each agent takes a /24)");
+    return make_error("mesh pool '" + cidr +
+                      "': prefix must be /8 to /24 (each agent takes a /24)");
   MeshPool p;
   p.prefix = prefix;
   p.base = ntohl(a.s_addr) & ~((1u << (32 - prefix)) - 1);
@@ -97,8 +98,9 @@ class SqliteStore final : public ControlStore {
     Statement get(db_, "SELECT value FROM meta WHERE key='mesh_pool'");
     if (get.step()) {
       if (get.text(0) != pool->cidr())
-        throw std::runtime_error("the data in " + file.string() + " was allocated from mesh pool " + get.text(0) +
-                                 ", not " + pool->cidr() + "; start with --mesh-cidr " + get.text(0));
+        throw std::runtime_error("the data in " + file.string() + " was allocated from mesh pool " +
+                                 get.text(0) + ", not " + pool->cidr() +
+                                 "; start with --mesh-cidr " + get.text(0));
     } else {
       Statement put(db_, "INSERT INTO meta(key, value) VALUES('mesh_pool', ?)");
       put.bind(1, pool->cidr()).step();
@@ -107,15 +109,26 @@ class SqliteStore final : public ControlStore {
   ~SqliteStore() override { sqlite3_close(db_); }
 
   void create_join_key(const JoinKey& k) override {
-    Statement s(db_, "INSERT INTO join_keys(id, hash, cluster, reusable, expires_at, created_at) VALUES(?,?,?,?,?,?)");
-    s.bind(1, k.id).bind(2, k.hash).bind(3, k.cluster).bind(4, int64_t{k.reusable}).bind(5, k.expires_at).bind(6, k.created_at).step();
+    Statement s(db_,
+                "INSERT INTO join_keys(id, hash, cluster, reusable, expires_at, created_at) "
+                "VALUES(?,?,?,?,?,?)");
+    s.bind(1, k.id)
+        .bind(2, k.hash)
+        .bind(3, k.cluster)
+        .bind(4, int64_t{k.reusable})
+        .bind(5, k.expires_at)
+        .bind(6, k.created_at)
+        .step();
   }
 
   std::vector<JoinKey> list_join_keys() override {
     std::vector<JoinKey> out;
-    Statement s(db_, "SELECT id, hash, cluster, reusable, expires_at, created_at, uses, revoked FROM join_keys ORDER BY created_at");
+    Statement s(db_,
+                "SELECT id, hash, cluster, reusable, expires_at, created_at, uses, revoked FROM "
+                "join_keys ORDER BY created_at");
     while (s.step())
-      out.push_back({s.text(0), s.text(1), s.text(2), s.integer(3) != 0, s.integer(4), s.integer(5), s.integer(6), s.integer(7) != 0});
+      out.push_back({s.text(0), s.text(1), s.text(2), s.integer(3) != 0, s.integer(4), s.integer(5),
+                     s.integer(6), s.integer(7) != 0});
     return out;
   }
 
@@ -125,7 +138,8 @@ class SqliteStore final : public ControlStore {
     return sqlite3_changes(db_) > 0;
   }
 
-  RegisterOutcome register_agent(const Registration& r, const MeshPool& pool, int64_t now) override {
+  RegisterOutcome register_agent(const Registration& r, const MeshPool& pool,
+                                 int64_t now) override {
     exec("BEGIN IMMEDIATE");
     try {
       RegisterOutcome out = register_in_transaction(r, pool, now);
@@ -139,20 +153,28 @@ class SqliteStore final : public ControlStore {
 
   std::vector<AgentRecord> list_agents() override {
     std::vector<AgentRecord> out;
-    Statement s(db_, "SELECT id, name, cluster, public_key, block, registered_at, last_seen FROM agents ORDER BY block");
+    Statement s(db_,
+                "SELECT id, name, cluster, public_key, block, registered_at, last_seen FROM agents "
+                "ORDER BY block");
     while (s.step())
-      out.push_back({s.text(0), s.text(1), s.text(2), s.text(3), static_cast<uint32_t>(s.integer(4)), s.integer(5), s.integer(6)});
+      out.push_back({s.text(0), s.text(1), s.text(2), s.text(3),
+                     static_cast<uint32_t>(s.integer(4)), s.integer(5), s.integer(6)});
     return out;
   }
 
  private:
-  RegisterOutcome register_in_transaction(const Registration& r, const MeshPool& pool, int64_t now) {
+  RegisterOutcome register_in_transaction(const Registration& r, const MeshPool& pool,
+                                          int64_t now) {
     RegisterOutcome out;
     {
-      Statement s(db_, "SELECT id, name, cluster, public_key, block, registered_at FROM agents WHERE public_key=?");
+      Statement s(db_,
+                  "SELECT id, name, cluster, public_key, block, registered_at FROM agents WHERE "
+                  "public_key=?");
       s.bind(1, r.public_key);
       if (s.step()) {  // a known node: same ID, same block (idempotent)
-        AgentRecord a{s.text(0), s.text(1), s.text(2), s.text(3), static_cast<uint32_t>(s.integer(4)), s.integer(5), now};
+        AgentRecord a{
+            s.text(0),    s.text(1), s.text(2), s.text(3), static_cast<uint32_t>(s.integer(4)),
+            s.integer(5), now};
         Statement touch(db_, "UPDATE agents SET last_seen=? WHERE id=?");
         touch.bind(1, now).bind(2, a.id).step();
         out.agent = a;
@@ -165,15 +187,18 @@ class SqliteStore final : public ControlStore {
       return out;
     };
     if (r.key_hash.empty()) return deny("auth_key is required for a node control has not seen");
-    Statement k(db_, "SELECT id, cluster, reusable, expires_at, uses, revoked FROM join_keys WHERE hash=?");
+    Statement k(
+        db_, "SELECT id, cluster, reusable, expires_at, uses, revoked FROM join_keys WHERE hash=?");
     k.bind(1, r.key_hash);
     if (!k.step()) return deny("unknown join key");
     const std::string key_id = k.text(0), key_cluster = k.text(1);
     if (k.integer(5)) return deny("join key " + key_id + " was revoked");
     if (k.integer(3) <= now) return deny("join key " + key_id + " has expired");
-    if (!k.integer(2) && k.integer(4) > 0) return deny("join key " + key_id + " is single-use and was already used");
+    if (!k.integer(2) && k.integer(4) > 0)
+      return deny("join key " + key_id + " is single-use and was already used");
     if (!key_cluster.empty() && !r.cluster.empty() && key_cluster != r.cluster)
-      return deny("join key " + key_id + " is for cluster '" + key_cluster + "', not '" + r.cluster + "'");
+      return deny("join key " + key_id + " is for cluster '" + key_cluster + "', not '" +
+                  r.cluster + "'");
 
     // Lowest free block: 0 if free, else the first block whose successor is free.
     int64_t block = -1;
@@ -182,22 +207,39 @@ class SqliteStore final : public ControlStore {
       if (!z.step()) {
         block = 0;
       } else {
-        Statement g(db_, "SELECT MIN(a.block + 1) FROM agents a LEFT JOIN agents b ON b.block = a.block + 1 WHERE b.block IS NULL");
+        Statement g(db_,
+                    "SELECT MIN(a.block + 1) FROM agents a LEFT JOIN agents b ON b.block = a.block "
+                    "+ 1 WHERE b.block IS NULL");
         g.step();
         block = g.integer(0);
       }
     }
     if (block < 0 || block >= static_cast<int64_t>(pool.block_count())) {
       out.status = 503;
-      out.error = "mesh IP pool " + pool.cidr() + " is exhausted: all " + std::to_string(pool.block_count()) +
-                  " /24 blocks are allocated; start control with a wider --mesh-cidr or remove agents";
+      out.error =
+          "mesh IP pool " + pool.cidr() + " is exhausted: all " +
+          std::to_string(pool.block_count()) +
+          " /24 blocks are allocated; start control with a wider --mesh-cidr or remove agents";
       return out;
     }
-    AgentRecord a{r.agent_id, r.name, r.cluster.empty() ? key_cluster : r.cluster, r.public_key,
-                  static_cast<uint32_t>(block), now, now};
-    Statement ins(db_, "INSERT INTO agents(id, name, cluster, public_key, block, registered_at, last_seen) VALUES(?,?,?,?,?,?,?)");
-    ins.bind(1, a.id).bind(2, a.name).bind(3, a.cluster).bind(4, a.public_key).bind(5, int64_t{a.block})
-        .bind(6, now).bind(7, now).step();
+    AgentRecord a{r.agent_id,
+                  r.name,
+                  r.cluster.empty() ? key_cluster : r.cluster,
+                  r.public_key,
+                  static_cast<uint32_t>(block),
+                  now,
+                  now};
+    Statement ins(db_,
+                  "INSERT INTO agents(id, name, cluster, public_key, block, registered_at, "
+                  "last_seen) VALUES(?,?,?,?,?,?,?)");
+    ins.bind(1, a.id)
+        .bind(2, a.name)
+        .bind(3, a.cluster)
+        .bind(4, a.public_key)
+        .bind(5, int64_t{a.block})
+        .bind(6, now)
+        .bind(7, now)
+        .step();
     Statement use(db_, "UPDATE join_keys SET uses = uses + 1 WHERE id=?");
     use.bind(1, key_id).step();
     out.agent = a;
@@ -220,7 +262,8 @@ class SqliteStore final : public ControlStore {
     const int64_t latest = static_cast<int64_t>(std::size(kMigrations));
     if (version > latest)
       throw std::runtime_error("the control database is schema version " + std::to_string(version) +
-                               ", newer than this weft understands (" + std::to_string(latest) + ")");
+                               ", newer than this weft understands (" + std::to_string(latest) +
+                               ")");
     for (; version < latest; ++version) {
       exec("BEGIN");
       exec(kMigrations[version]);
@@ -234,7 +277,8 @@ class SqliteStore final : public ControlStore {
 
 }  // namespace
 
-std::unique_ptr<ControlStore> open_sqlite_store(const std::filesystem::path& data_dir, const MeshPool* pool) {
+std::unique_ptr<ControlStore> open_sqlite_store(const std::filesystem::path& data_dir,
+                                                const MeshPool* pool) {
   std::error_code ec;
   std::filesystem::create_directories(data_dir, ec);
   if (ec) throw std::runtime_error("cannot create " + data_dir.string() + ": " + ec.message());

@@ -69,13 +69,15 @@ class ControlStore {
   virtual bool revoke_join_key(const std::string& id) = 0;
   // Atomically: an agent with this public key keeps its ID and block; a new one needs a valid
   // key (not expired, not revoked, unused unless reusable) and gets the lowest free block.
-  virtual RegisterOutcome register_agent(const Registration& r, const MeshPool& pool, int64_t now) = 0;
+  virtual RegisterOutcome register_agent(const Registration& r, const MeshPool& pool,
+                                         int64_t now) = 0;
   virtual std::vector<AgentRecord> list_agents() = 0;
 };
 
 // Opens (creating if needed) `<data_dir>/control.db` in WAL mode and applies migrations. With a
 // pool, refuses one that differs from the pool the data was allocated from (operator commands
 // that touch no addresses pass none). Throws std::runtime_error.
-std::unique_ptr<ControlStore> open_sqlite_store(const std::filesystem::path& data_dir, const MeshPool* pool);
+std::unique_ptr<ControlStore> open_sqlite_store(const std::filesystem::path& data_dir,
+                                                const MeshPool* pool);
 
 }  // namespace weft

@@ -26,7 +26,8 @@ namespace {
 template <class Stream>
 class Session : public std::enable_shared_from_this<Session<Stream>> {
  public:
-  Session(Stream stream, HttpServer::Handler& handler) : stream_(std::move(stream)), handler_(handler) {}
+  Session(Stream stream, HttpServer::Handler& handler)
+      : stream_(std::move(stream)), handler_(handler) {}
 
   void start() {
     if constexpr (std::is_same_v<Stream, beast::ssl_stream<beast::tcp_stream>>) {
@@ -45,13 +46,15 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     parser_.emplace();
     parser_->body_limit(HttpServer::kMaxBody);
     beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(60));
-    http::async_read(stream_, buffer_, *parser_, [self = this->shared_from_this()](beast::error_code ec, size_t) {
-      if (ec == http::error::body_limit) {
-        return self->send(json_error(413, "request body over 1 MiB"), false);
-      }
-      if (ec == http::error::end_of_stream || ec) return;  // bad HTTP or closed: drop it
-      self->respond();
-    });
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                       if (ec == http::error::body_limit) {
+                         return self->send(json_error(413, "request body over 1 MiB"), false);
+                       }
+                       if (ec == http::error::end_of_stream || ec)
+                         return;  // bad HTTP or closed: drop it
+                       self->respond();
+                     });
   }
 
   void respond() {
@@ -63,7 +66,8 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     r.path = target.substr(0, q);
     if (q != std::string::npos) r.query = target.substr(q + 1);
     r.body = req.body();
-    if (auto it = req.find(http::field::authorization); it != req.end()) r.authorization = std::string(it->value());
+    if (auto it = req.find(http::field::authorization); it != req.end())
+      r.authorization = std::string(it->value());
     if constexpr (std::is_same_v<Stream, beast::ssl_stream<beast::tcp_stream>>) {
       if (auto id = peer_spiffe_id(stream_.native_handle())) r.peer_spiffe_id = *id;
     }
@@ -79,11 +83,12 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     res_.keep_alive(keep_alive);
     res_.body() = std::move(out.body);
     res_.prepare_payload();
-    http::async_write(stream_, res_, [self = this->shared_from_this()](beast::error_code ec, size_t) {
-      if (ec) return;
-      if (!self->res_.keep_alive()) return self->linger();
-      self->read();
-    });
+    http::async_write(stream_, res_,
+                      [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                        if (ec) return;
+                        if (!self->res_.keep_alive()) return self->linger();
+                        self->read();
+                      });
   }
 
   // Lingering close: the client may still be sending (a body we refused with 413). Closing at
@@ -94,9 +99,10 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     auto& tcp_layer = beast::get_lowest_layer(stream_);
     tcp_layer.socket().shutdown(tcp::socket::shutdown_send, ignored);
     tcp_layer.expires_after(std::chrono::seconds(2));
-    tcp_layer.async_read_some(asio::buffer(discard_), [self = this->shared_from_this()](beast::error_code ec, size_t) {
-      if (!ec) self->linger_more();
-    });
+    tcp_layer.async_read_some(asio::buffer(discard_),
+                              [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                                if (!ec) self->linger_more();
+                              });
   }
   void linger_more() {
     beast::get_lowest_layer(stream_).async_read_some(
@@ -125,10 +131,13 @@ struct HttpServer::Impl {
       if (!ec) {
         if (tls)
           std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(
-              beast::ssl_stream<beast::tcp_stream>(beast::tcp_stream(std::move(socket)), *tls), handler)
+              beast::ssl_stream<beast::tcp_stream>(beast::tcp_stream(std::move(socket)), *tls),
+              handler)
               ->start();
         else
-          std::make_shared<Session<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), handler)->start();
+          std::make_shared<Session<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)),
+                                                       handler)
+              ->start();
       }
       accept();
     });
@@ -143,10 +152,12 @@ HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpServer::~HttpServer() { close(); }
 
 Result<std::unique_ptr<HttpServer>> HttpServer::bind(asio::io_context& io, const HostPort& address,
-                                                     std::shared_ptr<asio::ssl::context> tls, Handler handler) {
+                                                     std::shared_ptr<asio::ssl::context> tls,
+                                                     Handler handler) {
   auto impl = std::make_unique<Impl>(io, std::move(tls), std::move(handler));
   boost::system::error_code ec;
-  const auto ip = asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
+  const auto ip =
+      asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
   if (ec) return make_error(address.host + " is not an IP address");
   const tcp::endpoint ep(ip, address.port);
   impl->acceptor.open(ep.protocol(), ec);

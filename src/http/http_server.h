@@ -22,7 +22,7 @@ struct HttpRequest {
   std::string path;
   std::string query;
   std::string body;
-  std::string authorization;  // the Authorization header, if any
+  std::string authorization;   // the Authorization header, if any
   std::string peer_spiffe_id;  // verified client certificate's SPIFFE ID (TLS only)
 };
 
@@ -38,7 +38,8 @@ class HttpServer {
   static constexpr size_t kMaxBody = 1024 * 1024;
 
   // tls == nullptr serves plain HTTP.
-  static Result<std::unique_ptr<HttpServer>> bind(boost::asio::io_context& io, const HostPort& address,
+  static Result<std::unique_ptr<HttpServer>> bind(boost::asio::io_context& io,
+                                                  const HostPort& address,
                                                   std::shared_ptr<boost::asio::ssl::context> tls,
                                                   Handler handler);
   ~HttpServer();

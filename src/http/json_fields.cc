@@ -4,7 +4,8 @@
 
 namespace weft {
 
-Result<JsonFields> JsonFields::parse(std::string_view body, std::initializer_list<std::string_view> known) {
+Result<JsonFields> JsonFields::parse(std::string_view body,
+                                     std::initializer_list<std::string_view> known) {
   boost::system::error_code ec;
   boost::json::value v = boost::json::parse(body, ec);
   if (ec) return make_error("body is not valid JSON: " + ec.message());

@@ -16,7 +16,8 @@ namespace weft {
 class JsonFields {
  public:
   // Parses `body`; fails on bad JSON, a non-object, or a field outside `known`.
-  static Result<JsonFields> parse(std::string_view body, std::initializer_list<std::string_view> known);
+  static Result<JsonFields> parse(std::string_view body,
+                                  std::initializer_list<std::string_view> known);
 
   // Missing optional fields give std::nullopt; a present field of the wrong type is an error.
   Result<std::optional<std::string>> string(std::string_view name) const;

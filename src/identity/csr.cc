@@ -56,7 +56,8 @@ Result<std::string> make_csr(const std::string& private_pem, const std::string& 
   X509_REQ_set_version(req, 0);
   X509_NAME* name = X509_REQ_get_subject_name(req);
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
-                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1, 0);
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1,
+                             0);
   X509_REQ_set_pubkey(req, key.get());
   const EVP_MD* md = EVP_PKEY_get_id(key.get()) == EVP_PKEY_ED25519 ? nullptr : EVP_sha256();
   if (!X509_REQ_sign(req, key.get(), md)) {
@@ -72,8 +73,10 @@ Result<std::string> make_csr(const std::string& private_pem, const std::string& 
 Result<SigningCa> SigningCa::load(const std::filesystem::path& dir) {
   SigningCa ca;
   if (!read_text(dir / "ca.crt", ca.cert_pem_))
-    return make_error("cannot read " + (dir / "ca.crt").string() + " (create a CA with 'weft ca init')");
-  if (!read_text(dir / "ca.key", ca.key_pem_)) return make_error("cannot read " + (dir / "ca.key").string());
+    return make_error("cannot read " + (dir / "ca.crt").string() +
+                      " (create a CA with 'weft ca init')");
+  if (!read_text(dir / "ca.key", ca.key_pem_))
+    return make_error("cannot read " + (dir / "ca.key").string());
   ossl::Bio b(BIO_new_mem_buf(ca.cert_pem_.data(), static_cast<int>(ca.cert_pem_.size())));
   ossl::Cert cert(PEM_read_bio_X509(b.get(), nullptr, nullptr, nullptr));
   if (!cert) return make_error((dir / "ca.crt").string() + " holds no PEM certificate");
@@ -122,10 +125,8 @@ Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::strin
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, ca.get(), cert.get(), nullptr, nullptr, 0);
   const std::pair<int, std::string> exts[] = {
-      {NID_basic_constraints, "critical,CA:FALSE"},
-      {NID_key_usage, "critical,digitalSignature"},
-      {NID_ext_key_usage, "serverAuth,clientAuth"},
-      {NID_authority_key_identifier, "keyid:always"},
+      {NID_basic_constraints, "critical,CA:FALSE"}, {NID_key_usage, "critical,digitalSignature"},
+      {NID_ext_key_usage, "serverAuth,clientAuth"}, {NID_authority_key_identifier, "keyid:always"},
       {NID_subject_alt_name, "URI:" + spiffe_uri},
   };
   for (const auto& [nid, value] : exts) {
@@ -135,7 +136,8 @@ Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::strin
     X509_EXTENSION_free(ext);
   }
   const EVP_MD* md = EVP_PKEY_get_id(ca_key.get()) == EVP_PKEY_ED25519 ? nullptr : EVP_sha256();
-  if (!X509_sign(cert.get(), ca_key.get(), md)) return make_error("signing failed: " + ossl::last_error());
+  if (!X509_sign(cert.get(), ca_key.get(), md))
+    return make_error("signing failed: " + ossl::last_error());
   ossl::Bio out(BIO_new(BIO_s_mem()));
   PEM_write_bio_X509(out.get(), cert.get());
   return bio_string(out.get());

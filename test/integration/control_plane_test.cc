@@ -11,6 +11,7 @@
 #include <future>
 #include <set>
 
+#include "http/http_client.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
 #include "support/harness.h"
@@ -31,16 +32,20 @@ struct Reply {
 class ControlTest : public ::testing::Test {
  protected:
   ControlTest() {
-    auto r = run_weft({"ca", "init", "--trust-domain", "mesh.test", "--out", (dir_ / "ca").string()});
+    auto r =
+        run_weft({"ca", "init", "--trust-domain", "mesh.test", "--out", (dir_ / "ca").string()});
     EXPECT_EQ(r.exit_code, 0) << r.output;
   }
   ~ControlTest() override { stop(); }
+  void TearDown() override {}
 
   void start(std::vector<std::string> extra = {}) {
     std::remove((dir_ / "addr").c_str());
-    std::vector<std::string> args{WEFT_BINARY, "control", "--data-dir", (dir_ / "data").string(), "--ca",
-                                  (dir_ / "ca").string(), "--listen", "127.0.0.1:0", "--address-file",
-                                  (dir_ / "addr").string()};
+    std::vector<std::string> args{WEFT_BINARY,      "control",
+                                  "--data-dir",     (dir_ / "data").string(),
+                                  "--ca",           (dir_ / "ca").string(),
+                                  "--listen",       "127.0.0.1:0",
+                                  "--address-file", (dir_ / "addr").string()};
     args.insert(args.end(), extra.begin(), extra.end());
     proc_ = std::make_unique<Process>(args, dir_ / "control.log");
     for (int i = 0; i < 1000 && !fs::exists(dir_ / "addr"); ++i) {
@@ -60,12 +65,14 @@ class ControlTest : public ::testing::Test {
       proc_.reset();
       const std::string log = read_file(dir_ / "control.log");
       for (const char* bad : {"AddressSanitizer", "LeakSanitizer", "runtime error:"})
-        EXPECT_EQ(log.find(bad), std::string::npos) << "weft control reported " << bad << ":\n" << log;
+        EXPECT_EQ(log.find(bad), std::string::npos) << "weft control reported " << bad << ":\n"
+                                                    << log;
     }
   }
 
   std::string create_key(std::vector<std::string> extra = {}) {
-    std::vector<std::string> args{"control", "keys", "create", "--data-dir", (dir_ / "data").string()};
+    std::vector<std::string> args{"control", "keys", "create", "--data-dir",
+                                  (dir_ / "data").string()};
     args.insert(args.end(), extra.begin(), extra.end());
     auto r = run_weft(args);
     EXPECT_EQ(r.exit_code, 0) << r.output;
@@ -77,13 +84,16 @@ class ControlTest : public ::testing::Test {
     asio::io_context io;
     asio::ssl::context ctx(asio::ssl::context::tls_client);
     ctx.load_verify_file((dir_ / "ca" / "ca.crt").string());
-    ctx.set_verify_mode(asio::ssl::verify_peer);  // chain only: identity is a SPIFFE URI, not a host name
+    ctx.set_verify_mode(
+        asio::ssl::verify_peer);  // chain only: identity is a SPIFFE URI, not a host name
     beast::ssl_stream<beast::tcp_stream> s(io, ctx);
     const auto colon = addr_.rfind(':');
-    beast::get_lowest_layer(s).connect(tcp::endpoint(asio::ip::make_address(addr_.substr(0, colon)),
-                                                     static_cast<uint16_t>(std::stoi(addr_.substr(colon + 1)))));
+    beast::get_lowest_layer(s).connect(
+        tcp::endpoint(asio::ip::make_address(addr_.substr(0, colon)),
+                      static_cast<uint16_t>(std::stoi(addr_.substr(colon + 1)))));
     s.handshake(asio::ssl::stream_base::client);
-    http::request<http::string_body> req{method == "GET" ? http::verb::get : http::verb::post, path, 11};
+    http::request<http::string_body> req{method == "GET" ? http::verb::get : http::verb::post, path,
+                                         11};
     req.set(http::field::host, "control");
     if (!auth.empty()) req.set(http::field::authorization, auth);
     req.body() = body;
@@ -107,8 +117,11 @@ class ControlTest : public ::testing::Test {
   };
 
   Reply register_node(const Node& n, const std::string& key, const std::string& cluster = "east") {
-    boost::json::object o{{"auth_key", key}, {"name", "n"}, {"cluster", cluster},
-                          {"public_key", n.keys.public_pem}, {"csr", n.csr}};
+    boost::json::object o{{"auth_key", key},
+                          {"name", "n"},
+                          {"cluster", cluster},
+                          {"public_key", n.keys.public_pem},
+                          {"csr", n.csr}};
     return request("POST", "/v1/register", boost::json::serialize(o));
   }
 
@@ -199,7 +212,8 @@ TEST_F(ControlTest, NodeCertificateCarriesTheNodeIdentityAndIsIdempotent) {
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(info->spiffe_id().value_or(""), spiffe);
   EXPECT_EQ(std::system(("openssl verify -CAfile " + (dir_ / "ca" / "ca.crt").string() + " " +
-                         (dir_ / "node.pem").string() + " >/dev/null").c_str()),
+                         (dir_ / "node.pem").string() + " >/dev/null")
+                            .c_str()),
             0);
   // Registering again (the key is spent, but the CSR proves the node key): same ID, same IP.
   auto again = register_node(n, key);
@@ -208,7 +222,8 @@ TEST_F(ControlTest, NodeCertificateCarriesTheNodeIdentityAndIsIdempotent) {
   EXPECT_EQ(again.body.at("mesh_ip"), r.body.at("mesh_ip"));
   // A CSR signed by another key than public_key is refused.
   Node other;
-  boost::json::object o{{"auth_key", create_key()}, {"public_key", n.keys.public_pem}, {"csr", other.csr}};
+  boost::json::object o{
+      {"auth_key", create_key()}, {"public_key", n.keys.public_pem}, {"csr", other.csr}};
   auto bad = request("POST", "/v1/register", boost::json::serialize(o));
   EXPECT_EQ(bad.status, 400);
   EXPECT_EQ(bad.body.at("field").as_string(), "csr");
@@ -227,8 +242,9 @@ TEST_F(ControlTest, RestartKeepsAgentsAndAddresses) {
     EXPECT_EQ(register_node(nodes[i], "").body.at("mesh_ip").as_string(), ips[i]);
   // Restarting with another pool would renumber everyone: refused, with the way out.
   stop();
-  auto r = run_weft({"control", "--data-dir", (dir_ / "data").string(), "--ca", (dir_ / "ca").string(),
-                     "--listen", "127.0.0.1:0", "--mesh-cidr", "10.10.0.0/16"});
+  auto r =
+      run_weft({"control", "--data-dir", (dir_ / "data").string(), "--ca", (dir_ / "ca").string(),
+                "--listen", "127.0.0.1:0", "--mesh-cidr", "10.10.0.0/16"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("--mesh-cidr 100.64.0.0/10"), std::string::npos) << r.output;
 }
@@ -241,7 +257,8 @@ TEST_F(ControlTest, ExhaustedPoolGivesAClearError) {
   EXPECT_EQ(register_node(b, key).status, 200);
   auto r = register_node(c, key);
   EXPECT_EQ(r.status, 503);
-  EXPECT_NE(std::string(r.body.at("error").as_string()).find("100.64.0.0/23 is exhausted"), std::string::npos);
+  EXPECT_NE(std::string(r.body.at("error").as_string()).find("100.64.0.0/23 is exhausted"),
+            std::string::npos);
 }
 
 TEST_F(ControlTest, HundredParallelRegistrationsGetDistinctAddresses) {
@@ -249,7 +266,8 @@ TEST_F(ControlTest, HundredParallelRegistrationsGetDistinctAddresses) {
   const std::string key = create_key({"--reusable"});
   std::vector<Node> nodes(100);
   std::vector<std::future<Reply>> replies;
-  for (auto& n : nodes) replies.push_back(std::async(std::launch::async, [&] { return register_node(n, key); }));
+  for (auto& n : nodes)
+    replies.push_back(std::async(std::launch::async, [&] { return register_node(n, key); }));
   std::set<std::string> ips;
   for (auto& f : replies) {
     auto r = f.get();
@@ -283,6 +301,146 @@ TEST_F(ControlTest, BadInputGetsJson4xxAndChangesNothing) {
   EXPECT_EQ(request("GET", "/v1/agents", "").status, 401);
   EXPECT_EQ(request("GET", "/v1/agents", "", "Bearer wrong").status, 401);
   EXPECT_EQ(agent_count(), 0u);
+}
+
+// ---- weft agent ----
+
+class AgentTest : public ControlTest {
+ protected:
+  ~AgentTest() override { stop_agent(); }
+
+  void start_agent(std::vector<std::string> extra) {
+    std::remove((dir_ / "agent.addr").c_str());
+    std::vector<std::string> args{
+        WEFT_BINARY, "agent", "--state",        (dir_ / "state").string(),
+        "--port",    "0",     "--address-file", (dir_ / "agent.addr").string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    agent_ = std::make_unique<Process>(args, dir_ / "agent.log");
+    for (int i = 0; i < 1000 && !fs::exists(dir_ / "agent.addr"); ++i) {
+      ASSERT_TRUE(agent_->running()) << read_file(dir_ / "agent.log");
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+    }
+    api_ = read_file(dir_ / "agent.addr");
+    api_.erase(api_.find('\n'));
+    api_token_ = read_file(dir_ / "state" / "api.token");
+    api_token_.erase(api_token_.find('\n'));
+  }
+  void stop_agent() {
+    if (!agent_) return;
+    agent_->signal(SIGTERM);
+    EXPECT_EQ(agent_->wait(), 0);
+    agent_.reset();
+    const std::string log = read_file(dir_ / "agent.log");
+    EXPECT_EQ(log.find("PRIVATE KEY"), std::string::npos) << "the node key must never be logged";
+    for (const char* bad : {"AddressSanitizer", "LeakSanitizer", "runtime error:"})
+      EXPECT_EQ(log.find(bad), std::string::npos) << "weft agent reported " << bad << ":\n" << log;
+  }
+  HttpCallResult api(const std::string& method, const std::string& path,
+                     const std::string& body = "", bool with_token = true) {
+    HttpCall c;
+    c.url = "http://" + api_ + path;
+    c.method = method;
+    c.body = body;
+    if (with_token) c.bearer = api_token_;
+    auto r = http_call(c);
+    EXPECT_TRUE(r.ok()) << r.error();
+    return r.ok() ? *r : HttpCallResult{};
+  }
+  std::string control_state() {
+    auto v = boost::json::parse(api("GET", "/status").body);
+    return std::string(v.at("control").at("state").as_string());
+  }
+  std::string wait_control_state(const std::string& prefix) {
+    std::string s = control_state();
+    for (int i = 0; i < 1000 && s.rfind(prefix, 0) != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+      s = control_state();
+    }
+    return s;
+  }
+
+  std::unique_ptr<Process> agent_;
+  std::string api_, api_token_;
+};
+
+TEST_F(AgentTest, RegistersKeepsItsIdentityAcrossRestartsAndNeverShowsItsKey) {
+  start();
+  const std::string key = create_key();
+  start_agent({"--control", "https://" + addr_, "--control-ca", (dir_ / "ca" / "ca.crt").string(),
+               "--auth-key", key, "--cluster-id", "east", "--name", "edge-1"});
+  EXPECT_EQ(wait_control_state("registered"), "registered");
+  auto agent = boost::json::parse(api("GET", "/agent").body);
+  const std::string id(agent.at("id").as_string()), ip(agent.at("assigned_ip").as_string());
+  EXPECT_EQ(ip, "100.64.0.1");
+  EXPECT_EQ(agent.at("spiffe_id").as_string(), "spiffe://mesh.test/cluster/east/node/" + id);
+  EXPECT_EQ(api("GET", "/agent/keys").body.find("PRIVATE"), std::string::npos);
+  struct stat st {};
+  ::stat((dir_ / "state" / "node.key").c_str(), &st);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  stop_agent();
+
+  // Restarted without the (spent) key: the saved identity registers again, same ID and address.
+  start_agent({"--control", "https://" + addr_, "--control-ca", (dir_ / "ca" / "ca.crt").string()});
+  EXPECT_EQ(wait_control_state("registered"), "registered");
+  auto again = boost::json::parse(api("GET", "/agent").body);
+  EXPECT_EQ(again.at("id").as_string(), id);
+  EXPECT_EQ(again.at("assigned_ip").as_string(), ip);
+  EXPECT_EQ(agent_count(), 1u);
+}
+
+TEST_F(AgentTest, RefusedKeyIsReportedInStatus) {
+  start();
+  start_agent({"--control", "https://" + addr_, "--control-ca", (dir_ / "ca" / "ca.crt").string(),
+               "--auth-key", "wjk_wrong"});
+  EXPECT_NE(wait_control_state("registration refused").find("unknown join key"), std::string::npos);
+}
+
+TEST_F(AgentTest, ResourcesChangeLiveAndBadInputIsRefused) {
+  EchoServer echo;
+  start_agent(
+      {"--proxies", std::to_string(unused_port()) + ":127.0.0.1:" + std::to_string(echo.port())});
+  const uint16_t port = unused_port();
+  const std::string body = R"({"id":"echo","name":"echo","mesh_port":)" + std::to_string(port) +
+                           R"(,"target_host":"127.0.0.1","target_port":)" +
+                           std::to_string(echo.port()) + "}";
+  EXPECT_EQ(api("POST", "/resources/add", body, false).status, 401);
+  EXPECT_EQ(api("POST", "/resources/add", body).status, 200);
+  EXPECT_EQ(echo_roundtrip(port, "live"), "live");             // no restart needed
+  EXPECT_EQ(api("POST", "/resources/add", body).status, 409);  // same id
+  const auto field_of = [](const HttpCallResult& r) {
+    auto v = boost::json::parse(r.body);
+    return v.as_object().contains("field") ? std::string(v.at("field").as_string()) : std::string();
+  };
+  auto r = api("POST", "/resources/add",
+               R"({"id":"x","mesh_port":)" + std::to_string(port) +
+                   R"(,"target_host":"h","target_port":1})");
+  EXPECT_EQ(r.status, 409);
+  EXPECT_EQ(field_of(r), "mesh_port");
+  r = api("POST", "/resources/add", R"({"mesh_port":70000,"target_host":"h","target_port":1})");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(field_of(r), "mesh_port");
+  r = api("POST", "/resources/add", R"({"mesh_port":"80","target_host":"h","target_port":1})");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(field_of(r), "mesh_port");
+  r = api("POST", "/resources/add", R"({"mesh_port":1,"target_host":"bad host!","target_port":1})");
+  EXPECT_EQ(field_of(r), "target_host");
+  EXPECT_EQ(api("POST", "/resources/add", R"({"surprise":1})").status, 400);
+  EXPECT_EQ(api("POST", "/resources/add", "{oops").status, 400);
+  EXPECT_EQ(api("POST", "/resources/add", std::string(2 << 20, ' ')).status, 413);
+  EXPECT_EQ(boost::json::parse(api("GET", "/resources").body).as_array().size(), 2u);
+
+  EXPECT_EQ(api("POST", "/proxies/echo/toggle").status, 200);  // off
+  EXPECT_THROW(echo_roundtrip(port, "off"), boost::system::system_error);
+  EXPECT_EQ(api("POST", "/proxies/echo/toggle").status, 200);  // on again
+  EXPECT_EQ(echo_roundtrip(port, "on"), "on");
+  EXPECT_EQ(api("DELETE", "/resources/echo").status, 200);
+  EXPECT_THROW(echo_roundtrip(port, "gone"), boost::system::system_error);
+  EXPECT_EQ(api("GET", "/resources/echo").status, 404);
+
+  // Survives a restart.
+  stop_agent();
+  start_agent({});
+  EXPECT_EQ(boost::json::parse(api("GET", "/resources").body).as_array().size(), 1u);
 }
 
 }  // namespace

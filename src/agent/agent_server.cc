@@ -1,0 +1,406 @@
+#include "agent/agent_server.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/json.hpp>
+#include <csignal>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "control/join_keys.h"
+#include "identity/certificate_authority.h"
+#include "identity/certificate_info.h"
+#include "identity/csr.h"
+#include "proxy/l4/splice_relay.h"
+#include "http/http_client.h"
+
+namespace weft {
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+using tcp = boost::asio::ip::tcp;
+
+namespace {
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The raw 32-byte Ed25519 public key, base64 — the seed's public_key field.
+std::string raw_public_b64(const std::string& pem) {
+  BIO* b = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  EVP_PKEY* key = PEM_read_bio_PUBKEY(b, nullptr, nullptr, nullptr);
+  BIO_free(b);
+  if (!key) return "";
+  unsigned char raw[64];
+  size_t len = sizeof raw;
+  EVP_PKEY_get_raw_public_key(key, raw, &len);
+  EVP_PKEY_free(key);
+  unsigned char out[128];
+  const int n = EVP_EncodeBlock(out, raw, static_cast<int>(len));
+  return std::string(reinterpret_cast<char*>(out), static_cast<size_t>(n));
+}
+
+std::string utc_now() { return format_utc(std::time(nullptr)); }
+
+}  // namespace
+
+AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), signals_(io_) {
+  std::error_code ec;
+  fs::create_directories(options_.state_dir, ec);
+  if (ec) throw std::runtime_error("cannot create state dir " + options_.state_dir.string() + ": " + ec.message());
+  ::chmod(options_.state_dir.c_str(), 0700);
+
+  // Identity: generated once, kept 0600, never printed or served.
+  const fs::path key_file = options_.state_dir / "node.key";
+  if (!fs::exists(key_file)) {
+    auto kp = generate_ed25519();
+    write_file_atomic(key_file, kp.private_pem, 0600);
+    write_file_atomic(options_.state_dir / "node.pub", kp.public_pem, 0644);
+    spdlog::info("agent: generated a new Ed25519 node key in {}", key_file.string());
+  }
+  public_key_pem_ = slurp(options_.state_dir / "node.pub");
+  public_key_b64_ = raw_public_b64(public_key_pem_);
+  id_ = sha256_hex(public_key_pem_).substr(0, 16);  // control derives the same ID
+
+  if (fs::exists(options_.state_dir / "agent.json")) {
+    boost::system::error_code jec;
+    const auto v = json::parse(slurp(options_.state_dir / "agent.json"), jec);
+    if (jec || !v.is_object())
+      throw std::runtime_error((options_.state_dir / "agent.json").string() + " is damaged; move it away to start fresh");
+    const auto& o = v.as_object();
+    const auto text = [&](const char* k) {
+      auto* p = o.if_contains(k);
+      return p && p->is_string() ? std::string(p->as_string()) : std::string();
+    };
+    assigned_ip_ = text("assigned_ip");
+    spiffe_id_ = text("spiffe_id");
+    registered_at_ = text("registered_at");
+    if (auto* b = o.if_contains("mesh_blocks"); b && b->is_array())
+      for (const auto& x : b->as_array())
+        if (x.is_string()) mesh_blocks_.emplace_back(x.as_string());
+    if (options_.name.empty()) options_.name = text("name");
+    if (options_.cluster_id.empty()) options_.cluster_id = text("cluster_id");
+  }
+  if (options_.name.empty()) {
+    char host[256] = "node";
+    ::gethostname(host, sizeof host);
+    options_.name = host;
+    for (auto& c : options_.name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+
+  if (options_.api_token.empty()) {
+    const fs::path token_file = options_.state_dir / "api.token";
+    if (fs::exists(token_file)) {
+      options_.api_token = slurp(token_file);
+      while (!options_.api_token.empty() && options_.api_token.back() == '\n') options_.api_token.pop_back();
+    } else {
+      options_.api_token = "wapi_" + random_hex(24);
+      write_file_atomic(token_file, options_.api_token + "\n", 0600);
+    }
+  }
+
+  // Resources: the persisted set, plus --proxies rules not already in it.
+  if (fs::exists(options_.state_dir / "resources.json")) {
+    const json::value saved = json::parse(slurp(options_.state_dir / "resources.json"));
+    for (const auto& v : saved.as_array()) {
+      FieldError fe;
+      auto r = decode_resource(json::serialize(v), fe);
+      if (!r) throw std::runtime_error((options_.state_dir / "resources.json").string() + ": " + r.error());
+      proxies_[r->id] = Proxy{*r, nullptr, ""};
+    }
+  }
+  for (const auto& r : options_.proxies)
+    if (!proxies_.count(r.id)) proxies_[r.id] = Proxy{r, nullptr, ""};
+  for (auto& [id, p] : proxies_) {
+    p.resource.agent_id = id_;
+    if (p.resource.enabled) {
+      if (auto err = open_proxy(p); !err.empty()) throw std::runtime_error("resource " + id + ": " + err);
+    }
+  }
+  save_resources();
+  save_agent();
+
+  auto api = HttpServer::bind(io_, HostPort{options_.api_address, options_.api_port}, nullptr,
+                              [this](const HttpRequest& r) { return handle(r); });
+  if (!api) throw std::runtime_error("agent API: " + api.error());
+  api_ = std::move(*api);
+  const std::string bound = HostPort{options_.api_address, api_->port()}.to_string();
+  if (!options_.address_file.empty()) write_file_atomic(options_.address_file, bound + "\n", 0644);
+
+  signals_.add(SIGTERM);
+  signals_.add(SIGINT);
+  signals_.async_wait([this](const boost::system::error_code& ec, int) {
+    if (ec) return;
+    stopping_ = true;
+    api_->close();
+    for (auto& [id, p] : proxies_) close_proxy(p);
+    io_.stop();
+  });
+  if (!options_.control_url.empty()) {
+    control_state_ = "registering";
+    registrar_ = std::thread([this] { register_loop(); });
+  }
+  spdlog::info("weft agent {} '{}' ready: API http://{} ({} resources), control {}", id_, options_.name, bound,
+               proxies_.size(), options_.control_url.empty() ? "none" : options_.control_url);
+}
+
+AgentServer::~AgentServer() {
+  stopping_ = true;
+  if (registrar_.joinable()) registrar_.join();
+}
+
+int AgentServer::run() {
+  io_.run();
+  return 0;
+}
+
+void AgentServer::register_loop() {
+  std::mt19937 rng(std::random_device{}());
+  std::chrono::milliseconds backoff(500);
+  const std::string key_pem = slurp(options_.state_dir / "node.key");
+  while (!stopping_) {
+    auto csr = make_csr(key_pem, options_.name);
+    json::object body{{"auth_key", options_.auth_key}, {"name", options_.name}, {"cluster", options_.cluster_id},
+                      {"public_key", public_key_pem_}, {"csr", *csr}};
+    HttpCall call;
+    call.url = options_.control_url + "/v1/register";
+    call.method = "POST";
+    call.body = json::serialize(body);
+    call.ca_file = !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
+    auto res = http_call(call);
+    if (res && res->status == 200) {
+      auto v = json::parse(res->body).as_object();
+      boost::asio::post(io_, [this, v] {
+        assigned_ip_ = json::value_to<std::string>(v.at("mesh_ip"));
+        mesh_blocks_ = {json::value_to<std::string>(v.at("mesh_block"))};
+        spiffe_id_ = json::value_to<std::string>(v.at("spiffe_id"));
+        registered_at_ = utc_now();
+        write_file_atomic(options_.state_dir / "node.crt", json::value_to<std::string>(v.at("certificate")), 0644);
+        write_file_atomic(options_.state_dir / "ca.crt", json::value_to<std::string>(v.at("ca_bundle")), 0644);
+        for (auto& [id, p] : proxies_) p.resource.mesh_ip = assigned_ip_;
+        save_agent();
+        save_resources();
+        control_state_ = "registered";
+        spdlog::info("agent: registered with control as {} (mesh ip {}, {})", id_, assigned_ip_, spiffe_id_);
+      });
+      return;
+    }
+    const std::string why = res ? "control answered " + std::to_string(res->status) + ": " + res->body : res.error();
+    if (res && res->status == 401) {
+      // A refused key will not start working by retrying; say so and stop.
+      boost::asio::post(io_, [this, why] { control_state_ = "registration refused: " + why; });
+      spdlog::error("agent: registration refused: {} (create a key with 'weft control keys create')", why);
+      return;
+    }
+    boost::asio::post(io_, [this, why] {
+      control_state_ = (assigned_ip_.empty() ? "registering, control unreachable: " : "serving last config, control unreachable: ") + why;
+    });
+    spdlog::warn("agent: cannot reach control: {}; retrying in {} ms", why, backoff.count());
+    // Backoff with jitter, in small steps so shutdown is prompt.
+    const auto wait = backoff + std::chrono::milliseconds(std::uniform_int_distribution<int>(0, static_cast<int>(backoff.count() / 2))(rng));
+    for (auto waited = std::chrono::milliseconds(0); waited < wait && !stopping_; waited += std::chrono::milliseconds(50))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
+  }
+}
+
+json::object AgentServer::agent_json() const {
+  json::array blocks, nets, routes;
+  for (const auto& b : mesh_blocks_) blocks.push_back(json::value(b));
+  for (const auto& n : options_.networks) nets.push_back(json::value(n));
+  for (const auto& r : options_.advertise_routes) routes.push_back(json::value(r));
+  // private_key is never part of it (the seed's AgentConfig skips it too).
+  return {{"id", id_},
+          {"name", options_.name},
+          {"cluster_id", options_.cluster_id},
+          {"public_key", public_key_b64_},
+          {"listen_port", options_.quic_port},
+          {"assigned_ip", assigned_ip_.empty() ? json::value(nullptr) : json::value(assigned_ip_)},
+          {"mesh_blocks", blocks},
+          {"networks", nets},
+          {"advertised_routes", routes},
+          {"spiffe_id", spiffe_id_},
+          {"registered_at", registered_at_.empty() ? json::value(nullptr) : json::value(registered_at_)}};
+}
+
+void AgentServer::save_agent() const {
+  write_file_atomic(options_.state_dir / "agent.json", json::serialize(agent_json()) + "\n", 0644);
+}
+
+void AgentServer::save_resources() const {
+  json::array a;
+  for (const auto& [id, p] : proxies_) a.push_back(p.resource.to_json());
+  write_file_atomic(options_.state_dir / "resources.json", json::serialize(a) + "\n", 0644);
+}
+
+std::string AgentServer::open_proxy(Proxy& p) {
+  auto l = Listener::bind(io_, "resource/" + p.resource.id, HostPort{options_.resource_address, p.resource.mesh_port});
+  if (!l) return l.error();
+  p.listener = *l;
+  const Resource r = p.resource;
+  p.listener->start([this, r](tcp::socket downstream) {
+    auto down = std::make_shared<tcp::socket>(std::move(downstream));
+    auto up = std::make_shared<tcp::socket>(io_);
+    auto resolver = std::make_shared<tcp::resolver>(io_);
+    resolver->async_resolve(r.target_host, std::to_string(r.target_port),
+                            [this, down, up, resolver, r](const boost::system::error_code& ec, tcp::resolver::results_type res) {
+                              if (ec) return spdlog::warn("resource {}: cannot resolve {}: {}", r.id, r.target_host, ec.message());
+                              boost::asio::async_connect(*up, res, [this, down, up, r](const boost::system::error_code& ec, const tcp::endpoint&) {
+                                if (ec) return spdlog::warn("resource {}: cannot connect to {}:{}: {}", r.id, r.target_host, r.target_port, ec.message());
+                                auto counters = metrics_.tcp({"destination", "", "", r.name, "none"});
+                                std::make_shared<SpliceRelay>(std::move(*down), std::move(*up), counters, metrics_, nullptr)->start();
+                              });
+                            });
+  });
+  return "";
+}
+
+void AgentServer::close_proxy(Proxy& p) {
+  // Only the listener closes: connections already relaying finish on their own (drain, not cut).
+  if (p.listener) p.listener->close();
+  p.listener.reset();
+}
+
+bool AgentServer::port_taken(uint16_t port, const std::string& except_id) const {
+  for (const auto& [id, p] : proxies_)
+    if (id != except_id && p.resource.mesh_port == port) return true;
+  return port == options_.api_port;
+}
+
+bool AgentServer::authorized(const HttpRequest& r) const {
+  const std::string want = "Bearer " + options_.api_token;
+  return r.authorization.size() == want.size() && CRYPTO_memcmp(r.authorization.data(), want.data(), want.size()) == 0;
+}
+
+HttpResponse AgentServer::handle(const HttpRequest& r) {
+  const bool get = r.method == "GET";
+  if (!get && !authorized(r))
+    return json_error(401, "changes need 'Authorization: Bearer <token>' (the token is in <state>/api.token)");
+  if (r.path == "/health" && get) return {200, "{\"status\":\"ok\"}\n"};
+  if (r.path == "/agent" && get) return {200, json::serialize(agent_json()) + "\n"};
+  if (r.path == "/agent/keys" && get)
+    return {200, json::serialize(json::object{{"id", id_}, {"public_key", public_key_b64_}, {"algorithm", "ed25519"}}) + "\n"};
+  if (r.path == "/status" && get) {
+    json::array res;
+    for (const auto& [id, p] : proxies_) res.push_back(p.resource.to_json());
+    const auto up = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started_).count();
+    return {200, json::serialize(json::object{{"agent", agent_json()},
+                                              {"control", {{"url", options_.control_url}, {"state", control_state_}}},
+                                              {"resources", res},
+                                              {"active_connections", metrics_.downstream_connections_active.get()},
+                                              {"uptime_s", up}}) + "\n"};
+  }
+  if (r.path == "/resources" && get) {
+    json::array res;
+    for (const auto& [id, p] : proxies_) res.push_back(p.resource.to_json());
+    return {200, json::serialize(res) + "\n"};
+  }
+  if (r.path == "/resources/add") {
+    if (r.method != "POST") return json_error(405, "use POST");
+    return add_resource(r);
+  }
+  if (r.path.rfind("/resources/", 0) == 0) {
+    const std::string id = r.path.substr(11);
+    auto it = proxies_.find(id);
+    if (it == proxies_.end()) return json_error(404, "no resource " + id);
+    if (get) return {200, json::serialize(it->second.resource.to_json()) + "\n"};
+    if (r.method == "PUT") return put_resource(id, r);
+    if (r.method == "DELETE") return delete_resource(id);
+    return json_error(405, "use GET, PUT or DELETE");
+  }
+  if (r.path == "/proxies" && get) {
+    json::array out;
+    for (const auto& [id, p] : proxies_)
+      out.push_back(json::object{{"resource_id", id},
+                                 {"listen", HostPort{options_.resource_address, p.resource.mesh_port}.to_string()},
+                                 {"target", p.resource.target_host + ":" + std::to_string(p.resource.target_port)},
+                                 {"enabled", p.resource.enabled},
+                                 {"listening", p.listener != nullptr}});
+    return {200, json::serialize(out) + "\n"};
+  }
+  if (r.path.rfind("/proxies/", 0) == 0 && r.path.size() > 16 && r.path.substr(r.path.size() - 7) == "/toggle") {
+    if (r.method != "POST") return json_error(405, "use POST");
+    return toggle(r.path.substr(9, r.path.size() - 16));
+  }
+  return json_error(404, "no such endpoint: " + r.method + " " + r.path);
+}
+
+HttpResponse AgentServer::add_resource(const HttpRequest& r) {
+  FieldError fe;
+  auto res = decode_resource(r.body, fe);
+  if (!res) return json_error(400, fe.message, fe.field);
+  if (!res->agent_id.empty() && res->agent_id != id_)
+    return json_error(400, "agent_id " + res->agent_id + " is not this agent (" + id_ + ")", "agent_id");
+  if (proxies_.count(res->id)) return json_error(409, "resource " + res->id + " already exists", "id");
+  if (port_taken(res->mesh_port, "")) return json_error(409, "port " + std::to_string(res->mesh_port) + " is already in use", "mesh_port");
+  res->agent_id = id_;
+  res->mesh_ip = assigned_ip_;
+  Proxy p{*res, nullptr, ""};
+  if (p.resource.enabled) {
+    if (auto err = open_proxy(p); !err.empty()) return json_error(409, err, "mesh_port");
+  }
+  proxies_[res->id] = std::move(p);
+  save_resources();
+  spdlog::info("agent: resource {} added: :{} -> {}:{}", res->id, res->mesh_port, res->target_host, res->target_port);
+  return {200, json::serialize(res->to_json()) + "\n"};
+}
+
+HttpResponse AgentServer::put_resource(const std::string& id, const HttpRequest& r) {
+  FieldError fe;
+  auto res = decode_resource(r.body, fe);
+  if (!res) return json_error(400, fe.message, fe.field);
+  if (!res->id.empty() && res->id.rfind("res-", 0) != 0 && res->id != id)
+    return json_error(400, "id in the body does not match the URL", "id");
+  res->id = id;
+  res->agent_id = id_;
+  res->mesh_ip = assigned_ip_;
+  if (port_taken(res->mesh_port, id)) return json_error(409, "port " + std::to_string(res->mesh_port) + " is already in use", "mesh_port");
+  Proxy& p = proxies_[id];
+  Proxy next{*res, nullptr, ""};
+  close_proxy(p);  // open connections keep running; new ones use the new target
+  if (next.resource.enabled) {
+    if (auto err = open_proxy(next); !err.empty()) {
+      open_proxy(p);  // put the old one back
+      return json_error(409, err, "mesh_port");
+    }
+  }
+  p = std::move(next);
+  save_resources();
+  return {200, json::serialize(p.resource.to_json()) + "\n"};
+}
+
+HttpResponse AgentServer::delete_resource(const std::string& id) {
+  close_proxy(proxies_[id]);
+  proxies_.erase(id);
+  save_resources();
+  spdlog::info("agent: resource {} removed; its open connections drain", id);
+  return {200, json::serialize(json::object{{"deleted", id}}) + "\n"};
+}
+
+HttpResponse AgentServer::toggle(const std::string& id) {
+  auto it = proxies_.find(id);
+  if (it == proxies_.end()) return json_error(404, "no resource " + id);
+  Proxy& p = it->second;
+  if (p.resource.enabled) {
+    close_proxy(p);
+    p.resource.enabled = false;
+  } else {
+    if (auto err = open_proxy(p); !err.empty()) return json_error(409, err, "mesh_port");
+    p.resource.enabled = true;
+  }
+  save_resources();
+  return {200, json::serialize(p.resource.to_json()) + "\n"};
+}
+
+}  // namespace weft

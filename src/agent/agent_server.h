@@ -1,0 +1,85 @@
+// `weft agent`: the node's identity (Ed25519, kept in the state dir), registration with control,
+// the mesh-agent REST API, and the resource proxies it serves. Everything runs on one thread;
+// registration runs beside it and posts its result back.
+#pragma once
+
+#include <atomic>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+
+#include "agent/resource.h"
+#include "http/http_server.h"
+#include "proxy/listener/listener.h"
+#include "stats/metrics.h"
+
+namespace weft {
+
+struct AgentOptions {
+  std::string control_url;
+  std::string auth_key;
+  std::filesystem::path state_dir;
+  std::string api_address = "127.0.0.1";
+  uint16_t api_port = 8081;
+  uint16_t quic_port = 51820;  // recorded; the QUIC endpoint comes with cross-cluster P2P
+  std::vector<Resource> proxies;
+  std::vector<std::string> networks;
+  std::vector<std::string> advertise_routes;
+  std::string name;
+  std::string cluster_id;
+  std::filesystem::path control_ca;
+  std::string api_token;
+  std::string resource_address = "127.0.0.1";
+  std::filesystem::path address_file;  // if set, the API's host:port is written here
+};
+
+class AgentServer {
+ public:
+  explicit AgentServer(AgentOptions options);  // throws std::runtime_error
+  ~AgentServer();
+  int run();
+
+ private:
+  struct Proxy {
+    Resource resource;
+    std::shared_ptr<Listener> listener;
+    std::string error;
+  };
+
+  HttpResponse handle(const HttpRequest& r);
+  HttpResponse add_resource(const HttpRequest& r);
+  HttpResponse put_resource(const std::string& id, const HttpRequest& r);
+  HttpResponse delete_resource(const std::string& id);
+  HttpResponse toggle(const std::string& id);
+  bool authorized(const HttpRequest& r) const;
+  std::string open_proxy(Proxy& p);
+  void close_proxy(Proxy& p);
+  bool port_taken(uint16_t port, const std::string& except_id) const;
+  void save_resources() const;
+  void save_agent() const;
+  boost::json::object agent_json() const;
+  void register_loop();
+
+  AgentOptions options_;
+  boost::asio::io_context io_;
+  boost::asio::signal_set signals_;
+  Metrics metrics_;
+  std::unique_ptr<HttpServer> api_;
+  std::map<std::string, Proxy> proxies_;
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+
+  // Identity and what control assigned (agent.json).
+  std::string id_, public_key_pem_, public_key_b64_, assigned_ip_, spiffe_id_, registered_at_;
+  std::vector<std::string> mesh_blocks_;
+  std::string control_state_ = "not configured";
+  std::thread registrar_;
+  std::atomic<bool> stopping_{false};
+};
+
+}  // namespace weft

@@ -1,0 +1,30 @@
+// A blocking HTTP(S) client for control-plane calls made off the data path (agent registration,
+// CLI commands). TLS verifies the server against a CA bundle (the mesh CA), not a host name:
+// mesh identities are SPIFFE URIs.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <string>
+
+#include "core/result.h"
+
+namespace weft {
+
+struct HttpCallResult {
+  int status = 0;
+  std::string body;
+};
+
+struct HttpCall {
+  std::string url;  // http://host:port/path or https://host:port/path
+  std::string method = "GET";
+  std::string body;
+  std::string bearer;
+  std::filesystem::path ca_file;  // required for https
+  std::chrono::milliseconds timeout{5000};
+};
+
+Result<HttpCallResult> http_call(const HttpCall& call);
+
+}  // namespace weft
