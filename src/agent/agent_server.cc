@@ -15,11 +15,11 @@
 #include <sstream>
 
 #include "control/join_keys.h"
+#include "http/http_client.h"
 #include "identity/certificate_authority.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
 #include "proxy/l4/splice_relay.h"
-#include "http/http_client.h"
 
 namespace weft {
 
@@ -58,7 +58,9 @@ std::string utc_now() { return format_utc(std::time(nullptr)); }
 AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), signals_(io_) {
   std::error_code ec;
   fs::create_directories(options_.state_dir, ec);
-  if (ec) throw std::runtime_error("cannot create state dir " + options_.state_dir.string() + ": " + ec.message());
+  if (ec)
+    throw std::runtime_error("cannot create state dir " + options_.state_dir.string() + ": " +
+                             ec.message());
   ::chmod(options_.state_dir.c_str(), 0700);
 
   // Identity: generated once, kept 0600, never printed or served.
@@ -77,7 +79,8 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     boost::system::error_code jec;
     const auto v = json::parse(slurp(options_.state_dir / "agent.json"), jec);
     if (jec || !v.is_object())
-      throw std::runtime_error((options_.state_dir / "agent.json").string() + " is damaged; move it away to start fresh");
+      throw std::runtime_error((options_.state_dir / "agent.json").string() +
+                               " is damaged; move it away to start fresh");
     const auto& o = v.as_object();
     const auto text = [&](const char* k) {
       auto* p = o.if_contains(k);
@@ -96,14 +99,16 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     char host[256] = "node";
     ::gethostname(host, sizeof host);
     options_.name = host;
-    for (auto& c : options_.name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    for (auto& c : options_.name)
+      c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   }
 
   if (options_.api_token.empty()) {
     const fs::path token_file = options_.state_dir / "api.token";
     if (fs::exists(token_file)) {
       options_.api_token = slurp(token_file);
-      while (!options_.api_token.empty() && options_.api_token.back() == '\n') options_.api_token.pop_back();
+      while (!options_.api_token.empty() && options_.api_token.back() == '\n')
+        options_.api_token.pop_back();
     } else {
       options_.api_token = "wapi_" + random_hex(24);
       write_file_atomic(token_file, options_.api_token + "\n", 0600);
@@ -116,7 +121,9 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     for (const auto& v : saved.as_array()) {
       FieldError fe;
       auto r = decode_resource(json::serialize(v), fe);
-      if (!r) throw std::runtime_error((options_.state_dir / "resources.json").string() + ": " + r.error());
+      if (!r)
+        throw std::runtime_error((options_.state_dir / "resources.json").string() + ": " +
+                                 r.error());
       proxies_[r->id] = Proxy{*r, nullptr, ""};
     }
   }
@@ -125,7 +132,8 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
   for (auto& [id, p] : proxies_) {
     p.resource.agent_id = id_;
     if (p.resource.enabled) {
-      if (auto err = open_proxy(p); !err.empty()) throw std::runtime_error("resource " + id + ": " + err);
+      if (auto err = open_proxy(p); !err.empty())
+        throw std::runtime_error("resource " + id + ": " + err);
     }
   }
   save_resources();
@@ -151,8 +159,9 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     control_state_ = "registering";
     registrar_ = std::thread([this] { register_loop(); });
   }
-  spdlog::info("weft agent {} '{}' ready: API http://{} ({} resources), control {}", id_, options_.name, bound,
-               proxies_.size(), options_.control_url.empty() ? "none" : options_.control_url);
+  spdlog::info("weft agent {} '{}' ready: API http://{} ({} resources), control {}", id_,
+               options_.name, bound, proxies_.size(),
+               options_.control_url.empty() ? "none" : options_.control_url);
 }
 
 AgentServer::~AgentServer() {
@@ -171,13 +180,17 @@ void AgentServer::register_loop() {
   const std::string key_pem = slurp(options_.state_dir / "node.key");
   while (!stopping_) {
     auto csr = make_csr(key_pem, options_.name);
-    json::object body{{"auth_key", options_.auth_key}, {"name", options_.name}, {"cluster", options_.cluster_id},
-                      {"public_key", public_key_pem_}, {"csr", *csr}};
+    json::object body{{"auth_key", options_.auth_key},
+                      {"name", options_.name},
+                      {"cluster", options_.cluster_id},
+                      {"public_key", public_key_pem_},
+                      {"csr", *csr}};
     HttpCall call;
     call.url = options_.control_url + "/v1/register";
     call.method = "POST";
     call.body = json::serialize(body);
-    call.ca_file = !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
+    call.ca_file =
+        !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
     auto res = http_call(call);
     if (res && res->status == 200) {
       auto v = json::parse(res->body).as_object();
@@ -186,32 +199,74 @@ void AgentServer::register_loop() {
         mesh_blocks_ = {json::value_to<std::string>(v.at("mesh_block"))};
         spiffe_id_ = json::value_to<std::string>(v.at("spiffe_id"));
         registered_at_ = utc_now();
-        write_file_atomic(options_.state_dir / "node.crt", json::value_to<std::string>(v.at("certificate")), 0644);
-        write_file_atomic(options_.state_dir / "ca.crt", json::value_to<std::string>(v.at("ca_bundle")), 0644);
+        write_file_atomic(options_.state_dir / "node.crt",
+                          json::value_to<std::string>(v.at("certificate")), 0644);
+        write_file_atomic(options_.state_dir / "ca.crt",
+                          json::value_to<std::string>(v.at("ca_bundle")), 0644);
         for (auto& [id, p] : proxies_) p.resource.mesh_ip = assigned_ip_;
         save_agent();
         save_resources();
         control_state_ = "registered";
-        spdlog::info("agent: registered with control as {} (mesh ip {}, {})", id_, assigned_ip_, spiffe_id_);
+        spdlog::info("agent: registered with control as {} (mesh ip {}, {})", id_, assigned_ip_,
+                     spiffe_id_);
       });
+      heartbeat_loop();
       return;
     }
-    const std::string why = res ? "control answered " + std::to_string(res->status) + ": " + res->body : res.error();
+    const std::string why =
+        res ? "control answered " + std::to_string(res->status) + ": " + res->body : res.error();
     if (res && res->status == 401) {
       // A refused key will not start working by retrying; say so and stop.
       boost::asio::post(io_, [this, why] { control_state_ = "registration refused: " + why; });
-      spdlog::error("agent: registration refused: {} (create a key with 'weft control keys create')", why);
+      spdlog::error(
+          "agent: registration refused: {} (create a key with 'weft control keys create')", why);
       return;
     }
     boost::asio::post(io_, [this, why] {
-      control_state_ = (assigned_ip_.empty() ? "registering, control unreachable: " : "serving last config, control unreachable: ") + why;
+      control_state_ = (assigned_ip_.empty() ? "registering, control unreachable: "
+                                             : "serving last config, control unreachable: ") +
+                       why;
     });
     spdlog::warn("agent: cannot reach control: {}; retrying in {} ms", why, backoff.count());
     // Backoff with jitter, in small steps so shutdown is prompt.
-    const auto wait = backoff + std::chrono::milliseconds(std::uniform_int_distribution<int>(0, static_cast<int>(backoff.count() / 2))(rng));
-    for (auto waited = std::chrono::milliseconds(0); waited < wait && !stopping_; waited += std::chrono::milliseconds(50))
+    const auto wait = backoff + std::chrono::milliseconds(std::uniform_int_distribution<int>(
+                                    0, static_cast<int>(backoff.count() / 2))(rng));
+    for (auto waited = std::chrono::milliseconds(0); waited < wait && !stopping_;
+         waited += std::chrono::milliseconds(50))
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
+  }
+}
+
+void AgentServer::heartbeat_loop() {
+  // The node certificate files are written on the io thread; wait until they are there.
+  while (!stopping_ && !std::filesystem::exists(options_.state_dir / "node.crt"))
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  int failures = 0;
+  while (!stopping_) {
+    for (auto waited = std::chrono::milliseconds(0);
+         waited < options_.heartbeat_interval && !stopping_;
+         waited += std::chrono::milliseconds(10))
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (stopping_) return;
+    HttpCall call;
+    call.url = options_.control_url + "/v1/heartbeat";
+    call.method = "POST";
+    call.ca_file =
+        !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
+    call.cert_file = options_.state_dir / "node.crt";
+    call.key_file = options_.state_dir / "node.key";
+    auto res = http_call(call);
+    if (res && res->status == 200) {
+      if (failures) boost::asio::post(io_, [this] { control_state_ = "registered"; });
+      failures = 0;
+      continue;
+    }
+    const std::string why = res ? "control answered " + std::to_string(res->status) : res.error();
+    if (++failures == 1)
+      spdlog::warn("agent: heartbeat failed: {}; serving on the last config", why);
+    boost::asio::post(
+        io_, [this, why] { control_state_ = "serving last config, control unreachable: " + why; });
   }
 }
 
@@ -231,7 +286,8 @@ json::object AgentServer::agent_json() const {
           {"networks", nets},
           {"advertised_routes", routes},
           {"spiffe_id", spiffe_id_},
-          {"registered_at", registered_at_.empty() ? json::value(nullptr) : json::value(registered_at_)}};
+          {"registered_at",
+           registered_at_.empty() ? json::value(nullptr) : json::value(registered_at_)}};
 }
 
 void AgentServer::save_agent() const {
@@ -245,7 +301,8 @@ void AgentServer::save_resources() const {
 }
 
 std::string AgentServer::open_proxy(Proxy& p) {
-  auto l = Listener::bind(io_, "resource/" + p.resource.id, HostPort{options_.resource_address, p.resource.mesh_port});
+  auto l = Listener::bind(io_, "resource/" + p.resource.id,
+                          HostPort{options_.resource_address, p.resource.mesh_port});
   if (!l) return l.error();
   p.listener = *l;
   const Resource r = p.resource;
@@ -253,15 +310,25 @@ std::string AgentServer::open_proxy(Proxy& p) {
     auto down = std::make_shared<tcp::socket>(std::move(downstream));
     auto up = std::make_shared<tcp::socket>(io_);
     auto resolver = std::make_shared<tcp::resolver>(io_);
-    resolver->async_resolve(r.target_host, std::to_string(r.target_port),
-                            [this, down, up, resolver, r](const boost::system::error_code& ec, tcp::resolver::results_type res) {
-                              if (ec) return spdlog::warn("resource {}: cannot resolve {}: {}", r.id, r.target_host, ec.message());
-                              boost::asio::async_connect(*up, res, [this, down, up, r](const boost::system::error_code& ec, const tcp::endpoint&) {
-                                if (ec) return spdlog::warn("resource {}: cannot connect to {}:{}: {}", r.id, r.target_host, r.target_port, ec.message());
-                                auto counters = metrics_.tcp({"destination", "", "", r.name, "none"});
-                                std::make_shared<SpliceRelay>(std::move(*down), std::move(*up), counters, metrics_, nullptr)->start();
-                              });
-                            });
+    resolver->async_resolve(
+        r.target_host, std::to_string(r.target_port),
+        [this, down, up, resolver, r](const boost::system::error_code& ec,
+                                      tcp::resolver::results_type res) {
+          if (ec)
+            return spdlog::warn("resource {}: cannot resolve {}: {}", r.id, r.target_host,
+                                ec.message());
+          boost::asio::async_connect(
+              *up, res,
+              [this, down, up, r](const boost::system::error_code& ec, const tcp::endpoint&) {
+                if (ec)
+                  return spdlog::warn("resource {}: cannot connect to {}:{}: {}", r.id,
+                                      r.target_host, r.target_port, ec.message());
+                auto counters = metrics_.tcp({"destination", "", "", r.name, "none"});
+                std::make_shared<SpliceRelay>(std::move(*down), std::move(*up), counters, metrics_,
+                                              nullptr)
+                    ->start();
+              });
+        });
   });
   return "";
 }
@@ -280,26 +347,34 @@ bool AgentServer::port_taken(uint16_t port, const std::string& except_id) const 
 
 bool AgentServer::authorized(const HttpRequest& r) const {
   const std::string want = "Bearer " + options_.api_token;
-  return r.authorization.size() == want.size() && CRYPTO_memcmp(r.authorization.data(), want.data(), want.size()) == 0;
+  return r.authorization.size() == want.size() &&
+         CRYPTO_memcmp(r.authorization.data(), want.data(), want.size()) == 0;
 }
 
 HttpResponse AgentServer::handle(const HttpRequest& r) {
   const bool get = r.method == "GET";
   if (!get && !authorized(r))
-    return json_error(401, "changes need 'Authorization: Bearer <token>' (the token is in <state>/api.token)");
+    return json_error(
+        401, "changes need 'Authorization: Bearer <token>' (the token is in <state>/api.token)");
   if (r.path == "/health" && get) return {200, "{\"status\":\"ok\"}\n"};
   if (r.path == "/agent" && get) return {200, json::serialize(agent_json()) + "\n"};
   if (r.path == "/agent/keys" && get)
-    return {200, json::serialize(json::object{{"id", id_}, {"public_key", public_key_b64_}, {"algorithm", "ed25519"}}) + "\n"};
+    return {200, json::serialize(json::object{
+                     {"id", id_}, {"public_key", public_key_b64_}, {"algorithm", "ed25519"}}) +
+                     "\n"};
   if (r.path == "/status" && get) {
     json::array res;
     for (const auto& [id, p] : proxies_) res.push_back(p.resource.to_json());
-    const auto up = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started_).count();
-    return {200, json::serialize(json::object{{"agent", agent_json()},
-                                              {"control", {{"url", options_.control_url}, {"state", control_state_}}},
-                                              {"resources", res},
-                                              {"active_connections", metrics_.downstream_connections_active.get()},
-                                              {"uptime_s", up}}) + "\n"};
+    const auto up = std::chrono::duration_cast<std::chrono::seconds>(
+                        std::chrono::steady_clock::now() - started_)
+                        .count();
+    return {200, json::serialize(json::object{
+                     {"agent", agent_json()},
+                     {"control", {{"url", options_.control_url}, {"state", control_state_}}},
+                     {"resources", res},
+                     {"active_connections", metrics_.downstream_connections_active.get()},
+                     {"uptime_s", up}}) +
+                     "\n"};
   }
   if (r.path == "/resources" && get) {
     json::array res;
@@ -322,14 +397,16 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
   if (r.path == "/proxies" && get) {
     json::array out;
     for (const auto& [id, p] : proxies_)
-      out.push_back(json::object{{"resource_id", id},
-                                 {"listen", HostPort{options_.resource_address, p.resource.mesh_port}.to_string()},
-                                 {"target", p.resource.target_host + ":" + std::to_string(p.resource.target_port)},
-                                 {"enabled", p.resource.enabled},
-                                 {"listening", p.listener != nullptr}});
+      out.push_back(json::object{
+          {"resource_id", id},
+          {"listen", HostPort{options_.resource_address, p.resource.mesh_port}.to_string()},
+          {"target", p.resource.target_host + ":" + std::to_string(p.resource.target_port)},
+          {"enabled", p.resource.enabled},
+          {"listening", p.listener != nullptr}});
     return {200, json::serialize(out) + "\n"};
   }
-  if (r.path.rfind("/proxies/", 0) == 0 && r.path.size() > 16 && r.path.substr(r.path.size() - 7) == "/toggle") {
+  if (r.path.rfind("/proxies/", 0) == 0 && r.path.size() > 16 &&
+      r.path.substr(r.path.size() - 7) == "/toggle") {
     if (r.method != "POST") return json_error(405, "use POST");
     return toggle(r.path.substr(9, r.path.size() - 16));
   }
@@ -341,9 +418,13 @@ HttpResponse AgentServer::add_resource(const HttpRequest& r) {
   auto res = decode_resource(r.body, fe);
   if (!res) return json_error(400, fe.message, fe.field);
   if (!res->agent_id.empty() && res->agent_id != id_)
-    return json_error(400, "agent_id " + res->agent_id + " is not this agent (" + id_ + ")", "agent_id");
-  if (proxies_.count(res->id)) return json_error(409, "resource " + res->id + " already exists", "id");
-  if (port_taken(res->mesh_port, "")) return json_error(409, "port " + std::to_string(res->mesh_port) + " is already in use", "mesh_port");
+    return json_error(400, "agent_id " + res->agent_id + " is not this agent (" + id_ + ")",
+                      "agent_id");
+  if (proxies_.count(res->id))
+    return json_error(409, "resource " + res->id + " already exists", "id");
+  if (port_taken(res->mesh_port, ""))
+    return json_error(409, "port " + std::to_string(res->mesh_port) + " is already in use",
+                      "mesh_port");
   res->agent_id = id_;
   res->mesh_ip = assigned_ip_;
   Proxy p{*res, nullptr, ""};
@@ -352,7 +433,8 @@ HttpResponse AgentServer::add_resource(const HttpRequest& r) {
   }
   proxies_[res->id] = std::move(p);
   save_resources();
-  spdlog::info("agent: resource {} added: :{} -> {}:{}", res->id, res->mesh_port, res->target_host, res->target_port);
+  spdlog::info("agent: resource {} added: :{} -> {}:{}", res->id, res->mesh_port, res->target_host,
+               res->target_port);
   return {200, json::serialize(res->to_json()) + "\n"};
 }
 
@@ -365,7 +447,9 @@ HttpResponse AgentServer::put_resource(const std::string& id, const HttpRequest&
   res->id = id;
   res->agent_id = id_;
   res->mesh_ip = assigned_ip_;
-  if (port_taken(res->mesh_port, id)) return json_error(409, "port " + std::to_string(res->mesh_port) + " is already in use", "mesh_port");
+  if (port_taken(res->mesh_port, id))
+    return json_error(409, "port " + std::to_string(res->mesh_port) + " is already in use",
+                      "mesh_port");
   Proxy& p = proxies_[id];
   Proxy next{*res, nullptr, ""};
   close_proxy(p);  // open connections keep running; new ones use the new target

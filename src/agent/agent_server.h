@@ -37,6 +37,7 @@ struct AgentOptions {
   std::string api_token;
   std::string resource_address = "127.0.0.1";
   std::filesystem::path address_file;  // if set, the API's host:port is written here
+  std::chrono::milliseconds heartbeat_interval{10000};
 };
 
 class AgentServer {
@@ -65,6 +66,7 @@ class AgentServer {
   void save_agent() const;
   boost::json::object agent_json() const;
   void register_loop();
+  void heartbeat_loop();
 
   AgentOptions options_;
   boost::asio::io_context io_;

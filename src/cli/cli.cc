@@ -94,6 +94,9 @@ int run_cli(int argc, char** argv) {
   control->add_option("--node-cert-ttl", node_ttl, "lifetime of node certificates");
   control->add_option("--address-file", control_addr_file,
                       "write the bound host:port here once listening");
+  std::string control_heartbeat = "10s";
+  control->add_option("--heartbeat-interval", control_heartbeat,
+                      "expected agent heartbeat; 3 missed = unhealthy");
   auto* keys = control->add_subcommand("keys", "manage join keys (works on the data dir directly)");
 
   auto* keys_create = keys->add_subcommand("create", "create a join key; it is shown once");
@@ -138,6 +141,9 @@ int run_cli(int argc, char** argv) {
   agent->add_option("--resource-address", aopt.resource_address, "address resource listeners bind");
   agent->add_option("--address-file", agent_addr_file,
                     "write the API's host:port here once listening");
+  std::string agent_heartbeat = "10s";
+  agent->add_option("--heartbeat-interval", agent_heartbeat,
+                    "how often to tell control we are alive");
 
   try {
     app.parse(argc, argv);
@@ -222,6 +228,7 @@ int run_cli(int argc, char** argv) {
       copt.listen = *listen;
       copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
       copt.address_file = control_addr_file;
+      copt.heartbeat_interval = parse_ttl_flag(control_heartbeat, "--heartbeat-interval");
       ControlServer server(copt);
       return server.run();
     }
@@ -247,6 +254,7 @@ int run_cli(int argc, char** argv) {
       aopt.state_dir = agent_state;
       aopt.control_ca = agent_ca;
       aopt.address_file = agent_addr_file;
+      aopt.heartbeat_interval = parse_ttl_flag(agent_heartbeat, "--heartbeat-interval");
       AgentServer server(aopt);
       return server.run();
     }

@@ -54,8 +54,10 @@ std::shared_ptr<boost::asio::ssl::context> make_tls(const SigningCa& ca,
   return ctx;
 }
 
-json::object agent_json(const AgentRecord& a, const MeshPool& pool, const std::string& td) {
+json::object agent_json(const AgentRecord& a, const MeshPool& pool, const std::string& td,
+                        int64_t healthy_after = 0) {
   return {{"id", a.id},
+          {"healthy", a.last_seen >= healthy_after},
           {"name", a.name},
           {"cluster", a.cluster},
           {"mesh_ip", pool.agent_ip(a.block)},
@@ -144,6 +146,10 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
       if (r.method != "POST") return json_error(405, "use POST");
       return handle_register(r);
     }
+    if (r.path == "/v1/heartbeat") {
+      if (r.method != "POST") return json_error(405, "use POST");
+      return handle_heartbeat(r);
+    }
     if (r.path == "/v1/agents" || r.path == "/v1/keys") {
       if (!is_operator(r))
         return json_error(
@@ -208,10 +214,26 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   return {200, json::serialize(body) + "\n"};
 }
 
+HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
+  // The node certificate is the credential: spiffe://<td>/cluster/<c>/node/<id>.
+  const std::string prefix = "spiffe://" + ca_.trust_domain() + "/cluster/";
+  const auto node = r.peer_spiffe_id.rfind("/node/");
+  if (r.peer_spiffe_id.rfind(prefix, 0) != 0 || node == std::string::npos)
+    return json_error(401, "heartbeats need the node's client certificate (mTLS)");
+  const std::string id = r.peer_spiffe_id.substr(node + 6);
+  if (!store_->touch_agent(id, now_ms()))
+    return json_error(404, "unknown agent " + id + "; register again");
+  return {200, json::serialize(
+                   json::object{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}}) +
+                   "\n"};
+}
+
 HttpResponse ControlServer::handle_agents() {
   json::array out;
+  // Three missed heartbeats and an agent is unhealthy, and out of routing for everyone else.
+  const int64_t healthy_after = now_ms() - 3 * options_.heartbeat_interval.count();
   for (const auto& a : store_->list_agents())
-    out.push_back(agent_json(a, pool_, ca_.trust_domain()));
+    out.push_back(agent_json(a, pool_, ca_.trust_domain(), healthy_after));
   return {200, json::serialize(json::object{{"agents", out}}) + "\n"};
 }
 

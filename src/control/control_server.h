@@ -24,6 +24,7 @@ struct ControlOptions {
   bool insecure_http = false;
   std::string mesh_cidr = "100.64.0.0/10";
   Millis node_cert_ttl = std::chrono::hours(24);
+  Millis heartbeat_interval = std::chrono::seconds(10);  // 3 missed: unhealthy
   std::filesystem::path address_file;  // if set, the bound host:port is written here
 };
 
@@ -39,6 +40,7 @@ class ControlServer {
   HttpResponse handle(const HttpRequest& r);
   HttpResponse handle_register(const HttpRequest& r);
   HttpResponse handle_agents();
+  HttpResponse handle_heartbeat(const HttpRequest& r);
   HttpResponse handle_create_key(const HttpRequest& r);
   bool is_operator(const HttpRequest& r) const;
 

@@ -162,6 +162,12 @@ class SqliteStore final : public ControlStore {
     return out;
   }
 
+  bool touch_agent(const std::string& id, int64_t now) override {
+    Statement s(db_, "UPDATE agents SET last_seen=? WHERE id=?");
+    s.bind(1, now).bind(2, id).step();
+    return sqlite3_changes(db_) > 0;
+  }
+
  private:
   RegisterOutcome register_in_transaction(const Registration& r, const MeshPool& pool,
                                           int64_t now) {

@@ -72,6 +72,8 @@ class ControlStore {
   virtual RegisterOutcome register_agent(const Registration& r, const MeshPool& pool,
                                          int64_t now) = 0;
   virtual std::vector<AgentRecord> list_agents() = 0;
+  // Records a heartbeat; false if no such agent.
+  virtual bool touch_agent(const std::string& id, int64_t now) = 0;
 };
 
 // Opens (creating if needed) `<data_dir>/control.db` in WAL mode and applies migrations. With a

@@ -17,7 +17,8 @@ using tcp = asio::ip::tcp;
 namespace {
 
 template <class Stream>
-Result<HttpCallResult> exchange(Stream& stream, const HttpCall& call, const std::string& host, const std::string& target) {
+Result<HttpCallResult> exchange(Stream& stream, const HttpCall& call, const std::string& host,
+                                const std::string& target) {
   http::request<http::string_body> req{http::string_to_verb(call.method), target, 11};
   req.set(http::field::host, host);
   req.set(http::field::user_agent, "weft");
@@ -41,9 +42,11 @@ Result<HttpCallResult> http_call(const HttpCall& call) {
   auto url = boost::urls::parse_uri(call.url);
   if (!url) return make_error("bad URL '" + call.url + "': expected http(s)://host:port/path");
   const std::string scheme(url->scheme());
-  if (scheme != "http" && scheme != "https") return make_error("bad URL '" + call.url + "': use http or https");
+  if (scheme != "http" && scheme != "https")
+    return make_error("bad URL '" + call.url + "': use http or https");
   const std::string host(url->host());
-  const std::string port = url->has_port() ? std::string(url->port()) : (scheme == "https" ? "443" : "80");
+  const std::string port =
+      url->has_port() ? std::string(url->port()) : (scheme == "https" ? "443" : "80");
   std::string target(url->encoded_path());
   if (target.empty()) target = "/";
   if (url->has_query()) target += "?" + std::string(url->encoded_query());
@@ -65,6 +68,13 @@ Result<HttpCallResult> http_call(const HttpCall& call) {
   ctx.load_verify_file(call.ca_file.string(), ec);
   if (ec) return make_error("cannot load CA bundle " + call.ca_file.string() + ": " + ec.message());
   ctx.set_verify_mode(asio::ssl::verify_peer);
+  if (!call.cert_file.empty()) {
+    ctx.use_certificate_chain_file(call.cert_file.string(), ec);
+    if (!ec) ctx.use_private_key_file(call.key_file.string(), asio::ssl::context::pem, ec);
+    if (ec)
+      return make_error("cannot load client certificate " + call.cert_file.string() + ": " +
+                        ec.message());
+  }
   beast::ssl_stream<beast::tcp_stream> tls(std::move(tcp_stream), ctx);
   tls.handshake(asio::ssl::stream_base::client, ec);
   if (ec)

@@ -21,7 +21,9 @@ struct HttpCall {
   std::string method = "GET";
   std::string body;
   std::string bearer;
-  std::filesystem::path ca_file;  // required for https
+  std::filesystem::path ca_file;    // required for https
+  std::filesystem::path cert_file;  // optional client certificate (mTLS), with key_file
+  std::filesystem::path key_file;
   std::chrono::milliseconds timeout{5000};
 };
 

@@ -44,7 +44,7 @@ class ControlTest : public ::testing::Test {
     std::vector<std::string> args{WEFT_BINARY,      "control",
                                   "--data-dir",     (dir_ / "data").string(),
                                   "--ca",           (dir_ / "ca").string(),
-                                  "--listen",       "127.0.0.1:0",
+                                  "--listen",       listen_,
                                   "--address-file", (dir_ / "addr").string()};
     args.insert(args.end(), extra.begin(), extra.end());
     proc_ = std::make_unique<Process>(args, dir_ / "control.log");
@@ -168,6 +168,7 @@ class ControlTest : public ::testing::Test {
   TempDir dir_;
   std::unique_ptr<Process> proc_;
   std::string addr_, token_;
+  std::string listen_ = "127.0.0.1:0";  // a restart that must keep its address sets this
 };
 
 TEST_F(ControlTest, RegistrationRefusedForBadExpiredAndReusedKeys) {
@@ -386,6 +387,43 @@ TEST_F(AgentTest, RegistersKeepsItsIdentityAcrossRestartsAndNeverShowsItsKey) {
   EXPECT_EQ(again.at("id").as_string(), id);
   EXPECT_EQ(again.at("assigned_ip").as_string(), ip);
   EXPECT_EQ(agent_count(), 1u);
+}
+
+TEST_F(AgentTest, HeartbeatsKeepItHealthyAndTrafficSurvivesControlOutage) {
+  start({"--heartbeat-interval", "200ms"});
+  EchoServer echo;
+  const uint16_t port = unused_port();
+  start_agent({"--control", "https://" + addr_, "--control-ca", (dir_ / "ca" / "ca.crt").string(),
+               "--auth-key", create_key(), "--heartbeat-interval", "200ms", "--proxies",
+               std::to_string(port) + ":127.0.0.1:" + std::to_string(echo.port())});
+  EXPECT_EQ(wait_control_state("registered"), "registered");
+  const auto healthy = [&] {
+    auto v = request("GET", "/v1/agents", "", "Bearer " + token_);
+    return v.body.at("agents").as_array().at(0).at("healthy").as_bool();
+  };
+  // Healthy across several heartbeat periods (it would lapse after 600 ms without them).
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1000);
+  bool always = true;
+  while (std::chrono::steady_clock::now() < until) always = always && healthy();
+  EXPECT_TRUE(always);
+
+  // Control goes away: the agent says so and keeps serving on what it has.
+  stop();
+  EXPECT_NE(wait_control_state("serving last config").find("unreachable"), std::string::npos);
+  EXPECT_EQ(echo_roundtrip(port, "still flowing"), "still flowing");
+
+  // Control comes back at its address; the silent agent (killed) is marked unhealthy after
+  // 3 missed beats.
+  listen_ = addr_;
+  start({"--heartbeat-interval", "200ms"});
+  EXPECT_EQ(wait_control_state("registered"), "registered");
+  agent_.reset();  // SIGKILL: no more heartbeats
+  bool h = true;
+  for (int i = 0; i < 300 && h; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+    h = healthy();
+  }
+  EXPECT_FALSE(h);
 }
 
 TEST_F(AgentTest, RefusedKeyIsReportedInStatus) {
