@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "agent/agent_server.h"
+#include "cli/operator_commands.h"
 #include "config/proxy_config.h"
 #include "control/control_server.h"
 #include "control/join_keys.h"
@@ -145,6 +146,51 @@ int run_cli(int argc, char** argv) {
   agent->add_option("--heartbeat-interval", agent_heartbeat,
                     "how often to tell control we are alive");
 
+  // operator verbs
+  std::string output = "table";
+  ControlTarget ctl;
+  auto* status = app.add_subcommand("status", "agents, their mesh IPs and health, from control");
+  status->add_option("--control", ctl.url, "control URL")->envname("MESH_CONTROL_URL");
+  status->add_option("--token", ctl.token, "operator token (control's <data-dir>/admin.token)")
+      ->envname("WEFT_CONTROL_TOKEN");
+  status->add_option("--ca", ctl.ca_file, "mesh CA bundle, to verify control")->envname("WEFT_CA");
+  status->add_option("-o,--output", output, "table or json")
+      ->check(CLI::IsMember({"table", "json"}));
+  auto* keys_top = app.add_subcommand("keys", "join keys, through control's API");
+  keys_top->require_subcommand(1);
+  keys_top->add_option("--control", ctl.url, "control URL")->envname("MESH_CONTROL_URL");
+  keys_top->add_option("--token", ctl.token, "operator token")->envname("WEFT_CONTROL_TOKEN");
+  keys_top->add_option("--ca", ctl.ca_file, "mesh CA bundle, to verify control")
+      ->envname("WEFT_CA");
+  keys_top->add_option("-o,--output", output, "table or json")
+      ->check(CLI::IsMember({"table", "json"}));
+  auto* keys_top_create = keys_top->add_subcommand("create", "create a join key");
+  std::string top_ttl = "1h", top_cluster;
+  bool top_reusable = false;
+  keys_top_create->add_option("--ttl", top_ttl, "how long the key may be used");
+  keys_top_create->add_flag("--reusable", top_reusable, "allow many agents to join with it");
+  keys_top_create->add_option("--cluster", top_cluster, "only agents of this cluster may use it");
+  keys_top_create->fallthrough();
+  AgentTarget agt;
+  auto* resources = app.add_subcommand("resources", "list, add and remove an agent's resources");
+  resources->require_subcommand(1);
+  resources->add_option("--agent", agt.url, "agent API URL")->envname("WEFT_AGENT_URL");
+  resources->add_option("--token", agt.token, "agent API token (<state>/api.token)")
+      ->envname("WEFT_AGENT_API_TOKEN");
+  resources->add_option("-o,--output", output, "table or json")
+      ->check(CLI::IsMember({"table", "json"}));
+  auto* res_list = resources->add_subcommand("list", "list resources");
+  auto* res_add = resources->add_subcommand("add", "add a resource, live");
+  std::string res_id, res_target, res_proto = "tcp";
+  int res_port = 0;
+  res_add->add_option("--id", res_id, "resource id (default: generated)");
+  res_add->add_option("--port", res_port, "port the agent listens on")->required();
+  res_add->add_option("--target", res_target, "backend host:port")->required();
+  res_add->add_option("--protocol", res_proto, "tcp, http or https");
+  auto* res_rm = resources->add_subcommand("rm", "remove a resource (its connections drain)");
+  res_rm->add_option("id", res_id, "resource id")->required();
+  for (auto* sub : {res_list, res_add, res_rm}) sub->fallthrough();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -231,6 +277,15 @@ int run_cli(int argc, char** argv) {
       copt.heartbeat_interval = parse_ttl_flag(control_heartbeat, "--heartbeat-interval");
       ControlServer server(copt);
       return server.run();
+    }
+    if (*status) return cmd_status(ctl, output == "json");
+    if (*keys_top_create)
+      return cmd_keys_create(ctl, top_ttl, top_reusable, top_cluster, output == "json");
+    if (*resources) {
+      if (*res_list) return cmd_resources_list(agt, output == "json");
+      if (*res_add)
+        return cmd_resources_add(agt, res_id, res_port, res_target, res_proto, output == "json");
+      if (*res_rm) return cmd_resources_rm(agt, res_id);
     }
     if (*agent) {
       const auto split = [](const std::string& s) {

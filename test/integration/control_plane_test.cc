@@ -426,6 +426,50 @@ TEST_F(AgentTest, HeartbeatsKeepItHealthyAndTrafficSurvivesControlOutage) {
   EXPECT_FALSE(h);
 }
 
+TEST_F(AgentTest, OperatorCommandsDriveControlAndAgent) {
+  start();
+  const std::string ca = (dir_ / "ca" / "ca.crt").string();
+  auto key =
+      run_weft({"keys", "create", "--control", "https://" + addr_, "--token", token_, "--ca", ca});
+  ASSERT_EQ(key.exit_code, 0) << key.output;
+  const std::string secret = key.output.substr(key.output.find("wjk_"), 52);
+  start_agent({"--control", "https://" + addr_, "--control-ca", ca, "--auth-key", secret, "--name",
+               "edge"});
+  EXPECT_EQ(wait_control_state("registered"), "registered");
+
+  auto status =
+      run_weft({"status", "--control", "https://" + addr_, "--token", token_, "--ca", ca});
+  EXPECT_EQ(status.exit_code, 0) << status.output;
+  EXPECT_NE(status.output.find("edge"), std::string::npos) << status.output;
+  EXPECT_NE(status.output.find("100.64.0.1"), std::string::npos) << status.output;
+  auto as_json = run_weft(
+      {"status", "--control", "https://" + addr_, "--token", token_, "--ca", ca, "-o", "json"});
+  EXPECT_EQ(boost::json::parse(as_json.output).at("agents").as_array().size(), 1u);
+  EXPECT_NE(run_weft({"status", "--control", "https://" + addr_, "--token", "wrong", "--ca", ca})
+                .exit_code,
+            0);
+
+  EchoServer echo;
+  const uint16_t port = unused_port();
+  const std::vector<std::string> agent_args{"--agent", "http://" + api_, "--token", api_token_};
+  auto add_args = std::vector<std::string>{"resources", "add"};
+  add_args.insert(add_args.end(), agent_args.begin(), agent_args.end());
+  for (const std::string& a :
+       {std::string("--id"), std::string("cli-echo"), std::string("--port"), std::to_string(port),
+        std::string("--target"), "127.0.0.1:" + std::to_string(echo.port())})
+    add_args.push_back(a);
+  auto add = run_weft(add_args);
+  EXPECT_EQ(add.exit_code, 0) << add.output;
+  EXPECT_EQ(echo_roundtrip(port, "via cli"), "via cli");
+  auto list_args = std::vector<std::string>{"resources", "list"};
+  list_args.insert(list_args.end(), agent_args.begin(), agent_args.end());
+  EXPECT_NE(run_weft(list_args).output.find("cli-echo"), std::string::npos);
+  auto rm_args = std::vector<std::string>{"resources", "rm", "cli-echo"};
+  rm_args.insert(rm_args.end(), agent_args.begin(), agent_args.end());
+  EXPECT_EQ(run_weft(rm_args).exit_code, 0);
+  EXPECT_EQ(run_weft(list_args).output.find("cli-echo"), std::string::npos);
+}
+
 TEST_F(AgentTest, RefusedKeyIsReportedInStatus) {
   start();
   start_agent({"--control", "https://" + addr_, "--control-ca", (dir_ / "ca" / "ca.crt").string(),
