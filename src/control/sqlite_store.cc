@@ -206,9 +206,15 @@ class SqliteStore final : public ControlStore {
       return deny("join key " + key_id + " is for cluster '" + key_cluster + "', not '" +
                   r.cluster + "'");
 
-    // Lowest free block: 0 if free, else the first block whose successor is free.
+    // Next block after the highest (an index lookup); only when the pool's end is reached, the
+    // lowest gap left by removed agents (a scan, rare).
     int64_t block = -1;
     {
+      Statement top(db_, "SELECT COALESCE(MAX(block) + 1, 0) FROM agents");
+      top.step();
+      block = top.integer(0);
+    }
+    if (block >= static_cast<int64_t>(pool.block_count())) {
       Statement z(db_, "SELECT 1 FROM agents WHERE block=0");
       if (!z.step()) {
         block = 0;

@@ -94,6 +94,17 @@ Result<SigningCa> SigningCa::load(const std::filesystem::path& dir) {
   return ca;
 }
 
+Result<bool> SigningCa::verify_csr(const std::string& csr_pem, const std::string& expected_public_pem) {
+  ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
+  X509_REQ* req = PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr);
+  if (!req) return make_error("csr: not a PEM certificate request");
+  std::unique_ptr<X509_REQ, decltype(&X509_REQ_free)> guard(req, X509_REQ_free);
+  EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
+  if (!pub || X509_REQ_verify(req, pub) != 1) return make_error("csr: signature does not verify");
+  if (public_pem_of(pub) != expected_public_pem) return make_error("csr: signed by a different key than public_key");
+  return true;
+}
+
 Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::string& spiffe_uri,
                                     Millis ttl, const std::string& expected_public_pem) const {
   ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));

@@ -33,6 +33,9 @@ class SigningCa {
   Result<std::string> sign(const std::string& csr_pem, const std::string& spiffe_uri, Millis ttl,
                            const std::string& expected_public_pem = {}) const;
 
+  // Just the checks of sign(): the CSR's self-signature, and that it is for `expected_public_pem`.
+  static Result<bool> verify_csr(const std::string& csr_pem, const std::string& expected_public_pem);
+
  private:
   std::string cert_pem_, key_pem_, trust_domain_;
 };
