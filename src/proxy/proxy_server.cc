@@ -69,9 +69,10 @@ ProxyServer::ProxyServer(ProxyOptions options)
     workers_.push_back(std::make_unique<Worker>(i, metrics_, *access_log_));
   auto bound = bind_listeners(*config);
 
-  auto admin = AdminServer::bind(io_, config->admin,
-                                 [this](const AdminRequest& r) { return handle_admin(r); });
-  if (!admin) throw std::runtime_error(admin.error());
+  auto admin = HttpServer::bind(io_, config->admin, nullptr,
+                                [this](const HttpRequest& r) { return handle_admin(r); });
+  if (!admin)
+    throw std::runtime_error("admin: " + admin.error() + " (set admin.listen to a free port, or 127.0.0.1:0)");
   admin_ = std::move(*admin);
   if (!options_.admin_address_path.empty())
     write_file_atomic(options_.admin_address_path,
@@ -302,32 +303,27 @@ json::object ProxyServer::listeners_json() const {
   return o;
 }
 
-AdminResponse ProxyServer::handle_admin(const AdminRequest& r) {
+HttpResponse ProxyServer::handle_admin(const HttpRequest& r) {
   const bool get = r.method == "GET" || r.method == "HEAD";
-  const auto method_not_allowed = [](const char* allowed) {
-    return AdminResponse{405, "text/plain", std::string("use ") + allowed + "\n"};
-  };
+  const auto text = [](int status, std::string body) { return HttpResponse{status, std::move(body), "text/plain"}; };
+  const auto json_body = [](const json::value& v) { return HttpResponse{200, json::serialize(v), "application/json"}; };
   if (r.path == "/ready") {
-    if (!get) return method_not_allowed("GET");
+    if (!get) return text(405, "use GET\n");
     const bool ok = ready();
-    return {ok ? 200 : 503, "text/plain",
-            ok ? "LIVE\n" : (draining_ ? "DRAINING\n" : "NOT READY\n")};
+    return text(ok ? 200 : 503, ok ? "LIVE\n" : (draining_ ? "DRAINING\n" : "NOT READY\n"));
   }
-  if (r.path == "/healthz") return {200, "text/plain", "ok\n"};
-  if (r.path == "/stats") return {200, "application/json", json::serialize(metrics_.to_json())};
+  if (r.path == "/healthz") return text(200, "ok\n");
+  if (r.path == "/stats") return json_body(metrics_.to_json());
   if (r.path == "/stats/prometheus")
-    return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.prometheus()};
-  if (r.path == "/config_dump") {
-    json::object o{{"config", current_->config->to_json()},
-                   {"listeners", listeners_json()},
-                   {"workers", workers_.size()}};
-    return {200, "application/json", json::serialize(o)};
-  }
-  if (r.path == "/certs") return {200, "application/json", json::serialize(certs_json())};
-  if (r.path == "/listeners") return {200, "application/json", json::serialize(listeners_json())};
+    return {200, metrics_.prometheus(), "text/plain; version=0.0.4; charset=utf-8"};
+  if (r.path == "/config_dump")
+    return json_body(json::object{{"config", current_->config->to_json()},
+                                  {"listeners", listeners_json()},
+                                  {"workers", workers_.size()}});
+  if (r.path == "/certs") return json_body(certs_json());
+  if (r.path == "/listeners") return json_body(listeners_json());
   if (r.path == "/drain" || r.path == "/quitquitquit") {
-    if (r.method != "POST") return method_not_allowed("POST");
-    if (r.path == "/quitquitquit") drain_deadline_ = std::chrono::steady_clock::now();
+    if (r.method != "POST") return text(405, "use POST\n");
     // Answer first; drain starts right after this handler returns.
     asio::post(io_, [this, quit = r.path == "/quitquitquit"] {
       begin_drain(quit ? "POST /quitquitquit" : "POST /drain");
@@ -336,11 +332,11 @@ AdminResponse ProxyServer::handle_admin(const AdminRequest& r) {
         watch_drain();
       }
     });
-    return {200, "text/plain", "OK\n"};
+    return text(200, "OK\n");
   }
-  return {404, "text/plain",
-          "unknown path; try /ready /healthz /stats /stats/prometheus /config_dump /certs "
-          "/listeners, POST /drain, POST /quitquitquit\n"};
+  return text(404,
+              "unknown path; try /ready /healthz /stats /stats/prometheus /config_dump /certs "
+              "/listeners, POST /drain, POST /quitquitquit\n");
 }
 
 }  // namespace weft

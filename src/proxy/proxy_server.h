@@ -14,7 +14,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 
-#include "proxy/admin/admin_server.h"
+#include "http/http_server.h"
 #include "proxy/snapshot.h"
 #include "proxy/worker.h"
 #include "stats/access_log.h"
@@ -55,7 +55,7 @@ class ProxyServer {
   void begin_drain(const std::string& why);
   void watch_drain();
   bool ready() const;
-  AdminResponse handle_admin(const AdminRequest& request);
+  HttpResponse handle_admin(const HttpRequest& request);
   boost::json::object certs_json() const;
   boost::json::object listeners_json() const;
 
@@ -64,7 +64,7 @@ class ProxyServer {
   Metrics metrics_;
   std::unique_ptr<AccessLog> access_log_;
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::unique_ptr<AdminServer> admin_;
+  std::unique_ptr<HttpServer> admin_;  // loopback only (enforced by config)
   boost::asio::signal_set signals_;
   boost::asio::steady_timer cert_timer_;
   boost::asio::steady_timer drain_timer_;

@@ -2,6 +2,8 @@
 
 #include <openssl/err.h>
 
+#include "identity/openssl_ptr.h"
+
 #include <boost/asio/write.hpp>
 
 namespace weft {
@@ -53,15 +55,7 @@ BIO_METHOD* bio_method() {
 }
 
 std::string ssl_error_text(int ssl_error) {
-  std::string out;
-  while (unsigned long e = ERR_get_error()) {
-    char buf[256];
-    ERR_error_string_n(e, buf, sizeof buf);
-    if (!out.empty()) out += "; ";
-    out += buf;
-  }
-  if (out.empty()) out = "TLS error " + std::to_string(ssl_error);
-  return out;
+  return ERR_peek_error() ? ossl::last_error() : "TLS error " + std::to_string(ssl_error);
 }
 
 }  // namespace
