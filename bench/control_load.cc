@@ -23,9 +23,12 @@ int main(int argc, char** argv) {
   std::vector<std::string> bodies;
   for (int i = 0; i < n; ++i) {
     auto kp = weft::generate_ed25519();
-    bodies.push_back(boost::json::serialize(boost::json::object{
-        {"auth_key", key}, {"name", "sim-" + std::to_string(i)}, {"cluster", "load"},
-        {"public_key", kp.public_pem}, {"csr", *weft::make_csr(kp.private_pem, "sim")}}));
+    bodies.push_back(boost::json::serialize(
+        boost::json::object{{"auth_key", key},
+                            {"name", "sim-" + std::to_string(i)},
+                            {"cluster", "load"},
+                            {"public_key", kp.public_pem},
+                            {"csr", *weft::make_csr(kp.private_pem, "sim")}}));
   }
   std::atomic<int> next{0}, ok{0}, failed{0};
   const auto start = std::chrono::steady_clock::now();
@@ -43,8 +46,9 @@ int main(int argc, char** argv) {
       }
     });
   for (auto& t : pool) t.join();
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("{\"registered\": %d, \"failed\": %d, \"seconds\": %.3f, \"per_second\": %.1f}\n", ok.load(),
-              failed.load(), secs, ok / secs);
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("{\"registered\": %d, \"failed\": %d, \"seconds\": %.3f, \"per_second\": %.1f}\n",
+              ok.load(), failed.load(), secs, ok / secs);
   return failed ? 1 : 0;
 }

@@ -23,7 +23,8 @@ json::value call_json(HttpCall call) {
     const std::string why = !ec && v.is_object() && v.as_object().contains("error")
                                 ? std::string(v.at("error").as_string())
                                 : r->body;
-    throw std::runtime_error(call.method + " " + call.url + ": " + std::to_string(r->status) + ": " + why);
+    throw std::runtime_error(call.method + " " + call.url + ": " + std::to_string(r->status) +
+                             ": " + why);
   }
   if (ec) throw std::runtime_error(call.url + " answered something that is not JSON");
   return v;
@@ -49,23 +50,25 @@ int cmd_status(const ControlTarget& control, bool json_output) {
     std::cout << json::serialize(v) << "\n";
     return 0;
   }
-  std::printf("%-18s %-16s %-10s %-14s %-18s %-8s\n", "AGENT", "NAME", "CLUSTER", "MESH IP", "BLOCK", "HEALTH");
+  std::printf("%-18s %-16s %-10s %-14s %-18s %-8s\n", "AGENT", "NAME", "CLUSTER", "MESH IP",
+              "BLOCK", "HEALTH");
   for (const auto& a : v.at("agents").as_array())
-    std::printf("%-18s %-16s %-10s %-14s %-18s %-8s\n", str(a, "id").c_str(), str(a, "name").c_str(),
-                str(a, "cluster").c_str(), str(a, "mesh_ip").c_str(), str(a, "mesh_block").c_str(),
-                a.at("healthy").as_bool() ? "healthy" : "UNHEALTHY");
+    std::printf("%-18s %-16s %-10s %-14s %-18s %-8s\n", str(a, "id").c_str(),
+                str(a, "name").c_str(), str(a, "cluster").c_str(), str(a, "mesh_ip").c_str(),
+                str(a, "mesh_block").c_str(), a.at("healthy").as_bool() ? "healthy" : "UNHEALTHY");
   return 0;
 }
 
-int cmd_keys_create(const ControlTarget& control, const std::string& ttl, bool reusable, const std::string& cluster,
-                    bool json_output) {
+int cmd_keys_create(const ControlTarget& control, const std::string& ttl, bool reusable,
+                    const std::string& cluster, bool json_output) {
   if (control.url.empty()) throw std::runtime_error("--control (or MESH_CONTROL_URL) is required");
   HttpCall call;
   call.url = control.url + "/v1/keys";
   call.method = "POST";
   call.bearer = control.token;
   call.ca_file = control.ca_file;
-  call.body = json::serialize(json::object{{"ttl", ttl}, {"reusable", reusable}, {"cluster", cluster}});
+  call.body =
+      json::serialize(json::object{{"ttl", ttl}, {"reusable", reusable}, {"cluster", cluster}});
   auto v = call_json(call);
   if (json_output) {
     std::cout << json::serialize(v) << "\n";
@@ -85,19 +88,24 @@ int cmd_resources_list(const AgentTarget& agent, bool json_output) {
     std::cout << json::serialize(v) << "\n";
     return 0;
   }
-  std::printf("%-16s %-16s %-8s %-28s %-6s %-8s\n", "ID", "NAME", "PORT", "TARGET", "PROTO", "ENABLED");
+  std::printf("%-16s %-16s %-8s %-28s %-6s %-8s\n", "ID", "NAME", "PORT", "TARGET", "PROTO",
+              "ENABLED");
   for (const auto& r : v.as_array())
     std::printf("%-16s %-16s %-8s %-28s %-6s %-8s\n", str(r, "id").c_str(), str(r, "name").c_str(),
-                str(r, "mesh_port").c_str(), (str(r, "target_host") + ":" + str(r, "target_port")).c_str(),
+                str(r, "mesh_port").c_str(),
+                (str(r, "target_host") + ":" + str(r, "target_port")).c_str(),
                 str(r, "protocol").c_str(), str(r, "enabled").c_str());
   return 0;
 }
 
-int cmd_resources_add(const AgentTarget& agent, const std::string& id, int port, const std::string& target,
-                      const std::string& protocol, bool json_output) {
+int cmd_resources_add(const AgentTarget& agent, const std::string& id, int port,
+                      const std::string& target, const std::string& protocol, bool json_output) {
   auto hp = parse_host_port(target);
   if (!hp) throw std::runtime_error("--target: " + hp.error());
-  json::object body{{"mesh_port", port}, {"target_host", hp->host}, {"target_port", hp->port}, {"protocol", protocol}};
+  json::object body{{"mesh_port", port},
+                    {"target_host", hp->host},
+                    {"target_port", hp->port},
+                    {"protocol", protocol}};
   if (!id.empty()) body["id"] = id;
   HttpCall call;
   call.url = agent.url + "/resources/add";

@@ -8,9 +8,9 @@
 namespace weft {
 
 struct ControlTarget {
-  std::string url;        // e.g. https://control:8443
-  std::string token;      // operator token
-  std::string ca_file;    // mesh CA bundle for https
+  std::string url;      // e.g. https://control:8443
+  std::string token;    // operator token
+  std::string ca_file;  // mesh CA bundle for https
 };
 
 struct AgentTarget {
@@ -19,11 +19,11 @@ struct AgentTarget {
 };
 
 int cmd_status(const ControlTarget& control, bool json_output);
-int cmd_keys_create(const ControlTarget& control, const std::string& ttl, bool reusable, const std::string& cluster,
-                    bool json_output);
+int cmd_keys_create(const ControlTarget& control, const std::string& ttl, bool reusable,
+                    const std::string& cluster, bool json_output);
 int cmd_resources_list(const AgentTarget& agent, bool json_output);
-int cmd_resources_add(const AgentTarget& agent, const std::string& id, int port, const std::string& target,
-                      const std::string& protocol, bool json_output);
+int cmd_resources_add(const AgentTarget& agent, const std::string& id, int port,
+                      const std::string& target, const std::string& protocol, bool json_output);
 int cmd_resources_rm(const AgentTarget& agent, const std::string& id);
 
 }  // namespace weft

@@ -191,7 +191,8 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   reg.public_key = public_key;
   reg.agent_id = sha256_hex(public_key).substr(0, 16);
   // Proof of possession first: the CSR must be signed by the key being registered.
-  if (auto proof = SigningCa::verify_csr(csr, public_key); !proof) return json_error(400, proof.error(), "csr");
+  if (auto proof = SigningCa::verify_csr(csr, public_key); !proof)
+    return json_error(400, proof.error(), "csr");
   auto outcome = store_->register_agent(reg, pool_, now_ms());
   if (!outcome.agent) {
     spdlog::warn("control: registration of '{}' refused: {}", name, outcome.error);

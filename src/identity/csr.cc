@@ -94,14 +94,16 @@ Result<SigningCa> SigningCa::load(const std::filesystem::path& dir) {
   return ca;
 }
 
-Result<bool> SigningCa::verify_csr(const std::string& csr_pem, const std::string& expected_public_pem) {
+Result<bool> SigningCa::verify_csr(const std::string& csr_pem,
+                                   const std::string& expected_public_pem) {
   ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
   X509_REQ* req = PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr);
   if (!req) return make_error("csr: not a PEM certificate request");
   std::unique_ptr<X509_REQ, decltype(&X509_REQ_free)> guard(req, X509_REQ_free);
   EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
   if (!pub || X509_REQ_verify(req, pub) != 1) return make_error("csr: signature does not verify");
-  if (public_pem_of(pub) != expected_public_pem) return make_error("csr: signed by a different key than public_key");
+  if (public_pem_of(pub) != expected_public_pem)
+    return make_error("csr: signed by a different key than public_key");
   return true;
 }
 
@@ -113,7 +115,9 @@ Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::strin
   std::unique_ptr<X509_REQ, decltype(&X509_REQ_free)> req_guard(req, X509_REQ_free);
   EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
   if (!pub) return make_error("csr: no public key");
-  if (auto ok = verify_csr(csr_pem, expected_public_pem.empty() ? public_pem_of(pub) : expected_public_pem); !ok)
+  if (auto ok = verify_csr(csr_pem,
+                           expected_public_pem.empty() ? public_pem_of(pub) : expected_public_pem);
+      !ok)
     return make_error(ok.error());
 
   ossl::Bio cb(BIO_new_mem_buf(cert_pem_.data(), static_cast<int>(cert_pem_.size())));

@@ -34,7 +34,8 @@ class SigningCa {
                            const std::string& expected_public_pem = {}) const;
 
   // Just the checks of sign(): the CSR's self-signature, and that it is for `expected_public_pem`.
-  static Result<bool> verify_csr(const std::string& csr_pem, const std::string& expected_public_pem);
+  static Result<bool> verify_csr(const std::string& csr_pem,
+                                 const std::string& expected_public_pem);
 
  private:
   std::string cert_pem_, key_pem_, trust_domain_;

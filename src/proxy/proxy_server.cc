@@ -72,7 +72,8 @@ ProxyServer::ProxyServer(ProxyOptions options)
   auto admin = HttpServer::bind(io_, config->admin, nullptr,
                                 [this](const HttpRequest& r) { return handle_admin(r); });
   if (!admin)
-    throw std::runtime_error("admin: " + admin.error() + " (set admin.listen to a free port, or 127.0.0.1:0)");
+    throw std::runtime_error("admin: " + admin.error() +
+                             " (set admin.listen to a free port, or 127.0.0.1:0)");
   admin_ = std::move(*admin);
   if (!options_.admin_address_path.empty())
     write_file_atomic(options_.admin_address_path,
@@ -305,8 +306,12 @@ json::object ProxyServer::listeners_json() const {
 
 HttpResponse ProxyServer::handle_admin(const HttpRequest& r) {
   const bool get = r.method == "GET" || r.method == "HEAD";
-  const auto text = [](int status, std::string body) { return HttpResponse{status, std::move(body), "text/plain"}; };
-  const auto json_body = [](const json::value& v) { return HttpResponse{200, json::serialize(v), "application/json"}; };
+  const auto text = [](int status, std::string body) {
+    return HttpResponse{status, std::move(body), "text/plain"};
+  };
+  const auto json_body = [](const json::value& v) {
+    return HttpResponse{200, json::serialize(v), "application/json"};
+  };
   if (r.path == "/ready") {
     if (!get) return text(405, "use GET\n");
     const bool ok = ready();
