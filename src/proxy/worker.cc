@@ -69,6 +69,9 @@ void Worker::start() {
 void Worker::stop_and_join() {
   io_.stop();
   if (thread_.joinable()) thread_.join();
+  auto pending = std::move(handshaking_);
+  handshaking_.clear();
+  for (TlsSocket* t : pending) t->abandon_handshake();
 }
 
 void Worker::post_snapshot(SnapshotPtr snapshot) {
@@ -149,6 +152,7 @@ void Worker::handle_inbound(tcp::socket socket) {
   auto tls = std::make_unique<TlsSocket>(std::move(socket), snapshot_->tls->server->native_handle(),
                                          TlsSocket::Role::server);
   auto* raw = tls.get();
+  handshaking_.insert(raw);
   // A peer that connects and says nothing must not hold a slot forever.
   auto timer = std::make_shared<asio::steady_timer>(io_, snapshot_->config->pool.connect_timeout);
   timer->async_wait([raw](const boost::system::error_code& ec) {
@@ -158,6 +162,7 @@ void Worker::handle_inbound(tcp::socket socket) {
                         timer, downstream](const boost::system::error_code& ec) mutable {
     timer->cancel();
     auto tls = std::move(*holder);
+    handshaking_.erase(tls.get());
     if (ec) {
       metrics_.tls_handshake_errors.inc();
       AccessLogEntry entry;

@@ -55,6 +55,7 @@ class Worker {
   HboneClientPool pool_;
   std::map<std::string, std::shared_ptr<Listener>> listeners_;
   std::map<H2Connection*, std::weak_ptr<H2Connection>> inbound_;
+  std::set<TlsSocket*> handshaking_;  // inbound handshakes in flight, dropped at shutdown
   bool draining_ = false;
 };
 

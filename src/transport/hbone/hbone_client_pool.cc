@@ -36,6 +36,12 @@ class Dialer : public std::enable_shared_from_this<Dialer> {
 
   void start() { try_next(); }
 
+  // Shutdown: the handshake handler owns this dialer and the dialer owns the socket holding the
+  // handler; drop the handler so both can be freed.
+  void abandon() {
+    if (stream_) stream_->abandon_handshake();
+  }
+
  private:
   void try_next() {
     if (index_ >= service_.addresses.size()) return finish(nullptr, "", last_error_);
@@ -131,7 +137,11 @@ class Dialer : public std::enable_shared_from_this<Dialer> {
 HboneClientPool::HboneClientPool(asio::io_context& io, Metrics& metrics)
     : io_(io), metrics_(metrics) {}
 
-HboneClientPool::~HboneClientPool() { *alive_ = false; }
+HboneClientPool::~HboneClientPool() {
+  *alive_ = false;
+  for (auto& weak : dialers_)
+    if (auto d = std::static_pointer_cast<Dialer>(weak.lock())) d->abandon();
+}
 
 void HboneClientPool::update(std::shared_ptr<const TlsContexts> tls, PoolConfig pool) {
   const bool rotated = tls_ && tls && tls_->generation != tls->generation;
@@ -196,6 +206,8 @@ void HboneClientPool::dial(const ServiceConfig& service) {
         }
         on_dialed(name, std::move(conn), error);
       });
+  std::erase_if(dialers_, [](const auto& w) { return w.expired(); });
+  dialers_.push_back(dialer);
   dialer->start();
 }
 

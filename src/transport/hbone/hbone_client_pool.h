@@ -62,6 +62,7 @@ class HboneClientPool {
   PoolConfig config_;
   std::map<std::string, Entry> entries_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  std::vector<std::weak_ptr<void>> dialers_;  // in flight; abandoned at shutdown
 };
 
 }  // namespace weft

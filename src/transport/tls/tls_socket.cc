@@ -75,6 +75,12 @@ TlsSocket::TlsSocket(tcp::socket socket, SSL_CTX* ctx, Role role) : socket_(std:
 
 TlsSocket::~TlsSocket() { SSL_free(ssl_); }
 
+void TlsSocket::abandon_handshake() {
+  auto handler = std::move(handshake_done_);
+  handshake_done_ = nullptr;
+  // `handler` dies here, possibly with this socket: nothing below may touch members.
+}
+
 void TlsSocket::close() {
   boost::system::error_code ignored;
   socket_.close(ignored);

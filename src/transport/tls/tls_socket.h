@@ -51,6 +51,9 @@ class TlsSocket {
   bool eof() const { return eof_; }
   const std::string& error() const { return error_; }
   void close();
+  // At shutdown: drops a pending handshake's handler without calling it. The handler may own
+  // this socket (and so the socket itself), which would otherwise never be freed.
+  void abandon_handshake();
 
   // --- BIO callbacks ---
   int bio_read(char* out, size_t len, size_t* read);
