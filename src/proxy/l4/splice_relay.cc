@@ -120,10 +120,8 @@ void SpliceRelay::pump(Direction& d) {
       }
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && errno == EAGAIN) {
-        d.waiting = true;
         d.to->async_wait(tcp::socket::wait_write,
                          [self = shared_from_this(), &d](const boost::system::error_code& ec) {
-                           d.waiting = false;
                            if (ec) return self->fail("write_wait_error");
                            self->pump(d);
                          });
@@ -150,10 +148,8 @@ void SpliceRelay::pump(Direction& d) {
     if (errno == EINTR) continue;
     if (errno == EAGAIN) {
       PipePool::local().give_back(d.pipe_r, d.pipe_w);  // empty here: idle costs no pipe
-      d.waiting = true;
       d.from->async_wait(tcp::socket::wait_read,
                          [self = shared_from_this(), &d](const boost::system::error_code& ec) {
-                           d.waiting = false;
                            if (ec) return self->fail("read_wait_error");
                            self->pump(d);
                          });

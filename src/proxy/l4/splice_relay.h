@@ -34,7 +34,6 @@ class SpliceRelay : public std::enable_shared_from_this<SpliceRelay> {
     uint64_t bytes = 0;
     bool eof = false;
     bool done = false;
-    bool waiting = false;
     bool upstream_bound = false;  // counts as received bytes
   };
 

@@ -75,7 +75,6 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
   bool accepting_streams() const;
   size_t stream_count() const { return streams_.size(); }
   const std::string& peer_identity() const { return peer_identity_; }
-  bool closed() const { return closed_; }
 
   // --- nghttp2 callback targets (public for the C trampolines only) ---
   int on_begin_headers(int32_t stream_id);

@@ -157,12 +157,6 @@ void HboneClientPool::retire_all() {
   }
 }
 
-size_t HboneClientPool::connection_count() const {
-  size_t n = 0;
-  for (const auto& [name, entry] : entries_) n += entry.connections.size();
-  return n;
-}
-
 void HboneClientPool::open(const ServiceConfig& service, std::shared_ptr<TunnelStream> stream) {
   Entry& entry = entries_[service.name];
   entry.service = service;

@@ -37,8 +37,6 @@ class HboneClientPool {
   // Drain: no new streams on existing tunnels; each closes when its last stream ends.
   void retire_all();
 
-  size_t connection_count() const;
-
  private:
   struct Waiter {
     std::string authority;

@@ -168,7 +168,6 @@ bool TlsSocket::write(const uint8_t* data, size_t len) {
 }
 
 void TlsSocket::async_flush(Handler done) {
-  flushing_ = true;
   sending_.clear();
   std::swap(out_, sending_);
   asio::async_write(socket_, asio::buffer(sending_),
@@ -177,7 +176,6 @@ void TlsSocket::async_flush(Handler done) {
                         std::vector<uint8_t>().swap(sending_);
                       else
                         sending_.clear();
-                      flushing_ = false;
                       done(ec);
                     });
 }

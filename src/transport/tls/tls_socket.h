@@ -42,7 +42,6 @@ class TlsSocket {
   // Encrypts `data` into the send buffer (it is not kept); call flush to send it.
   bool write(const uint8_t* data, size_t len);
   bool has_output() const { return !out_.empty(); }
-  bool flushing() const { return flushing_; }
   // Sends all buffered ciphertext; `done` runs once it is on the socket.
   void async_flush(Handler done);
 
@@ -71,7 +70,6 @@ class TlsSocket {
   size_t in_off_ = 0, in_len_ = 0;
   std::vector<uint8_t> out_;      // ciphertext waiting to be sent
   std::vector<uint8_t> sending_;  // ciphertext on the wire now
-  bool flushing_ = false;
   bool eof_ = false;
   bool socket_eof_ = false;
   std::string error_;
