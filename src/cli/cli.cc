@@ -93,6 +93,10 @@ int run_cli(int argc, char** argv) {
                     "serve plain HTTP: local development ONLY");
   control->add_option("--mesh-cidr", copt.mesh_cidr, "mesh IP pool; each agent gets a /24 of it");
   control->add_option("--node-cert-ttl", node_ttl, "lifetime of node certificates");
+  std::string workload_ttl = "24h";
+  control->add_option("--workload-cert-ttl", workload_ttl, "lifetime of workload certificates");
+  control->add_option("--change-log-size", copt.change_log_size,
+                      "changes kept for watchers to resume from; older ones get a full resync");
   control->add_option("--address-file", control_addr_file,
                       "write the bound host:port here once listening");
   std::string control_heartbeat = "10s";
@@ -155,6 +159,13 @@ int run_cli(int argc, char** argv) {
       ->envname("WEFT_CONTROL_TOKEN");
   status->add_option("--ca", ctl.ca_file, "mesh CA bundle, to verify control")->envname("WEFT_CA");
   status->add_option("-o,--output", output, "table or json")
+      ->check(CLI::IsMember({"table", "json"}));
+  auto* services = app.add_subcommand("services", "services, their endpoints and health");
+  services->add_option("--control", ctl.url, "control URL")->envname("MESH_CONTROL_URL");
+  services->add_option("--token", ctl.token, "operator token")->envname("WEFT_CONTROL_TOKEN");
+  services->add_option("--ca", ctl.ca_file, "mesh CA bundle, to verify control")
+      ->envname("WEFT_CA");
+  services->add_option("-o,--output", output, "table or json")
       ->check(CLI::IsMember({"table", "json"}));
   auto* keys_top = app.add_subcommand("keys", "join keys, through control's API");
   keys_top->require_subcommand(1);
@@ -273,12 +284,14 @@ int run_cli(int argc, char** argv) {
       copt.ca_dir = control_ca;
       copt.listen = *listen;
       copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
+      copt.workload_cert_ttl = parse_ttl_flag(workload_ttl, "--workload-cert-ttl");
       copt.address_file = control_addr_file;
       copt.heartbeat_interval = parse_ttl_flag(control_heartbeat, "--heartbeat-interval");
       ControlServer server(copt);
       return server.run();
     }
     if (*status) return cmd_status(ctl, output == "json");
+    if (*services) return cmd_services(ctl, output == "json");
     if (*keys_top_create)
       return cmd_keys_create(ctl, top_ttl, top_reusable, top_cluster, output == "json");
     if (*resources) {

@@ -19,6 +19,7 @@ struct AgentTarget {
 };
 
 int cmd_status(const ControlTarget& control, bool json_output);
+int cmd_services(const ControlTarget& control, bool json_output);
 int cmd_keys_create(const ControlTarget& control, const std::string& ttl, bool reusable,
                     const std::string& cluster, bool json_output);
 int cmd_resources_list(const AgentTarget& agent, bool json_output);

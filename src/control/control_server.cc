@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "control/join_keys.h"
+#include "http/http_client.h"
 #include "http/json_fields.h"
 #include "identity/certificate_authority.h"
 
@@ -76,6 +77,23 @@ bool valid_label(const std::string& s) {
   return true;
 }
 
+std::string query_param(const std::string& query, const std::string& key) {
+  size_t pos = 0;
+  while (pos <= query.size()) {
+    const size_t end = std::min(query.find('&', pos), query.size());
+    const std::string part = query.substr(pos, end - pos);
+    if (part.rfind(key + "=", 0) == 0) return part.substr(key.size() + 1);
+    pos = end + 1;
+  }
+  return "";
+}
+
+bool is_registry_kind(const std::string& kind) {
+  for (const char* k : kRegistryKinds)
+    if (kind == k) return true;
+  return false;
+}
+
 }  // namespace
 
 std::string ControlServer::load_or_create_admin_token(const std::filesystem::path& data_dir) {
@@ -89,7 +107,8 @@ std::string ControlServer::load_or_create_admin_token(const std::filesystem::pat
   return token;
 }
 
-ControlServer::ControlServer(ControlOptions options) : options_(std::move(options)), signals_(io_) {
+ControlServer::ControlServer(ControlOptions options)
+    : options_(std::move(options)), signals_(io_), health_timer_(io_) {
   auto pool = parse_mesh_pool(options_.mesh_cidr);
   if (!pool) throw std::runtime_error(pool.error());
   pool_ = *pool;
@@ -98,6 +117,16 @@ ControlServer::ControlServer(ControlOptions options) : options_(std::move(option
   ca_ = *ca;
   store_ = open_sqlite_store(options_.data_dir, &pool_);
   admin_token_ = load_or_create_admin_token(options_.data_dir);
+  registry_ = Registry(ca_.trust_domain());
+  registry_.log_retention = store_->log_retention = std::max<size_t>(options_.change_log_size, 1);
+  registry_.load(store_->list_objects(), store_->changes_since(0), store_->revision());
+  // Every agent gets a fresh grace period at start: control being down is not their fault.
+  for (const auto& a : registry_.list("agents")) {
+    const std::string id(a.at("id").as_string());
+    last_seen_[id] = now_ms();
+    if (auto* api = a.if_contains("api"); api && api->is_string() && !api->as_string().empty())
+      probe_targets_[id] = std::string(api->as_string());
+  }
   std::shared_ptr<boost::asio::ssl::context> tls;
   if (options_.insecure_http) {
     spdlog::warn(
@@ -106,8 +135,9 @@ ControlServer::ControlServer(ControlOptions options) : options_(std::move(option
   } else {
     tls = make_tls(ca_, options_.data_dir / "tls");
   }
-  auto http = HttpServer::bind(io_, options_.listen, tls,
-                               [this](const HttpRequest& r) { return handle(r); });
+  auto http = HttpServer::bind_async(
+      io_, options_.listen, tls,
+      [this](const HttpRequest& r, HttpServer::Reply reply) { dispatch(r, std::move(reply)); });
   if (!http) throw std::runtime_error("control API: " + http.error());
   http_ = std::move(*http);
   const std::string bound = HostPort{options_.listen.host, http_->port()}.to_string();
@@ -122,14 +152,186 @@ ControlServer::ControlServer(ControlOptions options) : options_(std::move(option
   signals_.async_wait([this](const boost::system::error_code& ec, int) {
     if (ec) return;
     spdlog::info("control: shutting down");
+    stopping_ = true;
     http_->close();
     io_.stop();
   });
+  sweep_health();
+  prober_ = std::thread([this] { probe_loop(); });
+}
+
+ControlServer::~ControlServer() {
+  stopping_ = true;
+  if (prober_.joinable()) prober_.join();
 }
 
 int ControlServer::run() {
   io_.run();
   return 0;
+}
+
+std::string ControlServer::node_id(const HttpRequest& r) const {
+  // The node certificate is the credential: spiffe://<td>/cluster/<c>/node/<id>.
+  const std::string prefix = "spiffe://" + ca_.trust_domain() + "/cluster/";
+  const auto node = r.peer_spiffe_id.rfind("/node/");
+  if (r.peer_spiffe_id.rfind(prefix, 0) != 0 || node == std::string::npos) return "";
+  return r.peer_spiffe_id.substr(node + 6);
+}
+
+int64_t ControlServer::commit(const std::string& kind, const std::string& name,
+                              const std::string& body) {
+  const auto* old = registry_.get(kind, name);
+  const std::string prev = old ? json::serialize(*old) : "";
+  const int64_t rev =
+      body.empty() ? store_->delete_object(kind, name) : store_->put_object(kind, name, body);
+  if (rev == 0) return 0;
+  registry_.apply(rev, kind, name, body, prev);
+  notify_watchers();
+  return rev;
+}
+
+void ControlServer::notify_watchers() {
+  for (auto it = watchers_.begin(); it != watchers_.end();) {
+    auto next = std::next(it);
+    auto delta = registry_.delta(it->agent_id, it->since);
+    if (!delta.empty()) finish(it, delta);
+    it = next;
+  }
+}
+
+void ControlServer::finish(std::list<Watcher>::iterator it, const WatchDelta& delta) {
+  auto reply = std::move(it->reply);
+  it->deadline->cancel();
+  watchers_.erase(it);
+  reply({200, json::serialize(delta.to_json()) + "\n"});
+}
+
+void ControlServer::handle_watch(const HttpRequest& r, HttpServer::Reply reply) {
+  std::string agent = node_id(r);
+  if (agent.empty() && is_operator(r)) agent = query_param(r.query, "agent");
+  if (agent.empty())
+    return reply(json_error(
+        401, "a watch needs the node's client certificate (or the operator token and ?agent=ID)"));
+  if (!registry_.get("agents", agent)) return reply(json_error(404, "no agent " + agent));
+  int64_t since = -1;
+  if (const auto s = query_param(r.query, "since"); !s.empty()) {
+    try {
+      size_t used = 0;
+      since = std::stoll(s, &used);
+      if (used != s.size() || since < 0) throw std::invalid_argument(s);
+    } catch (const std::exception&) {
+      return reply(json_error(400, "since must be a revision number", "since"));
+    }
+  }
+  Millis timeout = std::chrono::seconds(30);
+  if (const auto t = query_param(r.query, "timeout"); !t.empty()) {
+    auto d = parse_duration(t);
+    if (!d || *d > std::chrono::minutes(5))
+      return reply(json_error(400, "timeout must be a duration up to 5m, like 30s", "timeout"));
+    timeout = *d;
+  }
+  auto delta = since < 0 ? registry_.full_view(agent) : registry_.delta(agent, since);
+  if (!delta.empty() || timeout.count() == 0)
+    return reply({200, json::serialize(delta.to_json()) + "\n"});
+  watchers_.push_back(
+      {agent, since, std::move(reply), std::make_unique<boost::asio::steady_timer>(io_, timeout)});
+  auto it = std::prev(watchers_.end());
+  it->deadline->async_wait([this, it](const boost::system::error_code& ec) {
+    if (ec) return;  // answered already
+    WatchDelta nothing;
+    nothing.revision = registry_.revision();
+    finish(it, nothing);
+  });
+}
+
+void ControlServer::dispatch(const HttpRequest& r, HttpServer::Reply reply) {
+  if (r.path == "/v1/watch") {
+    if (r.method != "GET") return reply(json_error(405, "use GET"));
+    try {
+      return handle_watch(r, std::move(reply));
+    } catch (const std::exception& e) {
+      spdlog::error("control: watch: {}", e.what());
+      return reply(json_error(500, "internal error; see the control log"));
+    }
+  }
+  reply(handle(r));
+}
+
+void ControlServer::publish_agent(const AgentRecord& a, const std::string& hbone,
+                                  const std::string& api, int64_t cert_expires_ms) {
+  json::object o{{"id", a.id},
+                 {"name", a.name},
+                 {"cluster", a.cluster},
+                 {"mesh_ip", pool_.agent_ip(a.block)},
+                 {"spiffe_id", "spiffe://" + ca_.trust_domain() + "/cluster/" +
+                                   (a.cluster.empty() ? "default" : a.cluster) + "/node/" + a.id},
+                 {"hbone", hbone},
+                 {"api", api},
+                 {"healthy", true},
+                 {"cert_expires_ms", cert_expires_ms}};
+  if (const auto* old = registry_.get("agents", a.id)) {
+    if (hbone.empty()) o["hbone"] = old->at("hbone");
+    if (api.empty()) o["api"] = old->at("api");
+    if (cert_expires_ms == 0) o["cert_expires_ms"] = old->at("cert_expires_ms");
+    o["healthy"] = old->at("healthy");
+    if (*old == o) return;
+  }
+  commit("agents", a.id, json::serialize(o));
+  std::lock_guard lock(probe_mutex_);
+  if (const auto& url = o["api"].as_string(); !url.empty()) probe_targets_[a.id] = std::string(url);
+}
+
+void ControlServer::sweep_health() {
+  const int64_t now = now_ms();
+  const int64_t stale = 3 * options_.heartbeat_interval.count();
+  for (const auto& a : registry_.list("agents")) {
+    const std::string id(a.at("id").as_string());
+    auto seen = last_seen_.find(id);
+    const bool fresh = seen != last_seen_.end() && now - seen->second <= stale;
+    const bool healthy = fresh && probe_failures_[id] < 3;
+    if (a.at("healthy").as_bool() == healthy) continue;
+    json::object next = a;
+    next["healthy"] = healthy;
+    spdlog::warn("control: agent {} '{}' is now {}{}", id, std::string(a.at("name").as_string()),
+                 healthy ? "healthy" : "UNHEALTHY (out of routing)",
+                 healthy  ? ""
+                 : !fresh ? ": 3 heartbeats missed"
+                          : ": 3 failed probes of its /health");
+    commit("agents", id, json::serialize(next));
+  }
+  health_timer_.expires_after(std::max<Millis>(options_.heartbeat_interval / 2, Millis(100)));
+  health_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (!ec) sweep_health();
+  });
+}
+
+// Probes each agent's /health, as the mesh-agent seed's control does, off the io thread so a
+// slow agent never stalls the API. Results are posted back.
+void ControlServer::probe_loop() {
+  while (!stopping_) {
+    for (auto waited = Millis(0); waited < options_.heartbeat_interval && !stopping_;
+         waited += Millis(50))
+      std::this_thread::sleep_for(Millis(50));
+    std::map<std::string, std::string> targets;
+    {
+      std::lock_guard lock(probe_mutex_);
+      targets = probe_targets_;
+    }
+    for (const auto& [id, url] : targets) {
+      if (stopping_) return;
+      HttpCall call;
+      call.url = url + "/health";
+      call.timeout = std::chrono::milliseconds(2000);
+      auto res = http_call(call);
+      const bool ok = res && res->status == 200;
+      boost::asio::post(io_, [this, id = id, ok] {
+        if (ok)
+          probe_failures_[id] = 0;
+        else
+          ++probe_failures_[id];
+      });
+    }
+  }
 }
 
 bool ControlServer::is_operator(const HttpRequest& r) const {
@@ -149,6 +351,17 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
     if (r.path == "/v1/heartbeat") {
       if (r.method != "POST") return json_error(405, "use POST");
       return handle_heartbeat(r);
+    }
+    if (r.path == "/v1/certificates") {
+      if (r.method != "POST") return json_error(405, "use POST");
+      return handle_workload_certificate(r);
+    }
+    if (r.path.rfind("/v1/", 0) == 0) {
+      const std::string rest = r.path.substr(4);
+      const auto slash = rest.find('/');
+      const std::string kind = rest.substr(0, slash);
+      if (is_registry_kind(kind))
+        return handle_registry(r, kind, slash == std::string::npos ? "" : rest.substr(slash + 1));
     }
     if (r.path == "/v1/agents" || r.path == "/v1/keys") {
       if (!is_operator(r))
@@ -199,10 +412,12 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
     return json_error(outcome.status, outcome.error, outcome.status == 401 ? "auth_key" : "");
   }
   const AgentRecord& a = *outcome.agent;
+  last_seen_[a.id] = now_ms();
   auto body = agent_json(a, pool_, ca_.trust_domain());
   auto cert =
       ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);
   if (!cert) return json_error(500, cert.error());
+  publish_agent(a, "", "", now_ms() + options_.node_cert_ttl.count());
   body["certificate"] = *cert;
   body["ca_bundle"] = ca_.bundle_pem();
   body["certificate_ttl_s"] =
@@ -213,25 +428,140 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
 }
 
 HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
-  // The node certificate is the credential: spiffe://<td>/cluster/<c>/node/<id>.
-  const std::string prefix = "spiffe://" + ca_.trust_domain() + "/cluster/";
-  const auto node = r.peer_spiffe_id.rfind("/node/");
-  if (r.peer_spiffe_id.rfind(prefix, 0) != 0 || node == std::string::npos)
-    return json_error(401, "heartbeats need the node's client certificate (mTLS)");
-  const std::string id = r.peer_spiffe_id.substr(node + 6);
+  const std::string id = node_id(r);
+  if (id.empty()) return json_error(401, "heartbeats need the node's client certificate (mTLS)");
+  // The body (optional) tells where the agent serves: its HBONE inbound and its API.
+  std::string bad;
+  auto f = JsonFields::parse(r.body.empty() ? "{}" : r.body, {"hbone", "api"}, &bad);
+  if (!f) return json_error(400, f.error(), bad);
+  auto hbone = f->string("hbone");
+  if (!hbone) return json_error(400, hbone.error(), "hbone");
+  if (hbone->value_or("").size() && !parse_host_port(**hbone))
+    return json_error(400, "hbone must be host:port", "hbone");
+  auto api = f->string("api");
+  if (!api) return json_error(400, api.error(), "api");
+  if (api->value_or("").size() && api->value_or("").rfind("http://", 0) != 0 &&
+      api->value_or("").rfind("https://", 0) != 0)
+    return json_error(400, "api must be an http:// or https:// URL", "api");
   if (!store_->touch_agent(id, now_ms()))
     return json_error(404, "unknown agent " + id + "; register again");
+  last_seen_[id] = now_ms();
+  if (hbone->value_or("").size() || api->value_or("").size()) {
+    for (const auto& a : store_->list_agents())
+      if (a.id == id) publish_agent(a, hbone->value_or(""), api->value_or(""));
+  }
   return {200, json::serialize(
                    json::object{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}}) +
                    "\n"};
+}
+
+HttpResponse ControlServer::handle_registry(const HttpRequest& r, const std::string& kind,
+                                            const std::string& name) {
+  // Operators may change anything; an agent (node certificate) only its own resources and
+  // endpoints.
+  const bool op = is_operator(r);
+  const std::string node = op ? "" : node_id(r);
+  const bool agent_owned = kind == "resources" || kind == "endpoints";
+  if (!op && (node.empty() || !agent_owned))
+    return json_error(
+        401, "missing or wrong bearer token (the operator token is in <data-dir>/admin.token)");
+  const auto owned_by_caller = [&](const json::object& v) {
+    auto* a = v.if_contains("agent_id");
+    return op || (a && a->is_string() && a->as_string() == node);
+  };
+  if (name.find('/') != std::string::npos) return json_error(404, "no such endpoint: " + r.path);
+  if (name.empty()) {
+    if (r.method == "GET") {
+      json::array items;
+      for (auto& o : registry_.list(kind))
+        if (owned_by_caller(o)) items.push_back(o);
+      return {
+          200,
+          json::serialize(json::object{{kind, items}, {"revision", registry_.revision()}}) + "\n"};
+    }
+    if (r.method != "POST") return json_error(405, "use GET or POST");
+  } else if (r.method == "GET") {
+    const auto* o = registry_.get(kind, name);
+    if (!o || !owned_by_caller(*o)) return json_error(404, "no " + kind + " " + name);
+    return {200, json::serialize(*o) + "\n"};
+  } else if (r.method == "DELETE") {
+    const auto* o = registry_.get(kind, name);
+    if (!o || !owned_by_caller(*o)) return json_error(404, "no " + kind + " " + name);
+    const int64_t rev = commit(kind, name, "");
+    return {200, json::serialize(json::object{{"deleted", name}, {"revision", rev}}) + "\n"};
+  } else if (r.method != "PUT") {
+    return json_error(405, "use GET, PUT or DELETE");
+  }
+  RegistryError err;
+  auto v = registry_.validate(kind, name, r.body, err);
+  if (!v) return json_error(err.status, err.message, err.field);
+  if (!owned_by_caller(*v))
+    return json_error(403, "an agent may only write its own " + kind, "agent_id");
+  const std::string key =
+      std::string(v->contains("id") ? v->at("id").as_string() : v->at("name").as_string());
+  if (const auto* existing = registry_.get(kind, key)) {
+    if (r.method == "POST") return json_error(409, kind + " " + key + " already exists", "name");
+    if (!owned_by_caller(*existing)) return json_error(403, "not yours: " + kind + " " + key);
+  }
+  const int64_t rev = commit(kind, key, json::serialize(*v));
+  json::object out = *v;
+  out["revision"] = rev;
+  return {r.method == "POST" ? 201 : 200, json::serialize(out) + "\n"};
+}
+
+HttpResponse ControlServer::handle_workload_certificate(const HttpRequest& r) {
+  // The node-agent model (ztunnel): a node obtains certificates only for workloads it hosts.
+  const std::string node = node_id(r);
+  if (node.empty()) return json_error(401, "workload certificates need the node's certificate");
+  std::string bad;
+  auto f = JsonFields::parse(r.body, {"namespace", "service_account", "csr"}, &bad);
+  if (!f) return json_error(400, f.error(), bad);
+  std::string values[3];
+  const char* names[3] = {"namespace", "service_account", "csr"};
+  for (int i = 0; i < 3; ++i) {
+    auto v = f->string(names[i]);
+    if (!v) return json_error(400, v.error(), names[i]);
+    if (!*v || (*v)->empty())
+      return json_error(400, std::string(names[i]) + " is required", names[i]);
+    values[i] = **v;
+  }
+  const auto& [ns, sa, csr] = values;
+  if (!registry_.hosts_identity(node, ns, sa)) {
+    spdlog::warn("control: agent {} asked for ns/{}/sa/{}, which it does not host: refused", node,
+                 ns, sa);
+    return json_error(403,
+                      "agent " + node + " hosts no workload with namespace " + ns +
+                          " and service account " + sa + "; register its endpoint first",
+                      "service_account");
+  }
+  const std::string id = "spiffe://" + ca_.trust_domain() + "/ns/" + ns + "/sa/" + sa;
+  auto cert = ca_.sign(csr, id, options_.workload_cert_ttl);
+  if (!cert) return json_error(400, cert.error(), "csr");
+  return {
+      200,
+      json::serialize(json::object{
+          {"spiffe_id", id},
+          {"certificate", *cert},
+          {"ca_bundle", ca_.bundle_pem()},
+          {"certificate_ttl_s",
+           std::chrono::duration_cast<std::chrono::seconds>(options_.workload_cert_ttl).count()}}) +
+          "\n"};
 }
 
 HttpResponse ControlServer::handle_agents() {
   json::array out;
   // Three missed heartbeats and an agent is unhealthy, and out of routing for everyone else.
   const int64_t healthy_after = now_ms() - 3 * options_.heartbeat_interval.count();
-  for (const auto& a : store_->list_agents())
-    out.push_back(agent_json(a, pool_, ca_.trust_domain(), healthy_after));
+  for (const auto& a : store_->list_agents()) {
+    auto o = agent_json(a, pool_, ca_.trust_domain(), healthy_after);
+    if (const auto* rec = registry_.get("agents", a.id)) {
+      o["healthy"] = rec->at("healthy");
+      o["hbone"] = rec->at("hbone");
+      o["api"] = rec->at("api");
+      o["cert_expires_ms"] = rec->at("cert_expires_ms");
+    }
+    out.push_back(std::move(o));
+  }
   return {200, json::serialize(json::object{{"agents", out}}) + "\n"};
 }
 

@@ -2,13 +2,20 @@
 // signed by the mesh CA), and the registry API over HTTPS. One thread; state lives in the store.
 #pragma once
 
+#include <atomic>
 #include <filesystem>
+#include <list>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 
+#include "control/registry.h"
 #include "control/store.h"
 #include "core/duration.h"
 #include "core/host_port.h"
@@ -24,6 +31,8 @@ struct ControlOptions {
   bool insecure_http = false;
   std::string mesh_cidr = "100.64.0.0/10";
   Millis node_cert_ttl = std::chrono::hours(24);
+  Millis workload_cert_ttl = std::chrono::hours(24);
+  size_t change_log_size = 10000;
   Millis heartbeat_interval = std::chrono::seconds(10);  // 3 missed: unhealthy
   std::filesystem::path address_file;  // if set, the bound host:port is written here
 };
@@ -31,18 +40,41 @@ struct ControlOptions {
 class ControlServer {
  public:
   explicit ControlServer(ControlOptions options);  // throws std::runtime_error
+  ~ControlServer();
   int run();
 
   // The operator token (admin.token in the data dir, 0600) that guards the registry API.
   static std::string load_or_create_admin_token(const std::filesystem::path& data_dir);
 
  private:
+  // A parked long poll: answered at the first change in its agent's scope, or at its deadline.
+  struct Watcher {
+    std::string agent_id;
+    int64_t since = 0;
+    HttpServer::Reply reply;
+    std::unique_ptr<boost::asio::steady_timer> deadline;
+  };
+
+  void dispatch(const HttpRequest& r, HttpServer::Reply reply);
   HttpResponse handle(const HttpRequest& r);
+  void handle_watch(const HttpRequest& r, HttpServer::Reply reply);
+  HttpResponse handle_registry(const HttpRequest& r, const std::string& kind,
+                               const std::string& name);
+  HttpResponse handle_workload_certificate(const HttpRequest& r);
   HttpResponse handle_register(const HttpRequest& r);
   HttpResponse handle_agents();
   HttpResponse handle_heartbeat(const HttpRequest& r);
   HttpResponse handle_create_key(const HttpRequest& r);
   bool is_operator(const HttpRequest& r) const;
+  std::string node_id(const HttpRequest& r) const;  // from the node certificate, or ""
+  // Stores a change, applies it to the registry and wakes the watchers it concerns.
+  int64_t commit(const std::string& kind, const std::string& name, const std::string& body);
+  void notify_watchers();
+  void finish(std::list<Watcher>::iterator it, const WatchDelta& delta);
+  void publish_agent(const AgentRecord& a, const std::string& hbone, const std::string& api,
+                     int64_t cert_expires_ms = 0);
+  void sweep_health();
+  void probe_loop();
 
   ControlOptions options_;
   MeshPool pool_;
@@ -52,6 +84,16 @@ class ControlServer {
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;
   std::unique_ptr<HttpServer> http_;
+  Registry registry_;
+  std::list<Watcher> watchers_;
+  boost::asio::steady_timer health_timer_;
+  // Health, in memory: heartbeats and probe results; transitions are published as changes.
+  std::map<std::string, int64_t> last_seen_;
+  std::map<std::string, int> probe_failures_;
+  std::mutex probe_mutex_;
+  std::map<std::string, std::string> probe_targets_;  // agent id -> its API URL
+  std::thread prober_;
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace weft

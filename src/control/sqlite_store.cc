@@ -84,6 +84,11 @@ const char* const kMigrations[] = {
          public_key TEXT UNIQUE NOT NULL, block INTEGER UNIQUE NOT NULL,
          registered_at INTEGER NOT NULL, last_seen INTEGER NOT NULL);
        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);)",
+    R"(CREATE TABLE objects(kind TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
+         rev INTEGER NOT NULL, PRIMARY KEY(kind, name));
+       CREATE TABLE changes(rev INTEGER PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL,
+         body TEXT NOT NULL, prev TEXT NOT NULL);
+       INSERT INTO meta(key, value) VALUES('revision', '0');)",
 };
 
 class SqliteStore final : public ControlStore {
@@ -94,6 +99,10 @@ class SqliteStore final : public ControlStore {
     exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;");
     sqlite3_busy_timeout(db_, 5000);  // the CLI may write keys while control runs
     migrate();
+    {
+      Statement rev(db_, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='revision'");
+      if (rev.step()) revision_ = rev.integer(0);
+    }
     if (!pool) return;
     Statement get(db_, "SELECT value FROM meta WHERE key='mesh_pool'");
     if (get.step()) {
@@ -168,7 +177,73 @@ class SqliteStore final : public ControlStore {
     return sqlite3_changes(db_) > 0;
   }
 
+  int64_t put_object(const std::string& kind, const std::string& name,
+                     const std::string& body) override {
+    return change(kind, name, body);
+  }
+
+  int64_t delete_object(const std::string& kind, const std::string& name) override {
+    return change(kind, name, "");
+  }
+
+  std::vector<StoredObject> list_objects() override {
+    std::vector<StoredObject> out;
+    Statement s(db_, "SELECT kind, name, body, rev FROM objects ORDER BY kind, name");
+    while (s.step()) out.push_back({s.text(0), s.text(1), s.text(2), s.integer(3)});
+    return out;
+  }
+
+  std::vector<StoredChange> changes_since(int64_t rev) override {
+    std::vector<StoredChange> out;
+    Statement s(db_, "SELECT rev, kind, name, body, prev FROM changes WHERE rev > ? ORDER BY rev");
+    s.bind(1, rev);
+    while (s.step()) out.push_back({s.integer(0), s.text(1), s.text(2), s.text(3), s.text(4)});
+    return out;
+  }
+
+  int64_t revision() override { return revision_; }
+
  private:
+  // One put (body non-empty) or delete, its change-log entry and the new revision, atomically.
+  int64_t change(const std::string& kind, const std::string& name, const std::string& body) {
+    exec("BEGIN IMMEDIATE");
+    try {
+      std::string prev;
+      {
+        Statement get(db_, "SELECT body FROM objects WHERE kind=? AND name=?");
+        get.bind(1, kind).bind(2, name);
+        if (get.step()) prev = get.text(0);
+      }
+      if (body.empty() && prev.empty()) {
+        exec("ROLLBACK");
+        return 0;
+      }
+      const int64_t rev = revision_ + 1;
+      if (body.empty()) {
+        Statement del(db_, "DELETE FROM objects WHERE kind=? AND name=?");
+        del.bind(1, kind).bind(2, name).step();
+      } else {
+        Statement put(db_, "INSERT OR REPLACE INTO objects(kind, name, body, rev) VALUES(?,?,?,?)");
+        put.bind(1, kind).bind(2, name).bind(3, body).bind(4, rev).step();
+      }
+      Statement log(db_, "INSERT INTO changes(rev, kind, name, body, prev) VALUES(?,?,?,?,?)");
+      log.bind(1, rev).bind(2, kind).bind(3, name).bind(4, body).bind(5, prev).step();
+      Statement meta(db_, "UPDATE meta SET value=? WHERE key='revision'");
+      meta.bind(1, std::to_string(rev)).step();
+      // Trim in batches so that the log costs one index range delete per thousand changes.
+      if (rev % 1000 == 0 && rev > static_cast<int64_t>(log_retention)) {
+        Statement trim(db_, "DELETE FROM changes WHERE rev <= ?");
+        trim.bind(1, rev - static_cast<int64_t>(log_retention)).step();
+      }
+      exec("COMMIT");
+      revision_ = rev;
+      return rev;
+    } catch (...) {
+      exec("ROLLBACK");
+      throw;
+    }
+  }
+
   RegisterOutcome register_in_transaction(const Registration& r, const MeshPool& pool,
                                           int64_t now) {
     RegisterOutcome out;
@@ -285,6 +360,7 @@ class SqliteStore final : public ControlStore {
   }
 
   sqlite3* db_ = nullptr;
+  int64_t revision_ = 0;
 };
 
 }  // namespace

@@ -55,6 +55,25 @@ struct Registration {
   std::string agent_id;  // derived from the public key by the caller
 };
 
+// A registry object (service, endpoint, policy, resource, cluster, agent record) as JSON,
+// keyed by kind and name, with the revision of its last change.
+struct StoredObject {
+  std::string kind;
+  std::string name;
+  std::string body;
+  int64_t rev = 0;
+};
+
+// One entry of the change log watchers resume from. `body` is empty for a deletion; `prev` is
+// the body before the change, so a deletion can still be scoped to the watchers it concerns.
+struct StoredChange {
+  int64_t rev = 0;
+  std::string kind;
+  std::string name;
+  std::string body;
+  std::string prev;
+};
+
 struct RegisterOutcome {
   std::optional<AgentRecord> agent;
   int status = 200;  // 401 bad/expired/used/revoked key, 503 pool exhausted
@@ -74,6 +93,17 @@ class ControlStore {
   virtual std::vector<AgentRecord> list_agents() = 0;
   // Records a heartbeat; false if no such agent.
   virtual bool touch_agent(const std::string& id, int64_t now) = 0;
+
+  // The registry: each put or delete is one transaction that bumps the revision and appends to
+  // the change log, which keeps the newest `log_retention` entries. Deleting a missing object
+  // returns 0.
+  virtual int64_t put_object(const std::string& kind, const std::string& name,
+                             const std::string& body) = 0;
+  virtual int64_t delete_object(const std::string& kind, const std::string& name) = 0;
+  virtual std::vector<StoredObject> list_objects() = 0;
+  virtual std::vector<StoredChange> changes_since(int64_t rev) = 0;
+  virtual int64_t revision() = 0;
+  size_t log_retention = 10000;
 };
 
 // Opens (creating if needed) `<data_dir>/control.db` in WAL mode and applies migrations. With a

@@ -26,7 +26,7 @@ namespace {
 template <class Stream>
 class Session : public std::enable_shared_from_this<Session<Stream>> {
  public:
-  Session(Stream stream, HttpServer::Handler& handler)
+  Session(Stream stream, HttpServer::AsyncHandler& handler)
       : stream_(std::move(stream)), handler_(handler) {}
 
   void start() {
@@ -71,7 +71,11 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     if constexpr (std::is_same_v<Stream, beast::ssl_stream<beast::tcp_stream>>) {
       if (auto id = peer_spiffe_id(stream_.native_handle())) r.peer_spiffe_id = *id;
     }
-    send(handler_(r), req.keep_alive());
+    // The read timer would cut a long poll; the handler's own deadline bounds the wait.
+    beast::get_lowest_layer(stream_).expires_never();
+    handler_(r, [self = this->shared_from_this(), keep_alive = req.keep_alive()](HttpResponse out) {
+      self->send(std::move(out), keep_alive);
+    });
   }
 
   void send(HttpResponse out, bool keep_alive) {
@@ -83,6 +87,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     res_.keep_alive(keep_alive);
     res_.body() = std::move(out.body);
     res_.prepare_payload();
+    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(30));
     http::async_write(stream_, res_,
                       [self = this->shared_from_this()](beast::error_code ec, size_t) {
                         if (ec) return;
@@ -113,7 +118,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
 
   Stream stream_;
   std::array<char, 16384> discard_{};
-  HttpServer::Handler& handler_;
+  HttpServer::AsyncHandler& handler_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   http::response<http::string_body> res_;
@@ -122,7 +127,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
 }  // namespace
 
 struct HttpServer::Impl {
-  Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> tls, Handler handler)
+  Impl(asio::io_context& io, std::shared_ptr<asio::ssl::context> tls, AsyncHandler handler)
       : acceptor(io), tls(std::move(tls)), handler(std::move(handler)) {}
 
   void accept() {
@@ -145,7 +150,7 @@ struct HttpServer::Impl {
 
   tcp::acceptor acceptor;
   std::shared_ptr<asio::ssl::context> tls;
-  Handler handler;
+  AsyncHandler handler;
 };
 
 HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -154,6 +159,15 @@ HttpServer::~HttpServer() { close(); }
 Result<std::unique_ptr<HttpServer>> HttpServer::bind(asio::io_context& io, const HostPort& address,
                                                      std::shared_ptr<asio::ssl::context> tls,
                                                      Handler handler) {
+  return bind_async(
+      io, address, std::move(tls),
+      [handler = std::move(handler)](const HttpRequest& r, Reply reply) { reply(handler(r)); });
+}
+
+Result<std::unique_ptr<HttpServer>> HttpServer::bind_async(asio::io_context& io,
+                                                           const HostPort& address,
+                                                           std::shared_ptr<asio::ssl::context> tls,
+                                                           AsyncHandler handler) {
   auto impl = std::make_unique<Impl>(io, std::move(tls), std::move(handler));
   boost::system::error_code ec;
   const auto ip =

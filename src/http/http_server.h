@@ -35,6 +35,9 @@ struct HttpResponse {
 class HttpServer {
  public:
   using Handler = std::function<HttpResponse(const HttpRequest&)>;
+  // For answers that wait (a watch's long poll): call the reply once, later, on the same thread.
+  using Reply = std::function<void(HttpResponse)>;
+  using AsyncHandler = std::function<void(const HttpRequest&, Reply)>;
   static constexpr size_t kMaxBody = 1024 * 1024;
 
   // tls == nullptr serves plain HTTP.
@@ -42,6 +45,9 @@ class HttpServer {
                                                   const HostPort& address,
                                                   std::shared_ptr<boost::asio::ssl::context> tls,
                                                   Handler handler);
+  static Result<std::unique_ptr<HttpServer>> bind_async(
+      boost::asio::io_context& io, const HostPort& address,
+      std::shared_ptr<boost::asio::ssl::context> tls, AsyncHandler handler);
   ~HttpServer();
   uint16_t port() const;
   void close();

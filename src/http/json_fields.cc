@@ -5,7 +5,8 @@
 namespace weft {
 
 Result<JsonFields> JsonFields::parse(std::string_view body,
-                                     std::initializer_list<std::string_view> known) {
+                                     std::initializer_list<std::string_view> known,
+                                     std::string* bad_field) {
   boost::system::error_code ec;
   boost::json::value v = boost::json::parse(body, ec);
   if (ec) return make_error("body is not valid JSON: " + ec.message());
@@ -18,6 +19,7 @@ Result<JsonFields> JsonFields::parse(std::string_view body,
     if (!ok) {
       std::string list;
       for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
+      if (bad_field) *bad_field = kv.key();
       return make_error("unknown field '" + std::string(kv.key()) + "'; expected: " + list);
     }
   }
@@ -52,6 +54,23 @@ Result<std::optional<int64_t>> JsonFields::integer(std::string_view name) const 
     return std::optional<int64_t>(static_cast<int64_t>(it->value().as_uint64()));
   error_field_ = name;
   return make_error("field '" + std::string(name) + "' must be a whole number");
+}
+
+Result<std::optional<std::vector<std::string>>> JsonFields::strings(std::string_view name) const {
+  auto it = object_.find(name);
+  if (it == object_.end() || it->value().is_null())
+    return std::optional<std::vector<std::string>>();
+  std::vector<std::string> out;
+  if (it->value().is_array())
+    for (const auto& v : it->value().as_array()) {
+      if (!v.is_string()) break;
+      out.emplace_back(v.as_string());
+    }
+  if (!it->value().is_array() || out.size() != it->value().as_array().size()) {
+    error_field_ = name;
+    return make_error("field '" + std::string(name) + "' must be an array of strings");
+  }
+  return std::optional<std::vector<std::string>>(std::move(out));
 }
 
 }  // namespace weft

@@ -79,10 +79,21 @@ class ControlTest : public ::testing::Test {
     return r.output.substr(0, r.output.find('\n'));
   }
 
+  struct Node {
+    KeyPair keys = generate_ed25519();
+    std::string csr = *make_csr(keys.private_pem, "node");
+    std::string id, cert;  // once registered
+  };
+
+  // `as`: present that node's certificate (mTLS), as its agent would.
   Reply request(const std::string& method, const std::string& path, const std::string& body,
-                const std::string& auth = "") {
+                const std::string& auth = "", const Node* as = nullptr) {
     asio::io_context io;
     asio::ssl::context ctx(asio::ssl::context::tls_client);
+    if (as) {
+      ctx.use_certificate_chain(asio::buffer(as->cert));
+      ctx.use_private_key(asio::buffer(as->keys.private_pem), asio::ssl::context::pem);
+    }
     ctx.load_verify_file((dir_ / "ca" / "ca.crt").string());
     ctx.set_verify_mode(
         asio::ssl::verify_peer);  // chain only: identity is a SPIFFE URI, not a host name
@@ -92,8 +103,7 @@ class ControlTest : public ::testing::Test {
         tcp::endpoint(asio::ip::make_address(addr_.substr(0, colon)),
                       static_cast<uint16_t>(std::stoi(addr_.substr(colon + 1)))));
     s.handshake(asio::ssl::stream_base::client);
-    http::request<http::string_body> req{method == "GET" ? http::verb::get : http::verb::post, path,
-                                         11};
+    http::request<http::string_body> req{http::string_to_verb(method), path, 11};
     req.set(http::field::host, "control");
     if (!auth.empty()) req.set(http::field::authorization, auth);
     req.body() = body;
@@ -111,18 +121,22 @@ class ControlTest : public ::testing::Test {
     return r;
   }
 
-  struct Node {
-    KeyPair keys = generate_ed25519();
-    std::string csr = *make_csr(keys.private_pem, "node");
-  };
-
-  Reply register_node(const Node& n, const std::string& key, const std::string& cluster = "east") {
+  Reply register_node(Node& n, const std::string& key, const std::string& cluster = "east") {
     boost::json::object o{{"auth_key", key},
                           {"name", "n"},
                           {"cluster", cluster},
                           {"public_key", n.keys.public_pem},
                           {"csr", n.csr}};
-    return request("POST", "/v1/register", boost::json::serialize(o));
+    auto r = request("POST", "/v1/register", boost::json::serialize(o));
+    if (r.status == 200) {
+      n.id = r.body.at("id").as_string();
+      n.cert = r.body.at("certificate").as_string();
+    }
+    return r;
+  }
+
+  Reply op(const std::string& method, const std::string& path, const std::string& body = "") {
+    return request(method, path, body, "Bearer " + token_);
   }
 
   size_t agent_count() {
@@ -302,6 +316,230 @@ TEST_F(ControlTest, BadInputGetsJson4xxAndChangesNothing) {
   EXPECT_EQ(request("GET", "/v1/agents", "").status, 401);
   EXPECT_EQ(request("GET", "/v1/agents", "", "Bearer wrong").status, 401);
   EXPECT_EQ(agent_count(), 0u);
+}
+
+// ---- registry, watch, workload identities, health ----
+
+bool has_item(const boost::json::value& delta, const std::string& kind, const std::string& name,
+              const char* list = "put") {
+  for (const auto& i : delta.at(list).as_array())
+    if (i.at("kind").as_string() == kind && i.at("name").as_string() == name) return true;
+  return false;
+}
+
+TEST_F(ControlTest, RegistryCrudValidatesNamesTheFieldAndSurvivesRestart) {
+  start();
+  Node b;
+  ASSERT_EQ(register_node(b, create_key()).status, 200);
+
+  EXPECT_EQ(op("POST", "/v1/services", R"({"name":"echo","port":8080,"protocol":"http"})").status,
+            201);
+  EXPECT_EQ(op("POST", "/v1/services", R"({"name":"echo","port":8080})").status, 409);
+  const auto bad = [&](const std::string& path, const std::string& body, const std::string& field) {
+    auto r = op("POST", path, body);
+    EXPECT_EQ(r.status, 400) << path << " " << body;
+    ASSERT_TRUE(r.body.is_object());
+    EXPECT_EQ(r.body.at("field").as_string(), field) << boost::json::serialize(r.body);
+  };
+  bad("/v1/services", R"({"name":"x","port":70000})", "port");
+  bad("/v1/services", R"({"name":"x","port":"80"})", "port");
+  bad("/v1/services", R"({"name":"x","port":80,"colour":"red"})", "colour");
+  bad("/v1/services", R"({"name":"Bad Name","port":80})", "name");
+  bad("/v1/services", R"({"name":"x","port":80,"protocol":"smtp"})", "protocol");
+  bad("/v1/endpoints", R"({"service":"echo","agent_id":"nobody","port":80})", "agent_id");
+  bad("/v1/endpoints", R"({"service":"echo","agent_id":")" + b.id + R"(","port":0})", "port");
+  bad("/v1/policies", R"({"name":"p","service":"echo","allow":[]})", "allow");
+  bad("/v1/policies", R"({"name":"p","service":"echo","allow":["alice"]})", "allow");
+  bad("/v1/policies", R"({"name":"p","service":"echo","allow":"*"})", "allow");
+  bad("/v1/resources", R"({"id":"r1","mesh_port":80,"target_host":"x","target_port":80})",
+      "agent_id");
+
+  auto ep = op("POST", "/v1/endpoints",
+               R"({"name":"echo-1","service":"echo","agent_id":")" + b.id +
+                   R"(","port":8080,"namespace":"shop","service_account":"echo"})");
+  ASSERT_EQ(ep.status, 201) << boost::json::serialize(ep.body);
+  EXPECT_EQ(ep.body.at("address").as_string(), "100.64.0.1") << "defaults to the agent's mesh IP";
+  EXPECT_EQ(ep.body.at("cluster").as_string(), "east");
+  EXPECT_EQ(op("PUT", "/v1/policies/echo-from-east",
+               R"({"service":"echo","allow":["spiffe://mesh.test/cluster/east/*"]})")
+                .status,
+            200);
+  EXPECT_EQ(op("POST", "/v1/resources",
+               R"({"id":"db","mesh_port":5432,"target_host":"127.0.0.1","target_port":5432,)"
+               R"("agent_id":")" +
+                   b.id + R"("})")
+                .status,
+            201);
+  EXPECT_EQ(op("PUT", "/v1/clusters/east", R"({"description":"first site"})").status, 200);
+  // Unauthenticated or with the wrong token: nothing.
+  EXPECT_EQ(request("GET", "/v1/services", "").status, 401);
+  EXPECT_EQ(request("DELETE", "/v1/services/echo", "", "Bearer nope").status, 401);
+  // A node may write its own resources, not another node's and not services.
+  EXPECT_EQ(request("POST", "/v1/services", R"({"name":"y","port":1})", "", &b).status, 401);
+  EXPECT_EQ(
+      request("PUT", "/v1/resources/mine",
+              R"({"mesh_port":1,"target_host":"h","target_port":2,"agent_id":")" + b.id + R"("})",
+              "", &b)
+          .status,
+      200);
+  EXPECT_EQ(
+      request("PUT", "/v1/resources/theirs",
+              R"({"mesh_port":1,"target_host":"h","target_port":2,"agent_id":"someone"})", "", &b)
+          .status,
+      400);
+
+  stop();
+  start();
+  for (const auto& [kind, n] : std::vector<std::pair<std::string, size_t>>{
+           {"services", 1}, {"endpoints", 1}, {"policies", 1}, {"resources", 2}, {"clusters", 1}}) {
+    auto r = op("GET", "/v1/" + kind);
+    ASSERT_EQ(r.status, 200);
+    EXPECT_EQ(r.body.at(kind).as_array().size(), n) << kind;
+  }
+  EXPECT_EQ(op("GET", "/v1/policies/echo-from-east").body.at("allow").at(0).as_string(),
+            "spiffe://mesh.test/cluster/east/*");
+  EXPECT_EQ(op("DELETE", "/v1/services/echo").status, 200);
+  EXPECT_EQ(op("GET", "/v1/services/echo").status, 404);
+}
+
+TEST_F(ControlTest, WatchSendsEachAgentOnlyItsScopeAndResumesAfterRestart) {
+  start({"--change-log-size", "5"});
+  const std::string key = create_key({"--reusable"});
+  Node a, b, c;
+  ASSERT_EQ(register_node(a, key, "east").status, 200);
+  ASSERT_EQ(register_node(b, key, "west").status, 200);
+  ASSERT_EQ(register_node(c, key, "west").status, 200);
+  ASSERT_EQ(op("POST", "/v1/services", R"({"name":"echo","port":80})").status, 201);
+  ASSERT_EQ(op("POST", "/v1/endpoints",
+               R"({"name":"echo-b","service":"echo","agent_id":")" + b.id + R"(","port":80})")
+                .status,
+            201);
+  ASSERT_EQ(op("POST", "/v1/policies",
+               R"({"name":"p","service":"echo","allow":["spiffe://mesh.test/cluster/east/*"]})")
+                .status,
+            201);
+  // Watching needs the node certificate.
+  EXPECT_EQ(request("GET", "/v1/watch", "").status, 401);
+
+  auto va = request("GET", "/v1/watch", "", "", &a);
+  ASSERT_EQ(va.status, 200);
+  EXPECT_TRUE(va.body.at("full").as_bool());
+  EXPECT_TRUE(has_item(va.body, "services", "echo"));
+  EXPECT_TRUE(has_item(va.body, "endpoints", "echo-b"));
+  EXPECT_TRUE(has_item(va.body, "agents", b.id)) << "the agent hosting a reachable endpoint";
+  EXPECT_FALSE(has_item(va.body, "agents", c.id)) << "never the whole mesh";
+  EXPECT_FALSE(has_item(va.body, "policies", "p")) << "a only reaches echo; b guards it";
+  auto vb = request("GET", "/v1/watch", "", "", &b);
+  EXPECT_TRUE(has_item(vb.body, "policies", "p")) << "b hosts echo: it enforces the policy";
+  EXPECT_TRUE(has_item(vb.body, "endpoints", "echo-b"));
+  auto vc = request("GET", "/v1/watch", "", "", &c);
+  EXPECT_FALSE(has_item(vc.body, "services", "echo")) << boost::json::serialize(vc.body);
+  EXPECT_FALSE(has_item(vc.body, "endpoints", "echo-b"));
+  const int64_t rev = va.body.at("revision").as_int64();
+
+  // A long poll is answered by the first change in scope, as a delta.
+  auto pending = std::async(std::launch::async, [&] {
+    return request("GET", "/v1/watch?since=" + std::to_string(rev) + "&timeout=60s", "", "", &a);
+  });
+  auto pending_c = std::async(std::launch::async, [&] {
+    return request("GET", "/v1/watch?since=" + std::to_string(rev) + "&timeout=1s", "", "", &c);
+  });
+  ASSERT_EQ(op("PUT", "/v1/endpoints/echo-b",
+               R"({"service":"echo","agent_id":")" + b.id + R"(","port":81})")
+                .status,
+            200);
+  auto delta = pending.get();
+  ASSERT_EQ(delta.status, 200);
+  EXPECT_FALSE(delta.body.at("full").as_bool());
+  ASSERT_TRUE(has_item(delta.body, "endpoints", "echo-b")) << boost::json::serialize(delta.body);
+  EXPECT_EQ(delta.body.at("put").at(0).at("value").at("port").as_int64(), 81);
+  auto quiet = pending_c.get();
+  EXPECT_TRUE(quiet.body.at("put").as_array().empty()) << "c cannot reach echo: it hears nothing";
+  const int64_t rev2 = delta.body.at("revision").as_int64();
+
+  // Control restarts; the watch resumes from its revision with a delta, not a resync.
+  stop();
+  start({"--change-log-size", "5"});
+  auto resumed =
+      request("GET", "/v1/watch?since=" + std::to_string(rev2) + "&timeout=0s", "", "", &a);
+  EXPECT_FALSE(resumed.body.at("full").as_bool());
+  EXPECT_EQ(resumed.body.at("revision").as_int64(), rev2);
+  ASSERT_EQ(op("DELETE", "/v1/endpoints/echo-b").status, 200);
+  auto gone = request("GET", "/v1/watch?since=" + std::to_string(rev2), "", "", &a);
+  EXPECT_FALSE(gone.body.at("full").as_bool());
+  EXPECT_TRUE(has_item(gone.body, "endpoints", "echo-b", "deleted"));
+  // Too old for the change log (5 entries): a full resync.
+  auto old = request("GET", "/v1/watch?since=1", "", "", &a);
+  EXPECT_TRUE(old.body.at("full").as_bool());
+  EXPECT_FALSE(has_item(old.body, "endpoints", "echo-b"));
+  EXPECT_EQ(request("GET", "/v1/watch?since=banana", "", "", &a).status, 400);
+}
+
+TEST_F(ControlTest, WorkloadCertificatesOnlyForWorkloadsTheAgentHosts) {
+  start();
+  const std::string key = create_key({"--reusable"});
+  Node a, b;
+  ASSERT_EQ(register_node(a, key).status, 200);
+  ASSERT_EQ(register_node(b, key).status, 200);
+  ASSERT_EQ(op("POST", "/v1/endpoints",
+               R"({"service":"cart","agent_id":")" + b.id +
+                   R"(","port":80,"namespace":"shop","service_account":"cart"})")
+                .status,
+            201);
+  const auto workload = generate_ed25519();
+  const std::string body =
+      boost::json::serialize(boost::json::object{{"namespace", "shop"},
+                                                 {"service_account", "cart"},
+                                                 {"csr", *make_csr(workload.private_pem, "cart")}});
+  auto ok = request("POST", "/v1/certificates", body, "", &b);
+  ASSERT_EQ(ok.status, 200) << boost::json::serialize(ok.body);
+  EXPECT_EQ(ok.body.at("spiffe_id").as_string(), "spiffe://mesh.test/ns/shop/sa/cart");
+  write_file(dir_ / "cart.pem", std::string(ok.body.at("certificate").as_string()));
+  EXPECT_EQ(load_certificate_info(dir_ / "cart.pem")->spiffe_id().value_or(""),
+            "spiffe://mesh.test/ns/shop/sa/cart");
+  auto refused = request("POST", "/v1/certificates", body, "", &a);
+  EXPECT_EQ(refused.status, 403) << "a does not host shop/cart";
+  EXPECT_EQ(refused.body.at("field").as_string(), "service_account");
+  EXPECT_EQ(request("POST", "/v1/certificates", body).status, 401) << "no node certificate";
+  EXPECT_EQ(request("POST", "/v1/certificates", body, "Bearer " + token_).status, 401)
+      << "the operator token is not a node identity";
+}
+
+TEST_F(ControlTest, AgentThatStopsHeartbeatingLeavesEveryonesRouting) {
+  start({"--heartbeat-interval", "100ms"});
+  const std::string key = create_key({"--reusable"});
+  Node a, b;
+  ASSERT_EQ(register_node(a, key).status, 200);
+  ASSERT_EQ(register_node(b, key).status, 200);
+  ASSERT_EQ(op("POST", "/v1/endpoints",
+               R"({"name":"e","service":"echo","agent_id":")" + b.id + R"(","port":80})")
+                .status,
+            201);
+  ASSERT_EQ(op("POST", "/v1/policies", R"({"name":"p","service":"echo","allow":["*"]})").status,
+            201);
+  // a keeps heartbeating; b never does. a's watch must learn that b is out of routing.
+  auto view = request("GET", "/v1/watch", "", "", &a);
+  int64_t rev = view.body.at("revision").as_int64();
+  bool b_unhealthy = false;
+  for (int i = 0; i < 100 && !b_unhealthy; ++i) {
+    EXPECT_EQ(request("POST", "/v1/heartbeat", "", "", &a).status, 200);
+    auto d =
+        request("GET", "/v1/watch?since=" + std::to_string(rev) + "&timeout=100ms", "", "", &a);
+    rev = d.body.at("revision").as_int64();
+    for (const auto& item : d.body.at("put").as_array())
+      if (item.at("kind").as_string() == "agents" && item.at("name").as_string() == b.id &&
+          !item.at("value").at("healthy").as_bool())
+        b_unhealthy = true;
+  }
+  EXPECT_TRUE(b_unhealthy);
+  bool a_healthy = false, b_listed_unhealthy = false;
+  const auto agents = op("GET", "/v1/agents");
+  for (const auto& x : agents.body.at("agents").as_array()) {
+    if (x.at("id").as_string() == a.id) a_healthy = x.at("healthy").as_bool();
+    if (x.at("id").as_string() == b.id) b_listed_unhealthy = !x.at("healthy").as_bool();
+  }
+  EXPECT_TRUE(a_healthy);
+  EXPECT_TRUE(b_listed_unhealthy);
 }
 
 // ---- weft agent ----
