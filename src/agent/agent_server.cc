@@ -57,6 +57,8 @@ std::string utc_now() { return format_utc(std::time(nullptr)); }
 
 AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), signals_(io_) {
   std::error_code ec;
+  // Absolute, because the data plane's config names files in it.
+  options_.state_dir = fs::absolute(options_.state_dir);
   fs::create_directories(options_.state_dir, ec);
   if (ec)
     throw std::runtime_error("cannot create state dir " + options_.state_dir.string() + ": " +
@@ -143,7 +145,20 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
                               [this](const HttpRequest& r) { return handle(r); });
   if (!api) throw std::runtime_error("agent API: " + api.error());
   api_ = std::move(*api);
+  api_port_ = api_->port();
   const std::string bound = HostPort{options_.api_address, api_->port()}.to_string();
+  advertise_address_ = options_.advertise_address;
+  if (advertise_address_.empty()) {
+    const std::string& host = options_.hbone_listen.host;
+    advertise_address_ = host == "0.0.0.0" || host == "::" ? "127.0.0.1" : host;
+    if (!options_.control_url.empty() && advertise_address_ != host)
+      spdlog::warn(
+          "agent: HBONE listens on {} and --advertise-address is not set: other agents are told "
+          "{}, which only works on this machine",
+          options_.hbone_listen.to_string(), advertise_address_);
+  }
+  view_ = MeshView::load(options_.state_dir / "view.json");
+  dataplane_ = std::make_unique<DataPlane>(io_, options_.state_dir);
   if (!options_.address_file.empty()) write_file_atomic(options_.address_file, bound + "\n", 0644);
 
   signals_.add(SIGTERM);
@@ -151,13 +166,18 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
   signals_.async_wait([this](const boost::system::error_code& ec, int) {
     if (ec) return;
     stopping_ = true;
+    sync_cv_.notify_all();
     api_->close();
     for (auto& [id, p] : proxies_) close_proxy(p);
+    dataplane_->stop();
     io_.stop();
   });
   if (!options_.control_url.empty()) {
     control_state_ = "registering";
+    // With a certificate from before, serve the last config at once; control may be away.
+    if (fs::exists(options_.state_dir / "node.crt") && view_.revision() >= 0) rebuild_dataplane();
     registrar_ = std::thread([this] { register_loop(); });
+    watcher_ = std::thread([this] { watch_loop(); });
   }
   spdlog::info("weft agent {} '{}' ready: API http://{} ({} resources), control {}", id_,
                options_.name, bound, proxies_.size(),
@@ -166,7 +186,9 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
 
 AgentServer::~AgentServer() {
   stopping_ = true;
+  sync_cv_.notify_all();
   if (registrar_.joinable()) registrar_.join();
+  if (watcher_.joinable()) watcher_.join();
 }
 
 int AgentServer::run() {
@@ -174,48 +196,85 @@ int AgentServer::run() {
   return 0;
 }
 
+HttpCall AgentServer::control_call(const std::string& path, bool with_node_cert) const {
+  HttpCall call;
+  call.url = options_.control_url + path;
+  call.ca_file = !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
+  call.cancel = &stopping_;
+  if (with_node_cert) {
+    call.cert_file = options_.state_dir / "node.crt";
+    call.key_file = options_.state_dir / "node.key";
+  }
+  return call;
+}
+
+bool AgentServer::wait_or_wake(std::chrono::steady_clock::time_point until) {
+  std::unique_lock lock(sync_mutex_);
+  sync_cv_.wait_until(lock, until, [this] { return stopping_.load() || sync_wanted_; });
+  const bool wanted = sync_wanted_;
+  sync_wanted_ = false;
+  return wanted;
+}
+
+Result<json::object> AgentServer::register_once(const std::string& key_pem) {
+  auto csr = make_csr(key_pem, options_.name);
+  if (!csr) return make_error(csr.error());
+  json::object body{{"auth_key", options_.auth_key},
+                    {"name", options_.name},
+                    {"cluster", options_.cluster_id},
+                    {"public_key", public_key_pem_},
+                    {"csr", *csr}};
+  HttpCall call = control_call("/v1/register", false);
+  call.method = "POST";
+  call.body = json::serialize(body);
+  auto res = http_call(call);
+  if (!res) return make_error(res.error());
+  if (res->status != 200)
+    return make_error("control answered " + std::to_string(res->status) + ": " + res->body);
+  boost::system::error_code ec;
+  auto v = json::parse(res->body, ec);
+  if (ec || !v.is_object()) return make_error("control's registration answer is not JSON");
+  return v.as_object();
+}
+
+void AgentServer::install_registration(const json::object& v) {
+  // The certificate is written before anything uses it; the data plane proxy watches the file
+  // and rotates to a renewed one by itself.
+  write_file_atomic(options_.state_dir / "ca.crt", json::value_to<std::string>(v.at("ca_bundle")),
+                    0644);
+  write_file_atomic(options_.state_dir / "node.crt",
+                    json::value_to<std::string>(v.at("certificate")), 0644);
+  cert_received_ = std::time(nullptr);
+  boost::asio::post(io_, [this, v] {
+    const bool first = assigned_ip_.empty() || spiffe_id_.empty();
+    assigned_ip_ = json::value_to<std::string>(v.at("mesh_ip"));
+    mesh_blocks_ = {json::value_to<std::string>(v.at("mesh_block"))};
+    spiffe_id_ = json::value_to<std::string>(v.at("spiffe_id"));
+    if (registered_at_.empty()) registered_at_ = utc_now();
+    for (auto& [id, p] : proxies_) p.resource.mesh_ip = assigned_ip_;
+    save_agent();
+    save_resources();
+    control_state_ = "registered";
+    if (first)
+      spdlog::info("agent: registered with control as {} (mesh ip {}, {})", id_, assigned_ip_,
+                   spiffe_id_);
+    rebuild_dataplane();
+  });
+}
+
 void AgentServer::register_loop() {
   std::mt19937 rng(std::random_device{}());
   std::chrono::milliseconds backoff(500);
   const std::string key_pem = slurp(options_.state_dir / "node.key");
   while (!stopping_) {
-    auto csr = make_csr(key_pem, options_.name);
-    json::object body{{"auth_key", options_.auth_key},
-                      {"name", options_.name},
-                      {"cluster", options_.cluster_id},
-                      {"public_key", public_key_pem_},
-                      {"csr", *csr}};
-    HttpCall call;
-    call.url = options_.control_url + "/v1/register";
-    call.method = "POST";
-    call.body = json::serialize(body);
-    call.ca_file =
-        !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
-    auto res = http_call(call);
-    if (res && res->status == 200) {
-      auto v = json::parse(res->body).as_object();
-      boost::asio::post(io_, [this, v] {
-        assigned_ip_ = json::value_to<std::string>(v.at("mesh_ip"));
-        mesh_blocks_ = {json::value_to<std::string>(v.at("mesh_block"))};
-        spiffe_id_ = json::value_to<std::string>(v.at("spiffe_id"));
-        registered_at_ = utc_now();
-        write_file_atomic(options_.state_dir / "node.crt",
-                          json::value_to<std::string>(v.at("certificate")), 0644);
-        write_file_atomic(options_.state_dir / "ca.crt",
-                          json::value_to<std::string>(v.at("ca_bundle")), 0644);
-        for (auto& [id, p] : proxies_) p.resource.mesh_ip = assigned_ip_;
-        save_agent();
-        save_resources();
-        control_state_ = "registered";
-        spdlog::info("agent: registered with control as {} (mesh ip {}, {})", id_, assigned_ip_,
-                     spiffe_id_);
-      });
+    auto res = register_once(key_pem);
+    if (res) {
+      install_registration(*res);
       heartbeat_loop();
       return;
     }
-    const std::string why =
-        res ? "control answered " + std::to_string(res->status) + ": " + res->body : res.error();
-    if (res && res->status == 401) {
+    const std::string why = res.error();
+    if (why.rfind("control answered 401", 0) == 0) {
       // A refused key will not start working by retrying; say so and stop.
       boost::asio::post(io_, [this, why] { control_state_ = "registration refused: " + why; });
       spdlog::error(
@@ -238,24 +297,86 @@ void AgentServer::register_loop() {
   }
 }
 
+// Renews the node certificate at 2/3 of its lifetime, by registering again: the CSR proves the
+// node key, so no join key is needed and the ID and address stay.
+void AgentServer::renew_if_due(const std::string& key_pem) {
+  auto info = load_certificate_info(options_.state_dir / "node.crt");
+  if (!info) return;
+  // Certificates are backdated a minute for clock skew: count the lifetime from when this one
+  // arrived, or a short-lived certificate would look two-thirds spent at once.
+  const std::time_t start = std::max<std::time_t>(info->not_before, cert_received_.load());
+  const std::time_t due = start + (info->not_after - start) * 2 / 3;
+  if (std::time(nullptr) < due) return;
+  auto res = register_once(key_pem);
+  if (!res) {
+    spdlog::warn("agent: node certificate renewal failed: {}; it expires {}", res.error(),
+                 format_utc(info->not_after));
+    return;
+  }
+  install_registration(*res);
+  spdlog::info("agent: node certificate renewed (the old one expired {})",
+               format_utc(info->not_after));
+}
+
+bool AgentServer::publish_resources() {
+  std::map<std::string, std::string> desired;
+  {
+    std::lock_guard lock(sync_mutex_);
+    desired = desired_resources_;
+  }
+  // What control holds for this agent, so removals made while it was away are caught too.
+  HttpCall list = control_call("/v1/resources", true);
+  auto listed = http_call(list);
+  if (!listed || listed->status != 200) return false;
+  boost::system::error_code ec;
+  auto v = json::parse(listed->body, ec);
+  if (ec || !v.is_object()) return false;
+  std::map<std::string, std::string> there;
+  for (const auto& r : v.at("resources").as_array())
+    there[json::value_to<std::string>(r.at("id"))] = json::serialize(r);
+  bool failed = false;
+  for (const auto& [id, body] : desired) {
+    auto it = there.find(id);
+    if (it != there.end() && json::parse(it->second) == json::parse(body)) continue;
+    HttpCall put = control_call("/v1/resources/" + id, true);
+    put.method = "PUT";
+    put.body = body;
+    auto r = http_call(put);
+    if (!r || r->status >= 300) {
+      spdlog::warn("agent: cannot publish resource {}: {}", id,
+                   r ? std::to_string(r->status) + " " + r->body : r.error());
+      failed = true;
+    }
+  }
+  for (const auto& [id, body] : there) {
+    if (desired.count(id)) continue;
+    HttpCall del = control_call("/v1/resources/" + id, true);
+    del.method = "DELETE";
+    auto r = http_call(del);
+    failed = failed || !r || r->status >= 300;
+  }
+  return !failed;
+}
+
 void AgentServer::heartbeat_loop() {
-  // The node certificate files are written on the io thread; wait until they are there.
-  while (!stopping_ && !std::filesystem::exists(options_.state_dir / "node.crt"))
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const std::string key_pem = slurp(options_.state_dir / "node.key");
   int failures = 0;
+  bool publish_pending = true;
+  auto next_beat = std::chrono::steady_clock::now();
   while (!stopping_) {
-    for (auto waited = std::chrono::milliseconds(0);
-         waited < options_.heartbeat_interval && !stopping_;
-         waited += std::chrono::milliseconds(10))
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // Wakes early when a resource changed, so control hears of it at once.
+    if (wait_or_wake(next_beat)) publish_pending = true;
     if (stopping_) return;
-    HttpCall call;
-    call.url = options_.control_url + "/v1/heartbeat";
+    if (publish_pending) publish_pending = !publish_resources();
+    if (std::chrono::steady_clock::now() < next_beat) continue;
+    next_beat = std::chrono::steady_clock::now() + options_.heartbeat_interval;
+    renew_if_due(key_pem);
+    json::object body{{"api", "http://" + HostPort{options_.api_address, api_port_}.to_string()}};
+    if (auto port = dataplane_->inbound_port())
+      body["hbone"] = HostPort{advertise_address_, *port}.to_string();
+    HttpCall call = control_call("/v1/heartbeat", true);
     call.method = "POST";
-    call.ca_file =
-        !options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt";
-    call.cert_file = options_.state_dir / "node.crt";
-    call.key_file = options_.state_dir / "node.key";
+    call.body = json::serialize(body);
     auto res = http_call(call);
     if (res && res->status == 200) {
       if (failures) boost::asio::post(io_, [this] { control_state_ = "registered"; });
@@ -268,6 +389,107 @@ void AgentServer::heartbeat_loop() {
     boost::asio::post(
         io_, [this, why] { control_state_ = "serving last config, control unreachable: " + why; });
   }
+}
+
+// Long-polls control for this agent's slice of the registry. Each answer is a delta (or a full
+// resync) carrying a revision; after a reconnect the watch resumes from the last one.
+void AgentServer::watch_loop() {
+  while (!stopping_ && !fs::exists(options_.state_dir / "node.crt"))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::mt19937 rng(std::random_device{}());
+  std::chrono::milliseconds backoff(500);
+  int64_t since = view_.revision();  // read before the io thread runs anything that changes it
+  while (!stopping_) {
+    HttpCall call = control_call(
+        "/v1/watch?timeout=20s" + (since >= 0 ? "&since=" + std::to_string(since) : ""), true);
+    call.timeout = std::chrono::seconds(30);
+    auto res = http_call(call);
+    boost::system::error_code ec;
+    json::value v;
+    if (res && res->status == 200) v = json::parse(res->body, ec);
+    if (res && res->status == 200 && !ec && v.is_object() && v.as_object().contains("revision") &&
+        v.at("revision").is_int64()) {
+      since = v.at("revision").as_int64();
+      backoff = std::chrono::milliseconds(500);
+      boost::asio::post(io_, [this, d = std::move(v.as_object())] {
+        const bool changed = d.at("full").as_bool() || !d.at("put").as_array().empty() ||
+                             !d.at("deleted").as_array().empty();
+        if (auto ok = view_.apply(d); !ok) {
+          spdlog::error("agent: bad watch answer: {}", ok.error());
+          return;
+        }
+        watch_state_ = "watching at revision " + std::to_string(view_.revision());
+        if (!changed) return;
+        view_.save(options_.state_dir / "view.json");
+        rebuild_dataplane();
+      });
+      continue;
+    }
+    const std::string why =
+        res ? "control answered " + std::to_string(res->status) + ": " + res->body : res.error();
+    boost::asio::post(io_, [this, why] {
+      watch_state_ = "serving last config (revision " + std::to_string(view_.revision()) +
+                     "), watch failing: " + why;
+    });
+    spdlog::warn("agent: watch failed: {}; retrying in {} ms", why, backoff.count());
+    const auto wait = backoff + std::chrono::milliseconds(std::uniform_int_distribution<int>(
+                                    0, static_cast<int>(backoff.count() / 2))(rng));
+    for (auto waited = std::chrono::milliseconds(0); waited < wait && !stopping_;
+         waited += std::chrono::milliseconds(50))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
+  }
+}
+
+// The proxy config that follows from the view: exports as HBONE inbound targets, imports as
+// local listeners that tunnel to the agents hosting them.
+void AgentServer::rebuild_dataplane() {
+  if (!fs::exists(options_.state_dir / "node.crt")) return;
+  json::array targets, services, outbound;
+  std::string summary;
+  for (const auto& e : view_.exports(id_)) {
+    json::array allow;
+    for (const auto& a : e.allow) allow.push_back(json::value(a));
+    targets.push_back(json::object{
+        {"authority", e.authority}, {"address", e.target.to_string()}, {"allow", allow}});
+    summary += " export " + e.authority + "->" + e.target.to_string();
+  }
+  for (const auto& imp : view_.imports(id_)) {
+    if (port_taken(imp.port, "")) {
+      spdlog::warn("agent: cannot import {}: port {} is taken by a local resource", imp.service,
+                   imp.port);
+      continue;
+    }
+    json::array addrs, ids;
+    for (const auto& p : imp.peers) addrs.push_back(json::value(p.to_string()));
+    for (const auto& id : imp.peer_ids) ids.push_back(json::value(id));
+    services.push_back(json::object{{"name", imp.service},
+                                    {"addresses", addrs},
+                                    {"authority", imp.authority},
+                                    {"spiffe_ids", ids}});
+    outbound.push_back(
+        json::object{{"name", imp.service},
+                     {"listen", HostPort{options_.resource_address, imp.port}.to_string()},
+                     {"service", imp.service}});
+    summary +=
+        " import " + imp.service + "@" + HostPort{options_.resource_address, imp.port}.to_string();
+  }
+  json::object config{
+      {"identity",
+       {{"cert", (options_.state_dir / "node.crt").string()},
+        {"key", (options_.state_dir / "node.key").string()},
+        {"ca", (options_.state_dir / "ca.crt").string()}}},
+      {"workers", 1},
+      {"admin", {{"listen", "127.0.0.1:0"}}},
+      {"drain_timeout", "5s"},
+      {"inbound", {{"listen", options_.hbone_listen.to_string()}, {"targets", targets}}},
+      {"services", services},
+      {"outbound", outbound}};
+  if (summary != dataplane_summary_)
+    spdlog::info("agent: data plane at revision {}:{}", view_.revision(),
+                 summary.empty() ? " nothing to import or export" : summary);
+  dataplane_summary_ = summary;
+  dataplane_->apply(json::serialize(config) + "\n");
 }
 
 json::object AgentServer::agent_json() const {
@@ -294,10 +516,20 @@ void AgentServer::save_agent() const {
   write_file_atomic(options_.state_dir / "agent.json", json::serialize(agent_json()) + "\n", 0644);
 }
 
-void AgentServer::save_resources() const {
+void AgentServer::save_resources() {
   json::array a;
-  for (const auto& [id, p] : proxies_) a.push_back(p.resource.to_json());
+  std::map<std::string, std::string> desired;
+  for (const auto& [id, p] : proxies_) {
+    a.push_back(p.resource.to_json());
+    desired[id] = json::serialize(p.resource.to_json());
+  }
   write_file_atomic(options_.state_dir / "resources.json", json::serialize(a) + "\n", 0644);
+  {
+    std::lock_guard lock(sync_mutex_);
+    desired_resources_ = std::move(desired);
+    sync_wanted_ = true;
+  }
+  sync_cv_.notify_all();
 }
 
 std::string AgentServer::open_proxy(Proxy& p) {
@@ -371,6 +603,11 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
     return {200, json::serialize(json::object{
                      {"agent", agent_json()},
                      {"control", {{"url", options_.control_url}, {"state", control_state_}}},
+                     {"mesh",
+                      {{"revision", view_.revision()},
+                       {"watch", watch_state_},
+                       {"objects", view_.size()},
+                       {"dataplane", dataplane_summary_}}},
                      {"resources", res},
                      {"active_connections", metrics_.downstream_connections_active.get()},
                      {"uptime_s", up}}) +

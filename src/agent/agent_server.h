@@ -4,9 +4,11 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -14,7 +16,10 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include "agent/dataplane.h"
+#include "agent/mesh_view.h"
 #include "agent/resource.h"
+#include "http/http_client.h"
 #include "http/http_server.h"
 #include "proxy/listener/listener.h"
 #include "stats/metrics.h"
@@ -38,6 +43,8 @@ struct AgentOptions {
   std::string resource_address = "127.0.0.1";
   std::filesystem::path address_file;  // if set, the API's host:port is written here
   std::chrono::milliseconds heartbeat_interval{10000};
+  HostPort hbone_listen{"0.0.0.0", 15008};  // the data plane's HBONE inbound
+  std::string advertise_address;            // how other agents reach it; default: listen host
 };
 
 class AgentServer {
@@ -62,11 +69,21 @@ class AgentServer {
   std::string open_proxy(Proxy& p);
   void close_proxy(Proxy& p);
   bool port_taken(uint16_t port, const std::string& except_id) const;
-  void save_resources() const;
+  void save_resources();
   void save_agent() const;
   boost::json::object agent_json() const;
   void register_loop();
   void heartbeat_loop();
+  void watch_loop();
+  // Asks control for a node certificate (first registration and renewals); blocking.
+  Result<boost::json::object> register_once(const std::string& key_pem);
+  void install_registration(const boost::json::object& v);
+  void renew_if_due(const std::string& key_pem);
+  bool publish_resources();  // local resources -> control; false: try again later
+  void rebuild_dataplane();
+  HttpCall control_call(const std::string& path, bool with_node_cert) const;
+  // Sleeps until `until` or a resource change; true if woken by a change.
+  bool wait_or_wake(std::chrono::steady_clock::time_point until);
 
   AgentOptions options_;
   boost::asio::io_context io_;
@@ -79,9 +96,24 @@ class AgentServer {
   // Identity and what control assigned (agent.json).
   std::string id_, public_key_pem_, public_key_b64_, assigned_ip_, spiffe_id_, registered_at_;
   std::vector<std::string> mesh_blocks_;
+  uint16_t api_port_ = 0;
+  std::string advertise_address_;
   std::string control_state_ = "not configured";
-  std::thread registrar_;
+  std::string watch_state_ = "not started";
+  std::thread registrar_, watcher_;
   std::atomic<bool> stopping_{false};
+  std::atomic<std::time_t> cert_received_{0};
+
+  MeshView view_;
+  std::unique_ptr<DataPlane> dataplane_;
+  std::string dataplane_summary_;
+
+  // Resources as control should see them (id -> JSON), set on the io thread and published by
+  // the heartbeat thread, which it wakes.
+  std::mutex sync_mutex_;
+  std::condition_variable sync_cv_;
+  std::map<std::string, std::string> desired_resources_;
+  bool sync_wanted_ = true;
 };
 
 }  // namespace weft

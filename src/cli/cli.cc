@@ -149,6 +149,11 @@ int run_cli(int argc, char** argv) {
   std::string agent_heartbeat = "10s";
   agent->add_option("--heartbeat-interval", agent_heartbeat,
                     "how often to tell control we are alive");
+  std::string agent_hbone = "0.0.0.0:15008";
+  agent->add_option("--hbone-listen", agent_hbone,
+                    "the data plane's HBONE (mTLS) inbound, where other agents reach resources");
+  agent->add_option("--advertise-address", aopt.advertise_address,
+                    "address other agents dial for HBONE (default: the --hbone-listen host)");
 
   // operator verbs
   std::string output = "table";
@@ -323,6 +328,9 @@ int run_cli(int argc, char** argv) {
       aopt.control_ca = agent_ca;
       aopt.address_file = agent_addr_file;
       aopt.heartbeat_interval = parse_ttl_flag(agent_heartbeat, "--heartbeat-interval");
+      auto hbone = parse_host_port(agent_hbone, true);
+      if (!hbone) throw std::runtime_error("--hbone-listen: " + hbone.error());
+      aopt.hbone_listen = *hbone;
       AgentServer server(aopt);
       return server.run();
     }

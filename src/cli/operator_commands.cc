@@ -71,7 +71,11 @@ json::array service_table(const ControlTarget& control, const json::value& agent
   for (const auto& a : agents.at("agents").as_array())
     healthy[str(a, "id")] = a.at("healthy").as_bool();
   std::map<std::string, json::object> out;
-  for (const auto& s : get(control, "/v1/services").at("services").as_array())
+  // Named: a range-for over a temporary's member would outlive the temporary.
+  const auto services = get(control, "/v1/services");
+  const auto endpoints = get(control, "/v1/endpoints");
+  const auto resources = get(control, "/v1/resources");
+  for (const auto& s : services.at("services").as_array())
     out[str(s, "name")] = json::object{{"name", s.at("name")},
                                        {"port", s.at("port")},
                                        {"protocol", s.at("protocol")},
@@ -86,13 +90,13 @@ json::array service_table(const ControlTarget& control, const json::value& agent
     ep["healthy"] = healthy[std::string(ep["agent_id"].as_string())];
     s["endpoints"].as_array().push_back(std::move(ep));
   };
-  for (const auto& e : get(control, "/v1/endpoints").at("endpoints").as_array())
+  for (const auto& e : endpoints.at("endpoints").as_array())
     add(str(e, "service"), {{"agent_id", e.at("agent_id")},
                             {"cluster", e.at("cluster")},
                             {"address", str(e, "address") + ":" + str(e, "port")},
                             {"port", e.at("port")},
                             {"protocol", e.at("protocol")}});
-  for (const auto& r : get(control, "/v1/resources").at("resources").as_array())
+  for (const auto& r : resources.at("resources").as_array())
     add(str(r, "name"), {{"agent_id", r.at("agent_id")},
                          {"cluster", "-"},
                          {"address", str(r, "mesh_ip") + ":" + str(r, "mesh_port")},

@@ -106,8 +106,9 @@ class Reader {
     return static_cast<unsigned>(v);
   }
 
+  // Exact identities (what a server must present) or, with `patterns`, authorization patterns.
   std::vector<std::string> spiffe_list(const YAML::Node& map, const std::string& parent,
-                                       const char* key) const {
+                                       const char* key, bool patterns = false) const {
     std::vector<std::string> out;
     const YAML::Node n = map[key];
     if (!n.IsDefined() || n.IsNull()) return out;
@@ -115,7 +116,7 @@ class Reader {
     for (size_t i = 0; i < n.size(); ++i) {
       const std::string field = join(parent, key) + "[" + std::to_string(i) + "]";
       const std::string id = scalar(n[i], field);
-      auto parsed = parse_spiffe_id(id);
+      auto parsed = patterns ? check_identity_pattern(id) : check_mesh_identity(id);
       if (!parsed) fail(n[i], field, parsed.error());
       out.push_back(id);
     }
@@ -269,8 +270,8 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
       t.authority = r.string_field(n, f, "authority", false, t.address.to_string());
       if (!authorities.insert(t.authority).second)
         r.fail(n, f + ".authority", "duplicate target '" + t.authority + "'");
-      t.allow = r.spiffe_list(n, f, "allow");
-      t.deny = r.spiffe_list(n, f, "deny");
+      t.allow = r.spiffe_list(n, f, "allow", true);
+      t.deny = r.spiffe_list(n, f, "deny", true);
       c.inbound.targets.push_back(std::move(t));
     }
   }

@@ -322,6 +322,7 @@ void ControlServer::probe_loop() {
       HttpCall call;
       call.url = url + "/health";
       call.timeout = std::chrono::milliseconds(2000);
+      call.cancel = &stopping_;
       auto res = http_call(call);
       const bool ok = res && res->status == 200;
       boost::asio::post(io_, [this, id = id, ok] {

@@ -7,6 +7,7 @@
 #include "control/join_keys.h"
 #include "core/host_port.h"
 #include "http/json_fields.h"
+#include "identity/spiffe_id.h"
 
 namespace weft {
 
@@ -39,13 +40,6 @@ json::object item(const std::string& kind, const std::string& name, int64_t rev,
 }
 
 }  // namespace
-
-bool spiffe_pattern_matches(const std::string& pattern, const std::string& id) {
-  if (pattern == "*") return true;
-  if (pattern.size() >= 2 && pattern.compare(pattern.size() - 2, 2, "/*") == 0)
-    return id.compare(0, pattern.size() - 1, pattern, 0, pattern.size() - 1) == 0;
-  return pattern == id;
-}
 
 json::object WatchDelta::to_json() const {
   return {{"revision", revision}, {"full", full}, {"put", put}, {"deleted", deleted}};
@@ -92,8 +86,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
   if (!f) return fail(400, bad, f.error());
   json::object out;
   // Strings, with defaults; "" default means optional and left out.
-  const auto str = [&](const char* field, const std::string& def,
-                       std::string& value) -> bool {
+  const auto str = [&](const char* field, const std::string& def, std::string& value) -> bool {
     auto v = f->string(field);
     if (!v) {
       error = {400, field, v.error()};
@@ -166,8 +159,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
     if (!parse_host_port(address + ":1") || address.find(':') != std::string::npos)
       return fail(400, "address", "address '" + address + "' is not a host name or IPv4 address");
     if (target.empty()) target = "127.0.0.1:" + std::to_string(p);
-    if (auto hp = parse_host_port(target); !hp)
-      return fail(400, "target", "target: " + hp.error());
+    if (auto hp = parse_host_port(target); !hp) return fail(400, "target", "target: " + hp.error());
     if (!valid_label(ns)) return fail(400, "namespace", "namespace must be 1-63 of [a-z0-9-._]");
     if (!valid_label(sa))
       return fail(400, "service_account", "service_account must be 1-63 of [a-z0-9-._]");
@@ -196,10 +188,9 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
                 "allow is required: SPIFFE IDs, prefixes ending in /*, or \"*\" for any");
   json::array ids;
   for (const auto& id : **allow) {
-    if (id != "*" && id.rfind("spiffe://", 0) != 0)
+    if (auto ok = check_identity_pattern(id); !ok)
       return fail(400, "allow",
-                  "'" + id + "' is not a SPIFFE ID (spiffe://" + trust_domain_ +
-                      "/ns/N/sa/S), a prefix ending in /*, or \"*\"");
+                  ok.error() + " (allow takes SPIFFE IDs, prefixes ending in /*, or \"*\")");
     ids.push_back(json::value(id));
   }
   out["service"] = service;
@@ -211,8 +202,10 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
 void Registry::index(const std::string& kind, const std::string& name, const json::object& v,
                      int delta) {
   const auto update = [&](std::set<std::string>& set) {
-    if (delta > 0) set.insert(name);
-    else set.erase(name);
+    if (delta > 0)
+      set.insert(name);
+    else
+      set.erase(name);
   };
   const auto count = [&](std::map<std::string, int>& m, const std::string& key) {
     if ((m[key] += delta) <= 0) m.erase(key);
@@ -230,8 +223,8 @@ void Registry::index(const std::string& kind, const std::string& name, const jso
   }
 }
 
-void Registry::load(const std::vector<StoredObject>& objects,
-                    const std::vector<StoredChange>& log, int64_t revision) {
+void Registry::load(const std::vector<StoredObject>& objects, const std::vector<StoredChange>& log,
+                    int64_t revision) {
   for (const auto& o : objects) {
     auto v = parse_object(o.body);
     index(o.kind, o.name, v, +1);
@@ -328,8 +321,7 @@ bool Registry::in_scope(const std::string& agent_id, const Scope& s, const std::
   if (kind == "services") return s.reach.count(name) || s.hosted.count(name);
   if (kind == "endpoints")
     return text(v, "agent_id") == agent_id || s.reach.count(text(v, "service"));
-  if (kind == "resources")
-    return text(v, "agent_id") == agent_id || s.reach.count(text(v, "name"));
+  if (kind == "resources") return text(v, "agent_id") == agent_id || s.reach.count(text(v, "name"));
   if (kind == "policies") return s.hosted.count(text(v, "service")) > 0;
   if (kind == "agents") {
     if (name == agent_id) return true;
@@ -408,9 +400,10 @@ WatchDelta Registry::delta(const std::string& agent_id, int64_t since) const {
   for (const auto& key : order) {
     const auto& v = latest[key];
     if (v) {
-      d.put.push_back(item(key.first, key.second, objects_.at(key.first).count(key.second)
-                                                       ? objects_.at(key.first).at(key.second).rev
-                                                       : revision_,
+      d.put.push_back(item(key.first, key.second,
+                           objects_.at(key.first).count(key.second)
+                               ? objects_.at(key.first).at(key.second).rev
+                               : revision_,
                            *v));
     } else {
       d.deleted.push_back(json::object{{"kind", key.first}, {"name", key.second}});

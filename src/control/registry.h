@@ -53,8 +53,8 @@ class Registry {
   void load(const std::vector<StoredObject>& objects, const std::vector<StoredChange>& log,
             int64_t revision);
   // Records a stored change: body empty is a deletion.
-  void apply(int64_t rev, const std::string& kind, const std::string& name,
-             const std::string& body, const std::string& prev);
+  void apply(int64_t rev, const std::string& kind, const std::string& name, const std::string& body,
+             const std::string& prev);
 
   const boost::json::object* get(const std::string& kind, const std::string& name) const;
   std::vector<boost::json::object> list(const std::string& kind) const;
@@ -103,7 +103,5 @@ class Registry {
   int64_t revision_ = 0;
   int64_t log_floor_ = 0;  // the log covers every change after this revision
 };
-
-bool spiffe_pattern_matches(const std::string& pattern, const std::string& id);
 
 }  // namespace weft

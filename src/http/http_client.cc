@@ -17,8 +17,9 @@ using tcp = asio::ip::tcp;
 namespace {
 
 template <class Stream>
-Result<HttpCallResult> exchange(Stream& stream, const HttpCall& call, const std::string& host,
-                                const std::string& target) {
+asio::awaitable<Result<HttpCallResult>> exchange(Stream& stream, const HttpCall& call,
+                                                 const std::string& host,
+                                                 const std::string& target) {
   http::request<http::string_body> req{http::string_to_verb(call.method), target, 11};
   req.set(http::field::host, host);
   req.set(http::field::user_agent, "weft");
@@ -27,13 +28,54 @@ Result<HttpCallResult> exchange(Stream& stream, const HttpCall& call, const std:
   req.body() = call.body;
   req.prepare_payload();
   beast::error_code ec;
-  http::write(stream, req, ec);
+  co_await http::async_write(stream, req, asio::redirect_error(asio::use_awaitable, ec));
   beast::flat_buffer buffer;
   http::response_parser<http::string_body> parser;
   parser.body_limit(64 << 20);
-  http::read(stream, buffer, parser, ec);
-  if (ec) return make_error("reading the response from " + call.url + ": " + ec.message());
-  return HttpCallResult{static_cast<int>(parser.get().result_int()), parser.get().body()};
+  co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
+  if (ec)
+    co_return make_error("reading the response from " + call.url + ": " +
+                         (ec == beast::error::timeout ? std::string("timed out") : ec.message()));
+  co_return HttpCallResult{static_cast<int>(parser.get().result_int()), parser.get().body()};
+}
+
+asio::awaitable<Result<HttpCallResult>> run_call(const HttpCall& call, std::string scheme,
+                                                 std::string host, std::string port,
+                                                 std::string target) {
+  auto ex = co_await asio::this_coro::executor;
+  beast::error_code ec;
+  tcp::resolver resolver(ex);
+  auto results =
+      co_await resolver.async_resolve(host, port, asio::redirect_error(asio::use_awaitable, ec));
+  if (ec) co_return make_error("cannot resolve " + host + ": " + ec.message());
+  beast::tcp_stream tcp_stream(ex);
+  // One deadline for the whole call (Beast's timeouts apply to asynchronous operations).
+  tcp_stream.expires_after(call.timeout);
+  co_await tcp_stream.async_connect(results, asio::redirect_error(asio::use_awaitable, ec));
+  if (ec) co_return make_error("cannot connect to " + host + ":" + port + ": " + ec.message());
+  if (scheme == "http") co_return co_await exchange(tcp_stream, call, host, target);
+
+  asio::ssl::context ctx(asio::ssl::context::tls_client);
+  SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
+  if (call.ca_file.empty()) co_return make_error("https needs a CA bundle to verify " + call.url);
+  ctx.load_verify_file(call.ca_file.string(), ec);
+  if (ec)
+    co_return make_error("cannot load CA bundle " + call.ca_file.string() + ": " + ec.message());
+  ctx.set_verify_mode(asio::ssl::verify_peer);
+  if (!call.cert_file.empty()) {
+    ctx.use_certificate_chain_file(call.cert_file.string(), ec);
+    if (!ec) ctx.use_private_key_file(call.key_file.string(), asio::ssl::context::pem, ec);
+    if (ec)
+      co_return make_error("cannot load client certificate " + call.cert_file.string() + ": " +
+                           ec.message());
+  }
+  beast::ssl_stream<beast::tcp_stream> tls(std::move(tcp_stream), ctx);
+  co_await tls.async_handshake(asio::ssl::stream_base::client,
+                               asio::redirect_error(asio::use_awaitable, ec));
+  if (ec)
+    co_return make_error("TLS with " + host + ":" + port + " failed: " + ec.message() +
+                         " (is the CA bundle the mesh CA that signed control's certificate?)");
+  co_return co_await exchange(tls, call, host, target);
 }
 
 }  // namespace
@@ -52,35 +94,26 @@ Result<HttpCallResult> http_call(const HttpCall& call) {
   if (url->has_query()) target += "?" + std::string(url->encoded_query());
 
   asio::io_context io;
-  tcp::resolver resolver(io);
-  beast::error_code ec;
-  auto results = resolver.resolve(host, port, ec);
-  if (ec) return make_error("cannot resolve " + host + ": " + ec.message());
-  beast::tcp_stream tcp_stream(io);
-  tcp_stream.expires_after(call.timeout);
-  tcp_stream.connect(results, ec);
-  if (ec) return make_error("cannot connect to " + host + ":" + port + ": " + ec.message());
-  if (scheme == "http") return exchange(tcp_stream, call, host, target);
-
-  asio::ssl::context ctx(asio::ssl::context::tls_client);
-  SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
-  if (call.ca_file.empty()) return make_error("https needs a CA bundle to verify " + call.url);
-  ctx.load_verify_file(call.ca_file.string(), ec);
-  if (ec) return make_error("cannot load CA bundle " + call.ca_file.string() + ": " + ec.message());
-  ctx.set_verify_mode(asio::ssl::verify_peer);
-  if (!call.cert_file.empty()) {
-    ctx.use_certificate_chain_file(call.cert_file.string(), ec);
-    if (!ec) ctx.use_private_key_file(call.key_file.string(), asio::ssl::context::pem, ec);
-    if (ec)
-      return make_error("cannot load client certificate " + call.cert_file.string() + ": " +
-                        ec.message());
+  std::optional<Result<HttpCallResult>> out;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> { out = co_await run_call(call, scheme, host, port, target); },
+      [&out](std::exception_ptr e) {
+        if (!e) return;
+        try {
+          std::rethrow_exception(e);
+        } catch (const std::exception& x) {
+          out = make_error(std::string("HTTP call failed: ") + x.what());
+        }
+      });
+  while (!out) {
+    io.run_for(std::chrono::milliseconds(50));
+    // Leaving destroys the io_context and, with it, the suspended call.
+    if (call.cancel && call.cancel->load()) return make_error("cancelled (shutting down)");
+    if (io.stopped() && !out)
+      return make_error("HTTP call to " + call.url + " ended without an answer");
   }
-  beast::ssl_stream<beast::tcp_stream> tls(std::move(tcp_stream), ctx);
-  tls.handshake(asio::ssl::stream_base::client, ec);
-  if (ec)
-    return make_error("TLS with " + host + ":" + port + " failed: " + ec.message() +
-                      " (is the CA bundle the mesh CA that signed control's certificate?)");
-  return exchange(tls, call, host, target);
+  return std::move(*out);
 }
 
 }  // namespace weft

@@ -3,6 +3,7 @@
 // mesh identities are SPIFFE URIs.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <string>
@@ -24,7 +25,8 @@ struct HttpCall {
   std::filesystem::path ca_file;    // required for https
   std::filesystem::path cert_file;  // optional client certificate (mTLS), with key_file
   std::filesystem::path key_file;
-  std::chrono::milliseconds timeout{5000};
+  std::chrono::milliseconds timeout{5000};    // the whole call: connect, handshake, exchange
+  const std::atomic<bool>* cancel = nullptr;  // checked every 50 ms: a long poll ends at shutdown
 };
 
 Result<HttpCallResult> http_call(const HttpCall& call);

@@ -42,6 +42,49 @@ Result<std::string> spiffe_trust_domain(std::string_view uri) {
   return td;
 }
 
+Result<bool> check_mesh_identity(std::string_view text) {
+  constexpr std::string_view node_form = "spiffe://<trust-domain>/cluster/<cluster>/node/<id>";
+  const auto node = text.find("/cluster/");
+  if (node == std::string_view::npos || text.substr(0, 9) != "spiffe://") {
+    auto w = parse_spiffe_id(text);
+    if (!w) return make_error(w.error() + ", or a node ID " + std::string(node_form));
+    return true;
+  }
+  auto td = spiffe_trust_domain(text);
+  if (!td) return make_error("invalid SPIFFE ID '" + std::string(text) + "': " + td.error());
+  const std::string_view path = text.substr(node + 9);
+  const auto slash = path.find("/node/");
+  const std::string_view cluster = path.substr(0, slash);
+  const std::string_view id = slash == std::string_view::npos ? "" : path.substr(slash + 6);
+  const auto plain = [](std::string_view s) {
+    if (s.empty()) return false;
+    for (char c : s)
+      if (!segment_char(c)) return false;
+    return true;
+  };
+  if (node != 9 + td->size() || !plain(cluster) || !plain(id))
+    return make_error("invalid node ID '" + std::string(text) + "'; expected " +
+                      std::string(node_form));
+  return true;
+}
+
+Result<bool> check_identity_pattern(std::string_view text) {
+  if (text == "*") return true;
+  if (text.size() > 2 && text.substr(text.size() - 2) == "/*") {
+    auto td = spiffe_trust_domain(text);
+    if (!td) return make_error("invalid pattern '" + std::string(text) + "': " + td.error());
+    return true;
+  }
+  return check_mesh_identity(text);
+}
+
+bool spiffe_pattern_matches(std::string_view pattern, std::string_view id) {
+  if (pattern == "*") return true;
+  if (pattern.size() >= 2 && pattern.substr(pattern.size() - 2) == "/*")
+    return id.substr(0, pattern.size() - 1) == pattern.substr(0, pattern.size() - 1);
+  return pattern == id;
+}
+
 Result<SpiffeId> parse_spiffe_id(std::string_view text) {
   constexpr std::string_view scheme = "spiffe://";
   if (text.size() > 2048)

@@ -33,4 +33,12 @@ Result<std::string> parse_trust_domain(std::string_view text);
 // The trust domain of any spiffe:// URI (workload or node), or an error.
 Result<std::string> spiffe_trust_domain(std::string_view uri);
 
+// A peer identity a proxy may be told to expect: a workload ID or a node ID.
+Result<bool> check_mesh_identity(std::string_view text);
+
+// An authorization pattern: a workload or node ID, a prefix ending in "/*"
+// (spiffe://td/cluster/east/*), or "*" for any identity of the trust domain.
+Result<bool> check_identity_pattern(std::string_view text);
+bool spiffe_pattern_matches(std::string_view pattern, std::string_view id);
+
 }  // namespace weft

@@ -551,8 +551,9 @@ class AgentTest : public ControlTest {
   void start_agent(std::vector<std::string> extra) {
     std::remove((dir_ / "agent.addr").c_str());
     std::vector<std::string> args{
-        WEFT_BINARY, "agent", "--state",        (dir_ / "state").string(),
-        "--port",    "0",     "--address-file", (dir_ / "agent.addr").string()};
+        WEFT_BINARY,      "agent",      "--state",        (dir_ / "state").string(),
+        "--port",         "0",          "--address-file", (dir_ / "agent.addr").string(),
+        "--hbone-listen", "127.0.0.1:0"};
     args.insert(args.end(), extra.begin(), extra.end());
     agent_ = std::make_unique<Process>(args, dir_ / "agent.log");
     for (int i = 0; i < 1000 && !fs::exists(dir_ / "agent.addr"); ++i) {
@@ -761,6 +762,175 @@ TEST_F(AgentTest, ResourcesChangeLiveAndBadInputIsRefused) {
   stop_agent();
   start_agent({});
   EXPECT_EQ(boost::json::parse(api("GET", "/resources").body).as_array().size(), 1u);
+}
+
+// ---- two agents: a resource on west, used from east over HBONE ----
+
+class TwoAgentTest : public ControlTest {
+ protected:
+  struct Agent {
+    std::unique_ptr<Process> proc;
+    std::string api, token;
+    fs::path state;
+  };
+  ~TwoAgentTest() override {
+    for (auto* a : {&west_, &east_}) stop_agent(*a);
+  }
+  void start_agent(Agent& a, const std::string& name, const std::string& resource_address,
+                   std::vector<std::string> extra) {
+    a.state = dir_ / name;
+    const fs::path addr = dir_ / (name + ".addr");
+    std::remove(addr.c_str());
+    std::vector<std::string> args{WEFT_BINARY,
+                                  "agent",
+                                  "--state",
+                                  a.state.string(),
+                                  "--port",
+                                  "0",
+                                  "--address-file",
+                                  addr.string(),
+                                  "--hbone-listen",
+                                  "127.0.0.1:0",
+                                  "--name",
+                                  name,
+                                  "--cluster-id",
+                                  name,
+                                  "--resource-address",
+                                  resource_address,
+                                  "--control",
+                                  "https://" + addr_,
+                                  "--control-ca",
+                                  (dir_ / "ca" / "ca.crt").string(),
+                                  "--heartbeat-interval",
+                                  "200ms"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    a.proc = std::make_unique<Process>(args, dir_ / (name + ".log"));
+    for (int i = 0; i < 1000 && !fs::exists(addr); ++i) {
+      ASSERT_TRUE(a.proc->running()) << read_file(dir_ / (name + ".log"));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+    }
+    a.api = read_file(addr);
+    a.api.erase(a.api.find('\n'));
+    a.token = read_file(a.state / "api.token");
+    a.token.erase(a.token.find('\n'));
+  }
+  void stop_agent(Agent& a) {
+    if (!a.proc) return;
+    a.proc->signal(SIGTERM);
+    EXPECT_EQ(a.proc->wait(), 0);
+    a.proc.reset();
+  }
+  boost::json::value status(const Agent& a) {
+    HttpCall c;
+    c.url = "http://" + a.api + "/status";
+    auto r = http_call(c);
+    return r ? boost::json::parse(r->body) : boost::json::value();
+  }
+  // Polls until a connection to host:port echoes (the data plane applies config
+  // asynchronously); the last answer or error otherwise.
+  std::string eventually_echo(const std::string& host, uint16_t port, const std::string& data) {
+    std::string last;
+    for (int i = 0; i < 500; ++i) {
+      try {
+        last = echo_roundtrip(host, port, data);
+        if (last == data) return last;
+      } catch (const std::exception& e) {
+        last = e.what();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+    }
+    return last;
+  }
+  bool eventually_refused(const std::string& host, uint16_t port) {
+    for (int i = 0; i < 500; ++i) {
+      try {
+        if (echo_roundtrip(host, port, "x").empty()) return true;
+      } catch (const std::exception&) {
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+    }
+    return false;
+  }
+
+  Agent west_, east_;
+};
+
+TEST_F(TwoAgentTest, ResourceOnWestIsReachedFromEastOverMtlsOnlyWhilePolicyAllows) {
+  start({"--heartbeat-interval", "200ms"});
+  EchoServer echo;
+  const uint16_t port = unused_port();
+  const std::string key = create_key({"--reusable"});
+  start_agent(west_, "west", "127.0.0.2",
+              {"--auth-key", key, "--proxies",
+               std::to_string(port) + ":127.0.0.1:" + std::to_string(echo.port())});
+  start_agent(east_, "east", "127.0.0.3", {"--auth-key", key});
+  const std::string service = "proxy-" + std::to_string(port);
+  // West publishes its resource to control by itself.
+  bool published = false;
+  for (int i = 0; i < 500 && !published; ++i) {
+    published = op("GET", "/v1/resources/" + service).status == 200;
+    if (!published) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling
+  }
+  ASSERT_TRUE(published) << read_file(dir_ / "west.log");
+
+  // No policy: east is not even told the resource exists.
+  EXPECT_TRUE(eventually_refused("127.0.0.3", port));
+  ASSERT_EQ(op("PUT", "/v1/policies/east-to-echo",
+               R"({"service":")" + service + R"(","allow":["spiffe://mesh.test/cluster/east/*"]})")
+                .status,
+            200);
+  EXPECT_EQ(eventually_echo("127.0.0.3", port, "across the mesh"), "across the mesh")
+      << read_file(dir_ / "east.log");
+  // Both data planes logged the other's node identity.
+  const std::string east_log = read_file(dir_ / "east.log"),
+                    west_log = read_file(dir_ / "west.log");
+  EXPECT_NE(east_log.find("\"peer_identity\":\"spiffe://mesh.test/cluster/west/node/"),
+            std::string::npos);
+  EXPECT_NE(west_log.find("\"peer_identity\":\"spiffe://mesh.test/cluster/east/node/"),
+            std::string::npos);
+
+  // Control goes down: traffic keeps flowing on the last config, and the agent says so.
+  stop();
+  EXPECT_EQ(echo_roundtrip("127.0.0.3", port, "control is down"), "control is down");
+  // Even a restarted east agent serves its last config while control is away.
+  stop_agent(east_);
+  start_agent(east_, "east", "127.0.0.3", {});
+  EXPECT_EQ(eventually_echo("127.0.0.3", port, "restarted, still flowing"),
+            "restarted, still flowing")
+      << read_file(dir_ / "east.log");
+
+  // Control returns (new address: the agents were told the old one, so restart them on it).
+  start({"--heartbeat-interval", "200ms"});
+  stop_agent(east_);
+  start_agent(east_, "east", "127.0.0.3", {});
+  stop_agent(west_);
+  start_agent(west_, "west", "127.0.0.2", {});
+  EXPECT_EQ(eventually_echo("127.0.0.3", port, "back"), "back");
+  // The policy goes: east's import closes.
+  ASSERT_EQ(op("DELETE", "/v1/policies/east-to-echo").status, 200);
+  EXPECT_TRUE(eventually_refused("127.0.0.3", port)) << read_file(dir_ / "east.log");
+  auto s = status(east_);
+  EXPECT_GT(s.at("mesh").at("revision").as_int64(), 0);
+}
+
+TEST_F(TwoAgentTest, NodeCertificateIsRenewedBeforeItExpires) {
+  start({"--node-cert-ttl", "3s", "--heartbeat-interval", "200ms"});
+  start_agent(west_, "west", "127.0.0.2", {"--auth-key", create_key()});
+  const fs::path cert = west_.state / "node.crt";
+  for (int i = 0; i < 500 && !fs::exists(cert); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+  auto first = load_certificate_info(cert);
+  ASSERT_TRUE(first.ok());
+  std::string serial = first->serial_hex;
+  for (int i = 0; i < 400 && serial == first->serial_hex; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+    if (auto now = load_certificate_info(cert); now.ok()) serial = now->serial_hex;
+  }
+  EXPECT_NE(serial, first->serial_hex) << "renewed at 2/3 of its 3 s life";
+  EXPECT_LT(std::time(nullptr), first->not_after + 1) << "before the old one expired";
+  auto renewed = load_certificate_info(cert);
+  EXPECT_EQ(renewed->spiffe_id(), first->spiffe_id()) << "same identity";
 }
 
 }  // namespace

@@ -259,9 +259,13 @@ uint16_t unused_port() {
 }
 
 std::string echo_roundtrip(uint16_t port, const std::string& data) {
+  return echo_roundtrip("127.0.0.1", port, data);
+}
+
+std::string echo_roundtrip(const std::string& host, uint16_t port, const std::string& data) {
   asio::io_context io;
   tcp::socket s(io);
-  s.connect(tcp::endpoint(asio::ip::address_v4::loopback(), port));
+  s.connect(tcp::endpoint(asio::ip::make_address(host), port));
   boost::system::error_code ec;
   asio::write(s, asio::buffer(data), ec);
   s.shutdown(tcp::socket::shutdown_send, ec);

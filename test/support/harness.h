@@ -102,6 +102,7 @@ uint16_t unused_port();
 
 // Blocking client: connects, sends `data`, half-closes, reads until EOF. Throws on error.
 std::string echo_roundtrip(uint16_t port, const std::string& data);
+std::string echo_roundtrip(const std::string& host, uint16_t port, const std::string& data);
 
 // The CA and identities most tests use, under dir: ca/, client/, server/, other/.
 struct Pki {

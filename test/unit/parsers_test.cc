@@ -127,3 +127,27 @@ TEST(ConnectPolicy, AnswersLikeZtunnel) {
 
 }  // namespace
 }  // namespace weft
+
+namespace weft {
+namespace {
+
+TEST(IdentityPattern, NodeIdsPrefixesAndWildcard) {
+  EXPECT_TRUE(check_mesh_identity("spiffe://mesh.test/cluster/east/node/ab12").ok());
+  EXPECT_TRUE(check_mesh_identity("spiffe://mesh.test/ns/shop/sa/cart").ok());
+  EXPECT_FALSE(check_mesh_identity("spiffe://mesh.test/cluster/east/node/").ok());
+  EXPECT_FALSE(check_mesh_identity("spiffe://mesh.test/cluster//node/x").ok());
+  EXPECT_FALSE(check_mesh_identity("spiffe://mesh.test/cluster/east/*").ok());
+  EXPECT_TRUE(check_identity_pattern("spiffe://mesh.test/cluster/east/*").ok());
+  EXPECT_TRUE(check_identity_pattern("*").ok());
+  EXPECT_FALSE(check_identity_pattern("alice").ok());
+  EXPECT_FALSE(check_identity_pattern("spiffe://UPPER/*").ok());
+  EXPECT_TRUE(
+      spiffe_pattern_matches("spiffe://t/cluster/east/*", "spiffe://t/cluster/east/node/1"));
+  EXPECT_FALSE(
+      spiffe_pattern_matches("spiffe://t/cluster/east/*", "spiffe://t/cluster/eastern/node/1"));
+  EXPECT_FALSE(spiffe_pattern_matches("spiffe://t/ns/a/sa/b", "spiffe://t/ns/a/sa/bb"));
+  EXPECT_TRUE(spiffe_pattern_matches("*", "spiffe://t/ns/a/sa/b"));
+}
+
+}  // namespace
+}  // namespace weft

@@ -22,7 +22,8 @@ ConnectVerdict authorize_connect(const ProxyConfig& config, const std::string& t
     return v;
   }
   const auto listed = [&](const std::vector<std::string>& ids) {
-    return std::find(ids.begin(), ids.end(), peer) != ids.end();
+    return std::any_of(ids.begin(), ids.end(),
+                       [&](const std::string& p) { return spiffe_pattern_matches(p, peer); });
   };
   if (listed(v.target->deny) || (!v.target->allow.empty() && !listed(v.target->allow))) {
     v.status = 401;
