@@ -42,8 +42,8 @@ void DataPlane::spawn() {
   const std::string exe_s = ec ? "weft" : exe.string(), cfg = (dir_ / "dataplane.json").string(),
                     admin = (dir_ / "dataplane.admin").string();
   fs::remove(dir_ / "dataplane.admin", ec);
-  const char* argv[] = {exe_s.c_str(), "proxy", "-c", cfg.c_str(), "--admin-address-path",
-                        admin.c_str(), nullptr};
+  const char* argv[] = {exe_s.c_str(),          "proxy",       "-c",   cfg.c_str(),
+                        "--admin-address-path", admin.c_str(), nullptr};
   const pid_t parent = ::getpid();
   pid_ = ::fork();
   if (pid_ == 0) {
@@ -54,8 +54,10 @@ void DataPlane::spawn() {
     ::_exit(127);
   }
   started_ = std::chrono::steady_clock::now();
-  if (pid_ < 0) spdlog::error("agent: cannot start the data plane proxy: {}", strerror(errno));
-  else spdlog::info("agent: data plane proxy started (pid {})", pid_);
+  if (pid_ < 0)
+    spdlog::error("agent: cannot start the data plane proxy: {}", strerror(errno));
+  else
+    spdlog::info("agent: data plane proxy started (pid {})", pid_);
 }
 
 void DataPlane::supervise() {

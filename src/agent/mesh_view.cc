@@ -35,8 +35,7 @@ Result<bool> MeshView::apply(const json::object& delta) {
     return make_error("watch answer lacks revision, full, put or deleted");
   std::map<std::string, json::object> next = full->as_bool() ? decltype(objects_){} : objects_;
   for (const auto& item : put->as_array()) {
-    if (!item.is_object() || !item.as_object().contains("value") ||
-        !item.at("value").is_object())
+    if (!item.is_object() || !item.as_object().contains("value") || !item.at("value").is_object())
       return make_error("watch answer has a malformed put");
     next[text(item.as_object(), "kind") + "/" + text(item.as_object(), "name")] =
         item.at("value").as_object();
@@ -131,10 +130,9 @@ std::vector<MeshExport> MeshView::exports(const std::string& self) const {
 void MeshView::save(const std::filesystem::path& file) const {
   json::object items;
   for (const auto& [key, v] : objects_) items[key] = v;
-  write_file_atomic(file,
-                    json::serialize(json::object{{"revision", revision_}, {"objects", items}}) +
-                        "\n",
-                    0600);
+  write_file_atomic(
+      file, json::serialize(json::object{{"revision", revision_}, {"objects", items}}) + "\n",
+      0600);
 }
 
 MeshView MeshView::load(const std::filesystem::path& file) {

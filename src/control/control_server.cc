@@ -35,11 +35,19 @@ Result<SigningCa> load_ca(const std::filesystem::path& dir) {
 
 // Control's own serving certificate, minted from the mesh CA at every start.
 std::shared_ptr<boost::asio::ssl::context> make_tls(const SigningCa& ca,
-                                                    const std::filesystem::path& dir) {
+                                                    const std::filesystem::path& dir,
+                                                    const HostPort& listen) {
   auto keys = generate_ed25519();
   auto csr = make_csr(keys.private_pem, "weft control");
+  // Besides its SPIFFE ID, names an operator's curl can verify (curl --cacert ca.crt).
+  std::string sans = ",DNS:localhost,IP:127.0.0.1";
+  if (listen.host != "0.0.0.0" && listen.host != "127.0.0.1" && listen.host != "::") {
+    boost::system::error_code ec;
+    boost::asio::ip::make_address(listen.host, ec);
+    sans += (ec ? ",DNS:" : ",IP:") + listen.host;
+  }
   auto cert = ca.sign(*csr, "spiffe://" + ca.trust_domain() + "/ns/weft-system/sa/control",
-                      std::chrono::hours(24 * 30));
+                      std::chrono::hours(24 * 30), {}, sans);
   if (!cert) throw std::runtime_error("cannot issue control's certificate: " + cert.error());
   std::filesystem::create_directories(dir);
   write_file_atomic(dir / "control.key", keys.private_pem, 0600);
@@ -133,7 +141,7 @@ ControlServer::ControlServer(ControlOptions options)
         "*** --insecure-http: the control API is PLAIN HTTP. Join keys and certificates cross the "
         "network unencrypted. For local development only. ***");
   } else {
-    tls = make_tls(ca_, options_.data_dir / "tls");
+    tls = make_tls(ca_, options_.data_dir / "tls", options_.listen);
   }
   auto http = HttpServer::bind_async(
       io_, options_.listen, tls,

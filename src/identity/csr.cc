@@ -108,7 +108,8 @@ Result<bool> SigningCa::verify_csr(const std::string& csr_pem,
 }
 
 Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::string& spiffe_uri,
-                                    Millis ttl, const std::string& expected_public_pem) const {
+                                    Millis ttl, const std::string& expected_public_pem,
+                                    const std::string& extra_sans) const {
   ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
   X509_REQ* req = PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr);
   if (!req) return make_error("csr: not a PEM certificate request");
@@ -140,9 +141,11 @@ Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::strin
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, ca.get(), cert.get(), nullptr, nullptr, 0);
   const std::pair<int, std::string> exts[] = {
-      {NID_basic_constraints, "critical,CA:FALSE"}, {NID_key_usage, "critical,digitalSignature"},
-      {NID_ext_key_usage, "serverAuth,clientAuth"}, {NID_authority_key_identifier, "keyid:always"},
-      {NID_subject_alt_name, "URI:" + spiffe_uri},
+      {NID_basic_constraints, "critical,CA:FALSE"},
+      {NID_key_usage, "critical,digitalSignature"},
+      {NID_ext_key_usage, "serverAuth,clientAuth"},
+      {NID_authority_key_identifier, "keyid:always"},
+      {NID_subject_alt_name, "URI:" + spiffe_uri + extra_sans},
   };
   for (const auto& [nid, value] : exts) {
     X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());

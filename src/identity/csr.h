@@ -30,8 +30,10 @@ class SigningCa {
 
   // Verifies the CSR's self-signature and, if `expected_public_pem` is not empty, that it is
   // for that key; returns a PEM certificate whose URI SAN is `spiffe_uri`.
+  // `extra_sans`: more subjectAltName entries, like ",DNS:localhost,IP:127.0.0.1".
   Result<std::string> sign(const std::string& csr_pem, const std::string& spiffe_uri, Millis ttl,
-                           const std::string& expected_public_pem = {}) const;
+                           const std::string& expected_public_pem = {},
+                           const std::string& extra_sans = {}) const;
 
   // Just the checks of sign(): the CSR's self-signature, and that it is for `expected_public_pem`.
   static Result<bool> verify_csr(const std::string& csr_pem,
