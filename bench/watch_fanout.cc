@@ -5,19 +5,19 @@
 // watcher has its answer. Prints JSON: endpoints/s written, fan-out p50/p99/max.
 // Usage: watch_fanout HOST PORT CA_FILE TOKEN WATCHERS ENDPOINTS ROUNDS
 #include <algorithm>
+#include <atomic>
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <boost/json.hpp>
-#include <atomic>
 #include <chrono>
-#include <optional>
-#include <thread>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace asio = boost::asio;
@@ -139,8 +139,7 @@ int main(int argc, char** argv) {
   Client admin(io, ctx, t);
   std::vector<std::string> agents;
   const auto listed = admin.call(http::verb::get, "/v1/agents");
-  for (const auto& a : listed.at("agents").as_array())
-    agents.emplace_back(a.at("id").as_string());
+  for (const auto& a : listed.at("agents").as_array()) agents.emplace_back(a.at("id").as_string());
   if (agents.empty() || static_cast<int>(agents.size()) < watchers) {
     std::fprintf(stderr, "need at least %d registered agents, have %zu\n", watchers, agents.size());
     return 1;
@@ -148,10 +147,11 @@ int main(int argc, char** argv) {
   // Endpoints: ten per service, round-robin over the agents.
   const auto fill_start = Clock::now();
   for (int i = 0; i < endpoints; ++i)
-    admin.call(http::verb::put, "/v1/endpoints/ep-" + std::to_string(i),
-               json::serialize(json::object{{"service", "svc-" + std::to_string(i / 10)},
-                                            {"agent_id", agents[static_cast<size_t>(i) % agents.size()]},
-                                            {"port", 8000 + i % 1000}}));
+    admin.call(
+        http::verb::put, "/v1/endpoints/ep-" + std::to_string(i),
+        json::serialize(json::object{{"service", "svc-" + std::to_string(i / 10)},
+                                     {"agent_id", agents[static_cast<size_t>(i) % agents.size()]},
+                                     {"port", 8000 + i % 1000}}));
   const double fill_s = std::chrono::duration<double>(Clock::now() - fill_start).count();
   // Every identity may reach "hot": each change to it concerns every watcher.
   admin.call(http::verb::put, "/v1/policies/hot", R"({"service":"hot","allow":["*"]})");
@@ -181,9 +181,8 @@ int main(int argc, char** argv) {
     for (const auto& w : ws) before.push_back(w->answers);
     const auto t0 = Clock::now();
     admin.call(http::verb::put, "/v1/endpoints/hot-1",
-               json::serialize(json::object{{"service", "hot"},
-                                            {"agent_id", agents.back()},
-                                            {"port", 9000 + r}}));
+               json::serialize(json::object{
+                   {"service", "hot"}, {"agent_id", agents.back()}, {"port", 9000 + r}}));
     for (size_t k = 0; k < ws.size(); ++k)
       while (ws[k]->answers.load() <= before[k])
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
