@@ -201,17 +201,43 @@ int64_t ControlServer::commit(const std::string& kind, const std::string& name,
 void ControlServer::notify_watchers() {
   for (auto it = watchers_.begin(); it != watchers_.end();) {
     auto next = std::next(it);
-    auto delta = registry_.delta(it->agent_id, it->since);
-    if (!delta.empty()) finish(it, delta);
+    if (it->stream && it->stream->closed()) {
+      it->deadline->cancel();
+      watchers_.erase(it);
+    } else if (auto delta = registry_.delta(it->agent_id, it->since); !delta.empty()) {
+      finish(it, delta);
+    }
     it = next;
   }
 }
 
 void ControlServer::finish(std::list<Watcher>::iterator it, const WatchDelta& delta) {
+  if (it->stream) {
+    it->stream->write(json::serialize(delta.to_json()) + "\n");
+    it->since = delta.revision;
+    return;
+  }
   auto reply = std::move(it->reply);
   it->deadline->cancel();
   watchers_.erase(it);
   reply({200, json::serialize(delta.to_json()) + "\n"});
+}
+
+void ControlServer::arm_watch_deadline(std::list<Watcher>::iterator it) {
+  it->deadline->expires_after(it->interval);
+  it->deadline->async_wait([this, it](const boost::system::error_code& ec) {
+    if (ec) return;  // answered already, or the watcher is gone
+    if (it->stream && it->stream->closed()) {
+      watchers_.erase(it);
+      return;
+    }
+    // Nothing in scope changed up to now: the client may resume from here.
+    WatchDelta nothing;
+    nothing.revision = registry_.revision();
+    const bool streaming = it->stream != nullptr;
+    finish(it, nothing);                    // a long poll is erased here
+    if (streaming) arm_watch_deadline(it);  // a stream stays; the heartbeat repeats
+  });
 }
 
 void ControlServer::handle_watch(const HttpRequest& r, HttpServer::Reply reply) {
@@ -238,18 +264,30 @@ void ControlServer::handle_watch(const HttpRequest& r, HttpServer::Reply reply) 
       return reply(json_error(400, "timeout must be a duration up to 5m, like 30s", "timeout"));
     timeout = *d;
   }
+  const std::string stream = query_param(r.query, "stream");
+  if (!stream.empty() && stream != "true" && stream != "false")
+    return reply(json_error(400, "stream must be true or false", "stream"));
   auto delta = since < 0 ? registry_.full_view(agent) : registry_.delta(agent, since);
+  if (stream == "true") {
+    // One JSON delta per line, the first at once (its revision is where the stream starts);
+    // `timeout` becomes the interval of empty deltas that prove the stream alive.
+    if (timeout < std::chrono::seconds(1))
+      return reply(json_error(400, "a stream's timeout (heartbeat interval) must be at least 1s",
+                              "timeout"));
+    auto out = r.open_stream(200, "application/x-ndjson");
+    if (!out) return;
+    if (delta.empty()) delta.revision = registry_.revision();
+    out->write(json::serialize(delta.to_json()) + "\n");
+    watchers_.push_back({agent, delta.revision, nullptr,
+                         std::make_unique<boost::asio::steady_timer>(io_), std::move(out),
+                         timeout});
+    return arm_watch_deadline(std::prev(watchers_.end()));
+  }
   if (!delta.empty() || timeout.count() == 0)
     return reply({200, json::serialize(delta.to_json()) + "\n"});
-  watchers_.push_back(
-      {agent, since, std::move(reply), std::make_unique<boost::asio::steady_timer>(io_, timeout)});
-  auto it = std::prev(watchers_.end());
-  it->deadline->async_wait([this, it](const boost::system::error_code& ec) {
-    if (ec) return;  // answered already
-    WatchDelta nothing;
-    nothing.revision = registry_.revision();
-    finish(it, nothing);
-  });
+  watchers_.push_back({agent, since, std::move(reply),
+                       std::make_unique<boost::asio::steady_timer>(io_), nullptr, timeout});
+  arm_watch_deadline(std::prev(watchers_.end()));
 }
 
 void ControlServer::dispatch(const HttpRequest& r, HttpServer::Reply reply) {

@@ -47,12 +47,16 @@ class ControlServer {
   static std::string load_or_create_admin_token(const std::filesystem::path& data_dir);
 
  private:
-  // A parked long poll: answered at the first change in its agent's scope, or at its deadline.
+  // A parked long poll, answered at the first change in its agent's scope or at its deadline;
+  // or a chunked stream (?stream=true), written a line per change and an empty delta each
+  // interval, which lives until the client goes away.
   struct Watcher {
     std::string agent_id;
     int64_t since = 0;
     HttpServer::Reply reply;
     std::unique_ptr<boost::asio::steady_timer> deadline;
+    std::shared_ptr<ResponseStream> stream;
+    Millis interval{0};
   };
 
   void dispatch(const HttpRequest& r, HttpServer::Reply reply);
@@ -71,6 +75,7 @@ class ControlServer {
   int64_t commit(const std::string& kind, const std::string& name, const std::string& body);
   void notify_watchers();
   void finish(std::list<Watcher>::iterator it, const WatchDelta& delta);
+  void arm_watch_deadline(std::list<Watcher>::iterator it);
   void publish_agent(const AgentRecord& a, const std::string& hbone, const std::string& api,
                      int64_t cert_expires_ms = 0);
   void sweep_health();

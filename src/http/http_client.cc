@@ -39,11 +39,26 @@ asio::awaitable<Result<HttpCallResult>> exchange(Stream& stream, const HttpCall&
   co_return HttpCallResult{static_cast<int>(parser.get().result_int()), parser.get().body()};
 }
 
+asio::awaitable<Result<HttpCallResult>> run_unix_call(const HttpCall& call, std::string host,
+                                                      std::string target) {
+  auto ex = co_await asio::this_coro::executor;
+  beast::error_code ec;
+  beast::basic_stream<asio::local::stream_protocol> stream(ex);
+  stream.expires_after(call.timeout);
+  co_await stream.async_connect(asio::local::stream_protocol::endpoint(call.unix_socket.string()),
+                                asio::redirect_error(asio::use_awaitable, ec));
+  if (ec)
+    co_return make_error("cannot connect to unix socket " + call.unix_socket.string() + ": " +
+                         ec.message());
+  co_return co_await exchange(stream, call, host, target);
+}
+
 asio::awaitable<Result<HttpCallResult>> run_call(const HttpCall& call, std::string scheme,
                                                  std::string host, std::string port,
                                                  std::string target) {
   auto ex = co_await asio::this_coro::executor;
   beast::error_code ec;
+  if (!call.unix_socket.empty()) co_return co_await run_unix_call(call, host, target);
   tcp::resolver resolver(ex);
   auto results =
       co_await resolver.async_resolve(host, port, asio::redirect_error(asio::use_awaitable, ec));

@@ -25,6 +25,7 @@ struct HttpCall {
   std::filesystem::path ca_file;    // required for https
   std::filesystem::path cert_file;  // optional client certificate (mTLS), with key_file
   std::filesystem::path key_file;
+  std::filesystem::path unix_socket;          // if set, connect here; the URL gives only the path
   std::chrono::milliseconds timeout{5000};    // the whole call: connect, handshake, exchange
   const std::atomic<bool>* cancel = nullptr;  // checked every 50 ms: a long poll ends at shutdown
 };

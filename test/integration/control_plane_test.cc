@@ -29,6 +29,58 @@ struct Reply {
   boost::json::value body;
 };
 
+// A chunked watch stream (?stream=true): one JSON delta per line.
+class WatchStream {
+ public:
+  WatchStream(const std::string& addr, const fs::path& ca, const std::string& cert_pem,
+              const std::string& key_pem, const std::string& target)
+      : ctx_(asio::ssl::context::tls_client) {
+    ctx_.use_certificate_chain(asio::buffer(cert_pem));
+    ctx_.use_private_key(asio::buffer(key_pem), asio::ssl::context::pem);
+    ctx_.load_verify_file(ca.string());
+    ctx_.set_verify_mode(asio::ssl::verify_peer);
+    s_.emplace(io_, ctx_);  // after the context has its certificate: SSL_new copies it
+    auto& s = *s_;
+    const auto colon = addr.rfind(':');
+    beast::get_lowest_layer(s).connect(
+        tcp::endpoint(asio::ip::make_address(addr.substr(0, colon)),
+                      static_cast<uint16_t>(std::stoi(addr.substr(colon + 1)))));
+    s.handshake(asio::ssl::stream_base::client);
+    http::request<http::empty_body> req{http::verb::get, target, 11};
+    req.set(http::field::host, "control");
+    http::write(s, req);
+    parser_.body_limit(64 << 20);
+    http::read_header(s, buf_, parser_);
+  }
+  int status() const { return static_cast<int>(parser_.get().result_int()); }
+  bool chunked() const { return parser_.get().chunked(); }
+  // The next line, parsed; blocks until it comes (callers bound the wait with a future).
+  boost::json::value next_line() {
+    for (;;) {
+      const std::string& body = parser_.get().body();
+      if (const auto nl = body.find('\n', used_); nl != std::string::npos) {
+        auto v = boost::json::parse(body.substr(used_, nl - used_));
+        used_ = nl + 1;
+        return v;
+      }
+      http::read_some(*s_, buf_, parser_);
+    }
+  }
+  void close() {
+    boost::system::error_code ignored;
+    beast::get_lowest_layer(*s_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+    beast::get_lowest_layer(*s_).close();
+  }
+
+ private:
+  asio::io_context io_;
+  asio::ssl::context ctx_;
+  std::optional<beast::ssl_stream<beast::tcp_stream>> s_;
+  beast::flat_buffer buf_;
+  http::response_parser<http::string_body> parser_;
+  size_t used_ = 0;
+};
+
 class ControlTest : public ::testing::Test {
  protected:
   ControlTest() {
@@ -133,6 +185,11 @@ class ControlTest : public ::testing::Test {
       n.cert = r.body.at("certificate").as_string();
     }
     return r;
+  }
+
+  std::unique_ptr<WatchStream> watch_stream(const Node& as, const std::string& query) {
+    return std::make_unique<WatchStream>(addr_, dir_ / "ca" / "ca.crt", as.cert,
+                                         as.keys.private_pem, "/v1/watch?" + query);
   }
 
   Reply op(const std::string& method, const std::string& path, const std::string& body = "") {
@@ -400,6 +457,84 @@ TEST_F(ControlTest, RegistryCrudValidatesNamesTheFieldAndSurvivesRestart) {
             "spiffe://mesh.test/cluster/east/*");
   EXPECT_EQ(op("DELETE", "/v1/services/echo").status, 200);
   EXPECT_EQ(op("GET", "/v1/services/echo").status, 404);
+}
+
+// The next line of a watch stream, or a failed test after 10 s.
+boost::json::value next_line_within(WatchStream& s) {
+  auto f = std::async(std::launch::async, [&] { return s.next_line(); });
+  if (f.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "no line on the watch stream within 10 s";
+    s.close();  // unblocks the reader
+    try {
+      f.get();
+    } catch (...) {
+    }
+    return {};
+  }
+  return f.get();
+}
+
+TEST_F(ControlTest, WatchStreamSendsALinePerChangeAndHeartbeats) {
+  start();
+  const std::string key = create_key({"--reusable"});
+  Node a, b;
+  ASSERT_EQ(register_node(a, key, "east").status, 200);
+  ASSERT_EQ(register_node(b, key, "west").status, 200);
+  ASSERT_EQ(op("POST", "/v1/services", R"({"name":"echo","port":80})").status, 201);
+  ASSERT_EQ(op("POST", "/v1/endpoints",
+               R"({"name":"echo-b","service":"echo","agent_id":")" + b.id + R"(","port":80})")
+                .status,
+            201);
+  ASSERT_EQ(op("POST", "/v1/policies",
+               R"({"name":"p","service":"echo","allow":["spiffe://mesh.test/cluster/east/*"]})")
+                .status,
+            201);
+  EXPECT_EQ(request("GET", "/v1/watch?stream=maybe", "", "", &a).status, 400);
+  EXPECT_EQ(request("GET", "/v1/watch?stream=true&timeout=10ms", "", "", &a).status, 400)
+      << "a heartbeat interval under 1 s is refused";
+
+  auto s = watch_stream(a, "stream=true&timeout=1s");
+  ASSERT_EQ(s->status(), 200);
+  EXPECT_TRUE(s->chunked());
+  auto first = next_line_within(*s);
+  ASSERT_TRUE(first.is_object());
+  EXPECT_TRUE(first.at("full").as_bool()) << "no ?since: the whole scoped view first";
+  EXPECT_TRUE(has_item(first, "endpoints", "echo-b"));
+  int64_t rev = first.at("revision").as_int64();
+
+  // Two changes in scope arrive as two deltas on the same connection.
+  for (int port : {81, 82}) {
+    ASSERT_EQ(
+        op("PUT", "/v1/endpoints/echo-b",
+           R"({"service":"echo","agent_id":")" + b.id + R"(","port":)" + std::to_string(port) + "}")
+            .status,
+        200);
+    boost::json::value line;
+    do {  // heartbeats may come between
+      line = next_line_within(*s);
+      ASSERT_TRUE(line.is_object());
+    } while (line.at("put").as_array().empty());
+    EXPECT_FALSE(line.at("full").as_bool());
+    EXPECT_EQ(line.at("put").at(0).at("value").at("port").as_int64(), port);
+    EXPECT_GT(line.at("revision").as_int64(), rev);
+    rev = line.at("revision").as_int64();
+  }
+  // Nothing changes: an empty delta each interval proves the stream alive.
+  auto beat = next_line_within(*s);
+  ASSERT_TRUE(beat.is_object());
+  EXPECT_TRUE(beat.at("put").as_array().empty());
+  EXPECT_GE(beat.at("revision").as_int64(), rev);
+
+  // A stream resumes from a revision like a long poll does.
+  auto resumed = watch_stream(a, "stream=true&since=" + std::to_string(rev - 1));
+  auto catch_up = next_line_within(*resumed);
+  ASSERT_TRUE(catch_up.is_object());
+  EXPECT_FALSE(catch_up.at("full").as_bool());
+  EXPECT_EQ(catch_up.at("put").at(0).at("value").at("port").as_int64(), 82);
+  s->close();
+  resumed->close();
+  // Control drops the closed streams and keeps serving.
+  EXPECT_EQ(op("GET", "/v1/services").status, 200);
 }
 
 TEST_F(ControlTest, WatchSendsEachAgentOnlyItsScopeAndResumesAfterRestart) {
