@@ -170,9 +170,11 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     api_->close();
     for (auto& [id, p] : proxies_) close_proxy(p);
     dataplane_->stop();
+    sds_.reset();
     io_.stop();
   });
   if (!options_.control_url.empty()) {
+    start_sds();
     control_state_ = "registering";
     // With a certificate from before, serve the last config at once; control may be away.
     if (fs::exists(options_.state_dir / "node.crt") && view_.revision() >= 0) rebuild_dataplane();
@@ -187,6 +189,7 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
 AgentServer::~AgentServer() {
   stopping_ = true;
   sync_cv_.notify_all();
+  sds_.reset();
   if (registrar_.joinable()) registrar_.join();
   if (watcher_.joinable()) watcher_.join();
 }
@@ -194,6 +197,61 @@ AgentServer::~AgentServer() {
 int AgentServer::run() {
   io_.run();
   return 0;
+}
+
+void AgentServer::start_sds() {
+  if (options_.sds_socket == "off") return;
+  const fs::path socket =
+      options_.sds_socket.empty() ? options_.state_dir / "sds.sock" : options_.sds_socket;
+  auto sds =
+      SdsServer::start(io_, {socket, options_.sds_allow_uids},
+                       [this](const std::string& ns, const std::string& sa,
+                              const std::string& csr) { return sign_workload(ns, sa, csr); });
+  if (!sds) {
+    // A default path can be too long for a Unix socket (108 bytes); say so, serve the rest.
+    if (!options_.sds_socket.empty()) throw std::runtime_error("--sds-socket: " + sds.error());
+    spdlog::warn("agent: no SDS socket for sidecars: {} (set --sds-socket)", sds.error());
+    return;
+  }
+  sds_ = std::move(*sds);
+  spdlog::info("agent: SDS for sidecars on unix:{}", socket.string());
+}
+
+SignedWorkload AgentServer::sign_workload(const std::string& ns, const std::string& sa,
+                                          const std::string& csr_pem) const {
+  SignedWorkload out;
+  if (!fs::exists(options_.state_dir / "node.crt")) {
+    out.status = 503;
+    out.error = "the agent has not registered with control yet";
+    return out;
+  }
+  HttpCall call = control_call("/v1/certificates", true);
+  call.method = "POST";
+  call.body =
+      json::serialize(json::object{{"namespace", ns}, {"service_account", sa}, {"csr", csr_pem}});
+  call.timeout = std::chrono::seconds(10);
+  auto r = http_call(call);
+  if (!r) {
+    out.error = "control unreachable: " + r.error();
+    return out;
+  }
+  out.status = r->status;
+  json::error_code ec;
+  auto v = json::parse(r->body, ec);
+  try {
+    if (ec || !v.is_object()) throw std::runtime_error("control's answer is not JSON");
+    if (r->status != 200) {
+      out.error = "control: " + json::value_to<std::string>(v.at("error"));
+      return out;
+    }
+    out.spiffe_id = json::value_to<std::string>(v.at("spiffe_id"));
+    out.certificate = json::value_to<std::string>(v.at("certificate"));
+    out.ca_bundle = json::value_to<std::string>(v.at("ca_bundle"));
+  } catch (const std::exception& e) {
+    out.status = 502;
+    out.error = std::string("control's answer: ") + e.what();
+  }
+  return out;
 }
 
 HttpCall AgentServer::control_call(const std::string& path, bool with_node_cert) const {
@@ -608,6 +666,7 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
                        {"watch", watch_state_},
                        {"objects", view_.size()},
                        {"dataplane", dataplane_summary_}}},
+                     {"sds", sds_ ? json::value(sds_->status_json()) : json::value(nullptr)},
                      {"resources", res},
                      {"active_connections", metrics_.downstream_connections_active.get()},
                      {"uptime_s", up}}) +

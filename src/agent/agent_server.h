@@ -19,6 +19,7 @@
 #include "agent/dataplane.h"
 #include "agent/mesh_view.h"
 #include "agent/resource.h"
+#include "agent/sds_server.h"
 #include "http/http_client.h"
 #include "http/http_server.h"
 #include "proxy/listener/listener.h"
@@ -45,6 +46,8 @@ struct AgentOptions {
   std::chrono::milliseconds heartbeat_interval{10000};
   HostPort hbone_listen{"0.0.0.0", 15008};  // the data plane's HBONE inbound
   std::string advertise_address;            // how other agents reach it; default: listen host
+  std::filesystem::path sds_socket;         // default <state>/sds.sock; "off" disables
+  std::vector<int> sds_allow_uids;          // sidecar uids besides our own and root
 };
 
 class AgentServer {
@@ -81,6 +84,9 @@ class AgentServer {
   void renew_if_due(const std::string& key_pem);
   bool publish_resources();  // local resources -> control; false: try again later
   void rebuild_dataplane();
+  void start_sds();
+  SignedWorkload sign_workload(const std::string& ns, const std::string& sa,
+                               const std::string& csr_pem) const;
   HttpCall control_call(const std::string& path, bool with_node_cert) const;
   // Sleeps until `until` or a resource change; true if woken by a change.
   bool wait_or_wake(std::chrono::steady_clock::time_point until);
@@ -106,6 +112,7 @@ class AgentServer {
 
   MeshView view_;
   std::unique_ptr<DataPlane> dataplane_;
+  std::unique_ptr<SdsServer> sds_;
   std::string dataplane_summary_;
 
   // Resources as control should see them (id -> JSON), set on the io thread and published by

@@ -154,6 +154,13 @@ int run_cli(int argc, char** argv) {
                     "the data plane's HBONE (mTLS) inbound, where other agents reach resources");
   agent->add_option("--advertise-address", aopt.advertise_address,
                     "address other agents dial for HBONE (default: the --hbone-listen host)");
+  agent->add_option("--sds-socket", aopt.sds_socket,
+                    "Unix socket serving workload certificates to local sidecars "
+                    "(default <state>/sds.sock; 'off' disables)");
+  agent
+      ->add_option("--sds-allow-uid", aopt.sds_allow_uids,
+                   "uid of sidecars allowed on the SDS socket, besides the agent's own and root")
+      ->delimiter(',');
 
   // operator verbs
   std::string output = "table";

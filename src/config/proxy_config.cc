@@ -291,10 +291,32 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   }
 
   if (auto id = root["identity"]; id.IsDefined()) {
-    r.require_map(id, "identity", {"cert", "key", "ca", "trust_domain"});
-    c.identity.cert = r.path(id, "identity", "cert");
-    c.identity.key = r.path(id, "identity", "key");
-    c.identity.ca = r.path(id, "identity", "ca");
+    r.require_map(id, "identity",
+                  {"cert", "key", "ca", "trust_domain", "sds", "namespace", "service_account"});
+    if (id["sds"].IsDefined()) {
+      for (const char* file : {"cert", "key", "ca"})
+        if (id[file].IsDefined())
+          r.fail(id[file], std::string("identity.") + file,
+                 "not with 'sds': the agent's SDS socket provides the certificate, key and CA");
+      c.identity.sds = r.path(id, "identity", "sds");
+      c.identity.sds_namespace = r.string_field(id, "identity", "namespace", true);
+      c.identity.sds_service_account = r.string_field(id, "identity", "service_account", true);
+      for (const char* key : {"namespace", "service_account"}) {
+        const std::string v = r.string_field(id, "identity", key, true);
+        const bool ok =
+            !v.empty() && v.size() <= 63 &&
+            v.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-._") == std::string::npos;
+        if (!ok)
+          r.fail(id[key], std::string("identity.") + key,
+                 "'" + v + "' is not a valid name: 1-63 of a-z, 0-9, '-', '.', '_'");
+      }
+    } else {
+      if (id["namespace"].IsDefined() || id["service_account"].IsDefined())
+        r.fail(id, "identity", "namespace and service_account go with 'sds' (the agent's socket)");
+      c.identity.cert = r.path(id, "identity", "cert");
+      c.identity.key = r.path(id, "identity", "key");
+      c.identity.ca = r.path(id, "identity", "ca");
+    }
     c.identity.trust_domain = r.string_field(id, "identity", "trust_domain", false);
     if (!c.identity.trust_domain.empty()) {
       if (auto td = parse_trust_domain(c.identity.trust_domain); !td)
@@ -303,7 +325,8 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   } else if (c.needs_identity()) {
     r.fail(root, "identity",
            "is required when 'outbound' or 'inbound' is set: give cert, key and ca files "
-           "(create them with 'weft ca init' and 'weft cert issue')");
+           "(create them with 'weft ca init' and 'weft cert issue'), or the agent's SDS socket "
+           "with sds, namespace and service_account");
   }
   if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty())
     r.fail(root, "outbound", "nothing to do: configure at least one of outbound, inbound or l4");
@@ -340,10 +363,16 @@ boost::json::value ProxyConfig::to_json() const {
   o["drain_timeout"] = format_duration(drain_timeout);
   o["access_log"] = access_log;
   // Paths only: key material never appears in output.
-  o["identity"] = {{"cert", identity.cert.string()},
-                   {"key", identity.key.string()},
-                   {"ca", identity.ca.string()},
-                   {"trust_domain", identity.trust_domain}};
+  if (identity.from_sds())
+    o["identity"] = {{"sds", identity.sds.string()},
+                     {"namespace", identity.sds_namespace},
+                     {"service_account", identity.sds_service_account},
+                     {"trust_domain", identity.trust_domain}};
+  else
+    o["identity"] = {{"cert", identity.cert.string()},
+                     {"key", identity.key.string()},
+                     {"ca", identity.ca.string()},
+                     {"trust_domain", identity.trust_domain}};
   json::array svcs;
   for (const auto& s : services) {
     json::array addrs, ids;

@@ -21,11 +21,19 @@ struct ConfigError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Files (cert, key, ca), or the local agent's SDS socket, which hands over the certificate of
+// the workload identity ns/<namespace>/sa/<service_account> and rotates it: a sidecar then
+// holds no control-plane credential and no key on disk.
 struct IdentityConfig {
   std::filesystem::path cert;
   std::filesystem::path key;
   std::filesystem::path ca;
   std::string trust_domain;  // empty: taken from the certificate's SPIFFE ID
+  std::filesystem::path sds;
+  std::string sds_namespace, sds_service_account;
+
+  bool from_sds() const { return !sds.empty(); }
+  bool operator==(const IdentityConfig&) const = default;
 };
 
 // A service reachable over HBONE: the peer proxies that front it and who they must be.

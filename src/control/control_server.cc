@@ -85,17 +85,6 @@ bool valid_label(const std::string& s) {
   return true;
 }
 
-std::string query_param(const std::string& query, const std::string& key) {
-  size_t pos = 0;
-  while (pos <= query.size()) {
-    const size_t end = std::min(query.find('&', pos), query.size());
-    const std::string part = query.substr(pos, end - pos);
-    if (part.rfind(key + "=", 0) == 0) return part.substr(key.size() + 1);
-    pos = end + 1;
-  }
-  return "";
-}
-
 bool is_registry_kind(const std::string& kind) {
   for (const char* k : kRegistryKinds)
     if (kind == k) return true;

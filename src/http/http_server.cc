@@ -27,6 +27,17 @@ HttpResponse json_error(int status, const std::string& message, const std::strin
   return {status, boost::json::serialize(o) + "\n", "application/json"};
 }
 
+std::string query_param(const std::string& query, const std::string& key) {
+  size_t pos = 0;
+  while (pos <= query.size()) {
+    const size_t end = std::min(query.find('&', pos), query.size());
+    const std::string part = query.substr(pos, end - pos);
+    if (part.rfind(key + "=", 0) == 0) return part.substr(key.size() + 1);
+    pos = end + 1;
+  }
+  return "";
+}
+
 namespace {
 
 using unix_stream = beast::basic_stream<asio::local::stream_protocol>;

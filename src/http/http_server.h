@@ -80,6 +80,10 @@ class HttpServer {
   std::unique_ptr<Impl> impl_;
 };
 
+// The value of `key` in a query string ("a=1&b=2"), or "" (values here are names and numbers;
+// no percent-decoding).
+std::string query_param(const std::string& query, const std::string& key);
+
 // {"error": message, "field": field} with the given status.
 HttpResponse json_error(int status, const std::string& message, const std::string& field = {});
 

@@ -65,6 +65,13 @@ Result<CertificateInfo> load_certificate_info(const std::filesystem::path& pem) 
   return describe_certificate(cert.get());
 }
 
+Result<CertificateInfo> parse_certificate_info(const std::string& pem, const std::string& name) {
+  ossl::Bio bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  ossl::Cert cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!cert) return make_error("no PEM certificate in " + name + ": " + ossl::last_error());
+  return describe_certificate(cert.get());
+}
+
 std::string format_utc(std::time_t t) {
   struct tm tm {};
   gmtime_r(&t, &tm);

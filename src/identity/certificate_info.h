@@ -28,6 +28,8 @@ struct CertificateInfo {
 
 CertificateInfo describe_certificate(X509* cert);
 Result<CertificateInfo> load_certificate_info(const std::filesystem::path& pem);
+// The first certificate in PEM text; `name` says where it came from in errors.
+Result<CertificateInfo> parse_certificate_info(const std::string& pem, const std::string& name);
 
 std::string format_utc(std::time_t t);
 

@@ -1,5 +1,6 @@
 #include "proxy/proxy_server.h"
 
+#include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -10,6 +11,7 @@
 #include <thread>
 
 #include "identity/certificate_authority.h"
+#include "proxy/sds_client.h"
 
 namespace weft {
 
@@ -54,13 +56,7 @@ ProxyServer::ProxyServer(ProxyOptions options)
   auto config = std::make_shared<const ProxyConfig>(load_proxy_config(options_.config_file));
   access_log_ = std::make_unique<AccessLog>(config->access_log);
   std::shared_ptr<const TlsContexts> tls;
-  if (config->needs_identity()) {
-    cert_fingerprint_ = file_fingerprint(config->identity);
-    auto loaded = load_tls_contexts(config->identity, ++tls_generation_);
-    if (!loaded)
-      throw std::runtime_error(config->source.string() + ": identity: " + loaded.error());
-    tls = *loaded;
-  }
+  if (config->needs_identity()) tls = load_identity(*config);
   current_ = std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls});
 
   const unsigned n =
@@ -110,7 +106,101 @@ ProxyServer::ProxyServer(ProxyOptions options)
 }
 
 ProxyServer::~ProxyServer() {
+  sds_stop_ = true;
+  if (sds_thread_.joinable()) sds_thread_.join();
   for (auto& w : workers_) w->stop_and_join();
+}
+
+std::shared_ptr<const TlsContexts> ProxyServer::load_identity(const ProxyConfig& config) {
+  const auto& id = config.identity;
+  if (!id.from_sds()) {
+    cert_fingerprint_ = file_fingerprint(id);
+    auto loaded = load_tls_contexts(id, ++tls_generation_);
+    if (!loaded) throw std::runtime_error(config.source.string() + ": identity: " + loaded.error());
+    return *loaded;
+  }
+  // A sidecar often starts with its agent: wait for the socket a while before giving up.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  std::string last;
+  for (;;) {
+    int status = 0;
+    auto got = fetch_sds_identity(id, "", std::chrono::seconds(10), nullptr, &status);
+    if (got) {
+      auto loaded = make_tls_contexts(got->material, id.trust_domain, ++tls_generation_);
+      if (!loaded)
+        throw std::runtime_error(config.source.string() + ": identity: " + loaded.error());
+      {
+        std::lock_guard lock(sds_mutex_);
+        sds_identity_ = id;
+        sds_serial_ = got->serial;
+      }
+      if (!sds_thread_.joinable()) sds_thread_ = std::thread([this] { sds_loop(); });
+      return *loaded;
+    }
+    // 4xx: the agent refuses (not allowed, or a workload it does not host); waiting won't help.
+    if ((status >= 400 && status < 500) || std::chrono::steady_clock::now() >= deadline)
+      throw std::runtime_error(config.source.string() + ": identity: " + got.error());
+    if (got.error() != last) spdlog::warn("{}; retrying", got.error());
+    last = got.error();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the agent is starting
+  }
+}
+
+void ProxyServer::sds_loop() {
+  auto backoff = std::chrono::milliseconds(500);
+  std::string last_error;
+  while (!sds_stop_) {
+    IdentityConfig id;
+    std::string serial;
+    {
+      std::lock_guard lock(sds_mutex_);
+      id = sds_identity_;
+      serial = sds_serial_;
+    }
+    Millis pause{0};
+    if (!id.from_sds()) {
+      pause = std::chrono::milliseconds(200);  // reloaded to files; nothing to watch
+    } else if (auto got = fetch_sds_identity(id, serial, std::chrono::seconds(60), &sds_stop_)) {
+      backoff = std::chrono::milliseconds(500);
+      last_error.clear();
+      if (got->serial != serial) {
+        {
+          std::lock_guard lock(sds_mutex_);
+          if (sds_identity_ == id) sds_serial_ = got->serial;
+        }
+        asio::post(io_, [this, id, m = std::move(got->material), s = got->serial]() mutable {
+          install_sds_identity(id, std::move(m), s);
+        });
+      }
+    } else if (!sds_stop_) {
+      // The agent is restarting or control is away: keep the current certificate, retry.
+      if (got.error() != last_error)
+        spdlog::warn("SDS: {}; keeping the current certificate", got.error());
+      last_error = got.error();
+      pause = backoff;
+      backoff = std::min<Millis>(backoff * 2, std::chrono::seconds(15));
+    }
+    for (auto waited = Millis{0}; waited < pause && !sds_stop_;
+         waited += std::chrono::milliseconds(50))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+void ProxyServer::install_sds_identity(const IdentityConfig& id, IdentityMaterial material,
+                                       const std::string& serial) {
+  if (draining_ || !(current_->config->identity == id)) return;  // reloaded meanwhile
+  auto loaded = make_tls_contexts(material, id.trust_domain, tls_generation_ + 1);
+  OPENSSL_cleanse(material.key_pem.data(), material.key_pem.size());
+  if (!loaded) {
+    spdlog::warn("SDS sent a certificate that cannot be used (keeping the current one): {}",
+                 loaded.error());
+    return;
+  }
+  ++tls_generation_;
+  metrics_.certificate_reloads.inc();
+  spdlog::info("certificate rotated through SDS: {} serial {} expires {}", (*loaded)->spiffe_id,
+               serial, format_utc((*loaded)->leaf.not_after));
+  publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{current_->config, *loaded}));
 }
 
 int ProxyServer::run() {
@@ -186,16 +276,8 @@ void ProxyServer::reload() {
       spdlog::warn("reload: 'workers' changed to {}; takes effect at the next restart",
                    config->workers);
     auto tls = current_->tls;
-    const auto& old_id = current_->config->identity;
-    const bool id_changed =
-        config->identity.cert != old_id.cert || config->identity.key != old_id.key ||
-        config->identity.ca != old_id.ca || config->identity.trust_domain != old_id.trust_domain;
-    if (config->needs_identity() && (!tls || id_changed)) {
-      auto loaded = load_tls_contexts(config->identity, ++tls_generation_);
-      if (!loaded) throw std::runtime_error("identity: " + loaded.error());
-      tls = *loaded;
-      cert_fingerprint_ = file_fingerprint(config->identity);
-    }
+    const bool id_changed = !(config->identity == current_->config->identity);
+    if (config->needs_identity() && (!tls || id_changed)) tls = load_identity(*config);
     auto next = bind_listeners(*config);
     publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls}));
     swap_listeners(std::move(next));
@@ -209,7 +291,7 @@ void ProxyServer::reload() {
 
 void ProxyServer::check_certificates() {
   const auto& id = current_->config->identity;
-  const std::string fp = file_fingerprint(id);
+  const std::string fp = id.from_sds() ? cert_fingerprint_ : file_fingerprint(id);
   if (fp != cert_fingerprint_ && !draining_) {
     auto loaded = load_tls_contexts(id, tls_generation_ + 1);
     if (loaded) {
@@ -243,6 +325,7 @@ void ProxyServer::begin_drain(const std::string& why) {
                metrics_.downstream_connections_active.get());
   for (auto& w : workers_) w->post_drain();
   cert_timer_.cancel();
+  sds_stop_ = true;
   watch_drain();
 }
 

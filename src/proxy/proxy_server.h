@@ -7,7 +7,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -52,6 +54,12 @@ class ProxyServer {
   void publish(SnapshotPtr snapshot);
   void reload();
   void check_certificates();
+  // Files, or the agent's SDS socket (waiting for the agent to come up); throws on failure.
+  std::shared_ptr<const TlsContexts> load_identity(const ProxyConfig& config);
+  // Off the admin thread: long polls the SDS socket and posts each rotated certificate.
+  void sds_loop();
+  void install_sds_identity(const IdentityConfig& id, IdentityMaterial material,
+                            const std::string& serial);
   void begin_drain(const std::string& why);
   void watch_drain();
   bool ready() const;
@@ -73,6 +81,12 @@ class ProxyServer {
   std::string cert_fingerprint_;  // mtimes and sizes of cert, key and CA files
   std::string last_cert_error_;
   uint64_t tls_generation_ = 0;
+  // SDS: what the rotation thread watches; set on the admin thread, read by the thread.
+  std::mutex sds_mutex_;
+  IdentityConfig sds_identity_;
+  std::string sds_serial_;
+  std::atomic<bool> sds_stop_{false};
+  std::thread sds_thread_;
   bool draining_ = false;
   std::chrono::steady_clock::time_point drain_deadline_;
   int exit_code_ = 0;

@@ -85,6 +85,28 @@ TEST(ProxyConfig, ErrorsNameLineFieldAndFix) {
             std::string::npos);
 }
 
+TEST(ProxyConfig, IdentityFromTheAgentsSdsSocket) {
+  const std::string inbound = "inbound: {targets: [{authority: a:1, address: 127.0.0.1:1}]}\n";
+  const auto c = parse_proxy_config(
+      "identity: {sds: run/sds.sock, namespace: shop, service_account: web}\n" + inbound, "t.yaml",
+      "/etc/weft");
+  EXPECT_TRUE(c.identity.from_sds());
+  EXPECT_EQ(c.identity.sds, "/etc/weft/run/sds.sock");
+  EXPECT_EQ(c.identity.sds_service_account, "web");
+  EXPECT_NE(error_of("identity: {sds: s, namespace: a, service_account: b, cert: c}\n" + inbound)
+                .find("field 'identity.cert': not with 'sds'"),
+            std::string::npos);
+  EXPECT_NE(error_of("identity: {sds: s, namespace: a}\n" + inbound)
+                .find("field 'identity.service_account': is required"),
+            std::string::npos);
+  EXPECT_NE(error_of("identity: {sds: s, namespace: A/b, service_account: b}\n" + inbound)
+                .find("'A/b' is not a valid name"),
+            std::string::npos);
+  EXPECT_NE(error_of("identity: {cert: c, key: k, ca: a, namespace: x}\n" + inbound)
+                .find("go with 'sds'"),
+            std::string::npos);
+}
+
 TEST(ProxyConfig, ParsesAFullConfig) {
   const auto c = parse_proxy_config(R"(
 identity: {cert: c.pem, key: k.pem, ca: ca.crt}

@@ -1,7 +1,11 @@
 #include "transport/tls/tls_contexts.h"
 
+#include <openssl/crypto.h>
 #include <openssl/pem.h>
+
 #include <openssl/ssl.h>
+#include <fstream>
+#include <sstream>
 
 #include "identity/openssl_ptr.h"
 #include "identity/spiffe_id.h"
@@ -25,7 +29,7 @@ int select_h2(SSL*, const unsigned char** out, unsigned char* outlen, const unsi
 }
 
 Result<std::shared_ptr<ssl::context>> make_context(ssl::context::method method,
-                                                   const IdentityConfig& id) {
+                                                   const IdentityMaterial& id) {
   auto ctx = std::make_shared<ssl::context>(method);
   SSL_CTX* raw = ctx->native_handle();
   SSL_CTX_set_min_proto_version(raw, TLS1_3_VERSION);
@@ -35,21 +39,70 @@ Result<std::shared_ptr<ssl::context>> make_context(ssl::context::method method,
   SSL_CTX_set_ciphersuites(
       raw, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
   SSL_CTX_set_options(raw, SSL_OP_CIPHER_SERVER_PREFERENCE);
-  if (SSL_CTX_use_certificate_chain_file(raw, id.cert.c_str()) != 1)
-    return make_error("cannot load certificate " + id.cert.string() + ": " + ossl::last_error());
-  if (SSL_CTX_use_PrivateKey_file(raw, id.key.c_str(), SSL_FILETYPE_PEM) != 1)
-    return make_error("cannot load private key " + id.key.string() + ": " + ossl::last_error());
+  {
+    ossl::Bio bio(BIO_new_mem_buf(id.cert_pem.data(), static_cast<int>(id.cert_pem.size())));
+    ossl::Cert leaf(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    if (!leaf || SSL_CTX_use_certificate(raw, leaf.get()) != 1)
+      return make_error("cannot load certificate " + id.cert_name + ": " + ossl::last_error());
+    while (X509* extra = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr))
+      SSL_CTX_add0_chain_cert(raw, extra);  // intermediates; the context owns them
+    ERR_clear_error();                      // the end of the PEM text reads as an error
+  }
+  {
+    ossl::Bio bio(BIO_new_mem_buf(id.key_pem.data(), static_cast<int>(id.key_pem.size())));
+    ossl::Key key(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
+    if (!key || SSL_CTX_use_PrivateKey(raw, key.get()) != 1)
+      return make_error("cannot load private key " + id.key_name + ": " + ossl::last_error());
+  }
   if (SSL_CTX_check_private_key(raw) != 1)
-    return make_error("private key " + id.key.string() + " does not match certificate " +
-                      id.cert.string());
-  if (SSL_CTX_load_verify_locations(raw, id.ca.c_str(), nullptr) != 1)
-    return make_error("cannot load CA bundle " + id.ca.string() + ": " + ossl::last_error());
+    return make_error("private key " + id.key_name + " does not match certificate " + id.cert_name);
+  {
+    ossl::Bio bio(BIO_new_mem_buf(id.ca_pem.data(), static_cast<int>(id.ca_pem.size())));
+    X509_STORE* store = SSL_CTX_get_cert_store(raw);
+    int roots = 0;
+    while (X509* root = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)) {
+      X509_STORE_add_cert(store, root);
+      X509_free(root);
+      ++roots;
+    }
+    ERR_clear_error();
+    if (roots == 0) return make_error("no PEM certificate in CA bundle " + id.ca_name);
+  }
   return ctx;
+}
+
+Result<std::string> slurp(const std::filesystem::path& p, const char* what) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) return make_error(std::string("cannot read ") + what + " " + p.string());
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
 }
 
 }  // namespace
 
-Result<std::shared_ptr<const TlsContexts>> load_tls_contexts(const IdentityConfig& id,
+Result<std::shared_ptr<const TlsContexts>> load_tls_contexts(const IdentityConfig& config,
+                                                             uint64_t generation) {
+  IdentityMaterial m;
+  m.cert_name = config.cert.string();
+  m.key_name = config.key.string();
+  m.ca_name = config.ca.string();
+  auto cert = slurp(config.cert, "certificate");
+  if (!cert) return make_error(cert.error());
+  auto key = slurp(config.key, "private key");
+  if (!key) return make_error(key.error());
+  auto ca = slurp(config.ca, "CA bundle");
+  if (!ca) return make_error(ca.error());
+  m.cert_pem = std::move(*cert);
+  m.key_pem = std::move(*key);
+  m.ca_pem = std::move(*ca);
+  auto out = make_tls_contexts(m, config.trust_domain, generation);
+  OPENSSL_cleanse(m.key_pem.data(), m.key_pem.size());
+  return out;
+}
+
+Result<std::shared_ptr<const TlsContexts>> make_tls_contexts(const IdentityMaterial& id,
+                                                             const std::string& trust_domain,
                                                              uint64_t generation) {
   auto out = std::make_shared<TlsContexts>();
   out->generation = generation;
@@ -70,7 +123,7 @@ Result<std::shared_ptr<const TlsContexts>> load_tls_contexts(const IdentityConfi
 
   X509* leaf = SSL_CTX_get0_certificate((*server)->native_handle());
   out->leaf = describe_certificate(leaf);
-  auto ca = load_certificate_info(id.ca);
+  auto ca = parse_certificate_info(id.ca_pem, "CA bundle " + id.ca_name);
   if (!ca) return make_error(ca.error());
   out->ca = *ca;
 
@@ -85,17 +138,17 @@ Result<std::shared_ptr<const TlsContexts>> load_tls_contexts(const IdentityConfi
   const int verr = X509_STORE_CTX_get_error(vctx);
   X509_STORE_CTX_free(vctx);
   if (ok != 1)
-    return make_error("certificate " + id.cert.string() + " does not verify against CA " +
-                      id.ca.string() + ": " + X509_verify_cert_error_string(verr));
+    return make_error("certificate " + id.cert_name + " does not verify against CA " + id.ca_name +
+                      ": " + X509_verify_cert_error_string(verr));
 
   auto spiffe = out->leaf.spiffe_id();
   if (!spiffe)
-    return make_error("certificate " + id.cert.string() +
+    return make_error("certificate " + id.cert_name +
                       " has no spiffe:// URI SAN; issue it with 'weft cert issue --spiffe-id ...'");
   out->spiffe_id = *spiffe;
   auto td = spiffe_trust_domain(*spiffe);
-  if (!td) return make_error("certificate " + id.cert.string() + ": " + td.error());
-  out->trust_domain = id.trust_domain.empty() ? *td : id.trust_domain;
+  if (!td) return make_error("certificate " + id.cert_name + ": " + td.error());
+  out->trust_domain = trust_domain.empty() ? *td : trust_domain;
   return std::shared_ptr<const TlsContexts>(std::move(out));
 }
 

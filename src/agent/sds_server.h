@@ -1,0 +1,87 @@
+// The agent's SDS socket: local `weft proxy` sidecars get their workload certificates here, as
+// Envoy gets them from Istio's node agent, so a sidecar holds no control-plane credential and
+// no key on disk. The agent makes a key per workload identity (in memory only), has control
+// sign it (control checks that this node hosts the workload), renews it at 2/3 of its life,
+// and answers a sidecar's long poll when the certificate changes.
+//
+// The socket's peer uid is the credential: the agent's own uid, root, and --sds-allow-uid.
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/json/array.hpp>
+
+#include "core/result.h"
+#include "http/http_server.h"
+#include "identity/csr.h"
+
+namespace weft {
+
+struct SdsOptions {
+  std::filesystem::path socket;
+  std::vector<int> allowed_uids;  // besides the agent's own uid and root
+};
+
+// Control's answer to a workload certificate request.
+struct SignedWorkload {
+  int status = 0;     // HTTP status from control; 0: control could not be reached
+  std::string error;  // when status != 200
+  std::string spiffe_id, certificate, ca_bundle;
+};
+
+class SdsServer {
+ public:
+  // Blocks (it calls control), so it runs on the SDS server's own thread.
+  using Signer = std::function<SignedWorkload(const std::string& ns, const std::string& sa,
+                                              const std::string& csr_pem)>;
+
+  static Result<std::unique_ptr<SdsServer>> start(boost::asio::io_context& io, SdsOptions options,
+                                                  Signer sign);
+  ~SdsServer();
+  boost::json::array status_json() const;  // the identities it serves, for the agent's /status
+
+ private:
+  struct Waiter {
+    std::string known_serial;
+    HttpServer::Reply reply;
+    std::unique_ptr<boost::asio::steady_timer> deadline;
+  };
+  struct Workload {
+    std::string ns, sa;
+    KeyPair key;
+    std::string spiffe_id, certificate, ca_bundle, serial;
+    std::time_t not_before = 0, not_after = 0;
+    int error_status = 0;
+    std::string error;
+    bool signing = false;
+    std::list<Waiter> waiters;
+    std::unique_ptr<boost::asio::steady_timer> renew;
+  };
+
+  SdsServer(boost::asio::io_context& io, SdsOptions options, Signer sign);
+  void handle(const HttpRequest& r, HttpServer::Reply reply);
+  void sign_async(Workload& w);
+  void signed_(const std::string& key, SignedWorkload result);
+  void answer_waiters(Workload& w);
+  bool has_valid_certificate(const Workload& w) const;
+  HttpResponse material(const Workload& w) const;
+  void worker_loop();
+
+  struct Shared;  // the queue to the signing thread
+  boost::asio::io_context& io_;
+  SdsOptions options_;
+  Signer sign_;
+  std::unique_ptr<HttpServer> server_;
+  std::map<std::string, Workload> workloads_;  // "ns/sa"
+  std::shared_ptr<Shared> shared_;
+};
+
+}  // namespace weft

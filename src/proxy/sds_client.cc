@@ -1,0 +1,53 @@
+#include "proxy/sds_client.h"
+
+#include <boost/json.hpp>
+
+#include "http/http_client.h"
+
+namespace weft {
+
+namespace json = boost::json;
+
+Result<SdsIdentity> fetch_sds_identity(const IdentityConfig& identity,
+                                       const std::string& known_serial, Millis wait,
+                                       const std::atomic<bool>* cancel, int* status) {
+  if (status) *status = 0;
+  const std::string where = "agent SDS socket " + identity.sds.string();
+  HttpCall call;
+  call.unix_socket = identity.sds;
+  call.url = "http://sds/v1/sds/certificate?namespace=" + identity.sds_namespace +
+             "&service_account=" + identity.sds_service_account;
+  if (!known_serial.empty())
+    call.url += "&serial=" + known_serial + "&timeout=" + std::to_string(wait.count()) + "ms";
+  call.timeout = wait + std::chrono::seconds(15);  // the agent may be asking control meanwhile
+  call.cancel = cancel;
+  auto r = http_call(call);
+  if (!r) return make_error(where + ": " + r.error() + " (is 'weft agent' running?)");
+  if (status) *status = r->status;
+  json::error_code ec;
+  auto v = json::parse(r->body, ec);
+  if (r->status != 200) {
+    std::string why = r->body;
+    if (!ec && v.is_object() && v.as_object().contains("error"))
+      why = json::value_to<std::string>(v.at("error"));
+    return make_error(where + " answered " + std::to_string(r->status) + ": " + why);
+  }
+  if (ec || !v.is_object()) return make_error(where + ": the answer is not a JSON object");
+  SdsIdentity out;
+  try {
+    const auto& o = v.as_object();
+    const std::string id = "ns/" + identity.sds_namespace + "/sa/" + identity.sds_service_account;
+    out.material.cert_pem = json::value_to<std::string>(o.at("certificate"));
+    out.material.key_pem = json::value_to<std::string>(o.at("private_key"));
+    out.material.ca_pem = json::value_to<std::string>(o.at("ca_bundle"));
+    out.serial = json::value_to<std::string>(o.at("serial"));
+    out.material.cert_name = "from " + where + " for " + id;
+    out.material.key_name = "from " + where + " for " + id;
+    out.material.ca_name = "from " + where;
+  } catch (const std::exception& e) {
+    return make_error(where + ": the answer lacks a field: " + e.what());
+  }
+  return out;
+}
+
+}  // namespace weft

@@ -1,0 +1,30 @@
+// The sidecar's side of the agent's SDS socket: fetch the workload certificate named in the
+// config, and wait for its rotation with a long poll. Blocking; the proxy runs it off the admin
+// thread.
+#pragma once
+
+#include <atomic>
+#include <string>
+
+#include "config/proxy_config.h"
+#include "core/duration.h"
+#include "core/result.h"
+#include "transport/tls/tls_contexts.h"
+
+namespace weft {
+
+struct SdsIdentity {
+  IdentityMaterial material;
+  std::string serial;  // changes when the agent has rotated the certificate
+};
+
+// `known_serial` empty: answer at once. Otherwise the agent answers when the certificate's
+// serial differs from it, or after `wait` with the current one.
+// `status`, if given, receives the agent's HTTP status (0 when it could not be reached): a 4xx
+// is a refusal to report, not a failure to retry.
+Result<SdsIdentity> fetch_sds_identity(const IdentityConfig& identity,
+                                       const std::string& known_serial, Millis wait,
+                                       const std::atomic<bool>* cancel = nullptr,
+                                       int* status = nullptr);
+
+}  // namespace weft
