@@ -1,5 +1,10 @@
 #include "http/http_client.h"
 
+#include <sys/stat.h>
+
+#include <map>
+#include <mutex>
+
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
@@ -15,6 +20,44 @@ namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
 namespace {
+
+std::string file_stamp(const std::filesystem::path& p) {
+  struct stat st {};
+  if (p.empty() || ::stat(p.c_str(), &st) != 0) return p.string() + ":-;";
+  return p.string() + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec) + ":" + std::to_string(st.st_size) + ";";
+}
+
+// TLS client contexts by file set and their mtimes: loading a CA bundle and key decodes PEM
+// through OpenSSL 3's providers, which cost as much as the handshake when done per call. A
+// renewed certificate changes the mtime, so it is picked up on the next call.
+Result<std::shared_ptr<asio::ssl::context>> client_context(const HttpCall& call) {
+  static std::mutex mutex;
+  static std::map<std::string, std::shared_ptr<asio::ssl::context>> cache;
+  const std::string key =
+      file_stamp(call.ca_file) + file_stamp(call.cert_file) + file_stamp(call.key_file);
+  {
+    std::lock_guard lock(mutex);
+    if (auto it = cache.find(key); it != cache.end()) return it->second;
+  }
+  auto ctx = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
+  SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION);
+  beast::error_code ec;
+  ctx->load_verify_file(call.ca_file.string(), ec);
+  if (ec) return make_error("cannot load CA bundle " + call.ca_file.string() + ": " + ec.message());
+  ctx->set_verify_mode(asio::ssl::verify_peer);
+  if (!call.cert_file.empty()) {
+    ctx->use_certificate_chain_file(call.cert_file.string(), ec);
+    if (!ec) ctx->use_private_key_file(call.key_file.string(), asio::ssl::context::pem, ec);
+    if (ec)
+      return make_error("cannot load client certificate " + call.cert_file.string() + ": " +
+                        ec.message());
+  }
+  std::lock_guard lock(mutex);
+  if (cache.size() > 16) cache.clear();  // old generations of rotated files
+  cache[key] = ctx;
+  return ctx;
+}
 
 template <class Stream>
 asio::awaitable<Result<HttpCallResult>> exchange(Stream& stream, const HttpCall& call,
@@ -70,21 +113,10 @@ asio::awaitable<Result<HttpCallResult>> run_call(const HttpCall& call, std::stri
   if (ec) co_return make_error("cannot connect to " + host + ":" + port + ": " + ec.message());
   if (scheme == "http") co_return co_await exchange(tcp_stream, call, host, target);
 
-  asio::ssl::context ctx(asio::ssl::context::tls_client);
-  SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
   if (call.ca_file.empty()) co_return make_error("https needs a CA bundle to verify " + call.url);
-  ctx.load_verify_file(call.ca_file.string(), ec);
-  if (ec)
-    co_return make_error("cannot load CA bundle " + call.ca_file.string() + ": " + ec.message());
-  ctx.set_verify_mode(asio::ssl::verify_peer);
-  if (!call.cert_file.empty()) {
-    ctx.use_certificate_chain_file(call.cert_file.string(), ec);
-    if (!ec) ctx.use_private_key_file(call.key_file.string(), asio::ssl::context::pem, ec);
-    if (ec)
-      co_return make_error("cannot load client certificate " + call.cert_file.string() + ": " +
-                           ec.message());
-  }
-  beast::ssl_stream<beast::tcp_stream> tls(std::move(tcp_stream), ctx);
+  auto ctx = client_context(call);
+  if (!ctx) co_return make_error(ctx.error());
+  beast::ssl_stream<beast::tcp_stream> tls(std::move(tcp_stream), **ctx);
   co_await tls.async_handshake(asio::ssl::stream_base::client,
                                asio::redirect_error(asio::use_awaitable, ec));
   if (ec)

@@ -239,7 +239,9 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   }
 
   Stream stream_;
-  std::array<char, 16384> discard_{};
+  // Where a lingering close or an open stream throws away what the client still sends. Small:
+  // every parked watch holds one, and a bigger one only saves syscalls on bytes we discard.
+  std::array<char, 512> discard_{};
   HttpServer::AsyncHandler& handler_;
   const int peer_uid_;
   beast::flat_buffer buffer_;

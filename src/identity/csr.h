@@ -2,8 +2,12 @@
 // with it; control checks that signature and signs a short-lived certificate for the same key.
 #pragma once
 
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
 #include <chrono>
 #include <filesystem>
+#include <memory>
 #include <string>
 
 #include "core/duration.h"
@@ -40,7 +44,11 @@ class SigningCa {
                                  const std::string& expected_public_pem);
 
  private:
-  std::string cert_pem_, key_pem_, trust_domain_;
+  std::string cert_pem_, trust_domain_;
+  // Parsed once: OpenSSL 3 decodes PEM keys through its provider machinery, which cost more
+  // than the signature itself when it ran per registration.
+  std::shared_ptr<X509> cert_;
+  std::shared_ptr<EVP_PKEY> key_;
 };
 
 }  // namespace weft
