@@ -180,8 +180,8 @@ std::string ControlServer::node_id(const HttpRequest& r) const {
 
 int64_t ControlServer::commit(const std::string& kind, const std::string& name,
                               const std::string& body) {
-  const auto* old = registry_.get(kind, name);
-  const std::string prev = old ? json::serialize(*old) : "";
+  const std::string* old = registry_.body(kind, name);
+  const std::string prev = old ? *old : "";
   const int64_t rev =
       body.empty() ? store_->delete_object(kind, name) : store_->put_object(kind, name, body);
   if (rev == 0) return 0;
@@ -307,7 +307,7 @@ void ControlServer::publish_agent(const AgentRecord& a, const std::string& hbone
                  {"api", api},
                  {"healthy", true},
                  {"cert_expires_ms", cert_expires_ms}};
-  if (const auto* old = registry_.get("agents", a.id)) {
+  if (const auto old = registry_.get("agents", a.id)) {
     if (hbone.empty()) o["hbone"] = old->at("hbone");
     if (api.empty()) o["api"] = old->at("api");
     if (cert_expires_ms == 0) o["cert_expires_ms"] = old->at("cert_expires_ms");
@@ -520,11 +520,11 @@ HttpResponse ControlServer::handle_registry(const HttpRequest& r, const std::str
     }
     if (r.method != "POST") return json_error(405, "use GET or POST");
   } else if (r.method == "GET") {
-    const auto* o = registry_.get(kind, name);
+    const auto o = registry_.get(kind, name);
     if (!o || !owned_by_caller(*o)) return json_error(404, "no " + kind + " " + name);
     return {200, json::serialize(*o) + "\n"};
   } else if (r.method == "DELETE") {
-    const auto* o = registry_.get(kind, name);
+    const auto o = registry_.get(kind, name);
     if (!o || !owned_by_caller(*o)) return json_error(404, "no " + kind + " " + name);
     const int64_t rev = commit(kind, name, "");
     return {200, json::serialize(json::object{{"deleted", name}, {"revision", rev}}) + "\n"};
@@ -538,7 +538,7 @@ HttpResponse ControlServer::handle_registry(const HttpRequest& r, const std::str
     return json_error(403, "an agent may only write its own " + kind, "agent_id");
   const std::string key =
       std::string(v->contains("id") ? v->at("id").as_string() : v->at("name").as_string());
-  if (const auto* existing = registry_.get(kind, key)) {
+  if (const auto existing = registry_.get(kind, key)) {
     if (r.method == "POST") return json_error(409, kind + " " + key + " already exists", "name");
     if (!owned_by_caller(*existing)) return json_error(403, "not yours: " + kind + " " + key);
   }
@@ -593,7 +593,7 @@ HttpResponse ControlServer::handle_agents() {
   const int64_t healthy_after = now_ms() - 3 * options_.heartbeat_interval.count();
   for (const auto& a : store_->list_agents()) {
     auto o = agent_json(a, pool_, ca_.trust_domain(), healthy_after);
-    if (const auto* rec = registry_.get("agents", a.id)) {
+    if (const auto rec = registry_.get("agents", a.id)) {
       o["healthy"] = rec->at("healthy");
       o["hbone"] = rec->at("hbone");
       o["api"] = rec->at("api");

@@ -62,7 +62,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
       if (r->name.rfind("res-", 0) == 0) r->name = url_name;
     }
     if (r->agent_id.empty()) return fail(400, "agent_id", "agent_id is required");
-    const auto* agent = get("agents", r->agent_id);
+    const auto agent = get("agents", r->agent_id);
     if (!agent) return fail(400, "agent_id", "no agent " + r->agent_id);
     if (r->mesh_ip.empty()) r->mesh_ip = text(*agent, "mesh_ip");
     return r->to_json();
@@ -153,7 +153,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
       return make_error(error.message);
     if (!valid_label(service)) return fail(400, "service", "service must be 1-63 of [a-z0-9-._]");
     if (agent_id.empty()) return fail(400, "agent_id", "agent_id is required");
-    const auto* agent = get("agents", agent_id);
+    const auto agent = get("agents", agent_id);
     if (!agent) return fail(400, "agent_id", "no agent " + agent_id);
     if (address.empty()) address = text(*agent, "mesh_ip");
     if (!parse_host_port(address + ":1") || address.find(':') != std::string::npos)
@@ -228,12 +228,12 @@ void Registry::load(const std::vector<StoredObject>& objects, const std::vector<
   for (const auto& o : objects) {
     auto v = parse_object(o.body);
     index(o.kind, o.name, v, +1);
-    objects_[o.kind][o.name] = {std::move(v), o.rev};
+    objects_[o.kind][o.name] = {o.body, o.rev, keys_of(o.kind, v)};
   }
   for (const auto& c : log) {
     LogEntry e{c.rev, c.kind, c.name, std::nullopt, std::nullopt};
-    if (!c.body.empty()) e.value = parse_object(c.body);
-    if (!c.prev.empty()) e.prev = parse_object(c.prev);
+    if (!c.body.empty()) e.value = keys_of(c.kind, parse_object(c.body));
+    if (!c.prev.empty()) e.prev = keys_of(c.kind, parse_object(c.prev));
     log_.push_back(std::move(e));
   }
   while (log_.size() > log_retention) log_.pop_front();
@@ -245,17 +245,18 @@ void Registry::apply(int64_t rev, const std::string& kind, const std::string& na
                      const std::string& body, const std::string& prev) {
   auto& table = objects_[kind];
   if (auto it = table.find(name); it != table.end()) {
-    index(kind, name, it->second.value, -1);
+    index(kind, name, parse_object(it->second.body), -1);
     table.erase(it);
   }
   LogEntry e{rev, kind, name, std::nullopt, std::nullopt};
   if (!body.empty()) {
     auto v = parse_object(body);
     index(kind, name, v, +1);
-    table[name] = {v, rev};
-    e.value = std::move(v);
+    auto keys = keys_of(kind, v);
+    e.value = keys;
+    table[name] = {body, rev, std::move(keys)};
   }
-  if (!prev.empty()) e.prev = parse_object(prev);
+  if (!prev.empty()) e.prev = keys_of(kind, parse_object(prev));
   log_.push_back(std::move(e));
   while (log_.size() > log_retention) {
     log_floor_ = log_.front().rev;
@@ -264,18 +265,48 @@ void Registry::apply(int64_t rev, const std::string& kind, const std::string& na
   revision_ = rev;
 }
 
-const json::object* Registry::get(const std::string& kind, const std::string& name) const {
+const std::string* Registry::body(const std::string& kind, const std::string& name) const {
   auto t = objects_.find(kind);
   if (t == objects_.end()) return nullptr;
   auto it = t->second.find(name);
-  return it == t->second.end() ? nullptr : &it->second.value;
+  return it == t->second.end() ? nullptr : &it->second.body;
+}
+
+std::optional<json::object> Registry::get(const std::string& kind, const std::string& name) const {
+  const std::string* b = body(kind, name);
+  if (!b) return std::nullopt;
+  return parse_object(*b);
+}
+
+bool Registry::contains(const std::string& kind, const std::string& name) const {
+  return body(kind, name) != nullptr;
 }
 
 std::vector<json::object> Registry::list(const std::string& kind) const {
   std::vector<json::object> out;
   if (auto t = objects_.find(kind); t != objects_.end())
-    for (const auto& [name, e] : t->second) out.push_back(e.value);
+    for (const auto& [name, e] : t->second) out.push_back(parse_object(e.body));
   return out;
+}
+
+Registry::Keys Registry::keys_of(const std::string& kind, const json::object& v) {
+  Keys k;
+  k.agent_id = text(v, "agent_id");
+  k.service = text(v, "service");
+  if (kind == "resources") k.resource_name = text(v, "name");
+  if (kind == "agents") k.spiffe_id = text(v, "spiffe_id");
+  if (kind == "policies")
+    if (const auto* allow = v.if_contains("allow"); allow && allow->is_array())
+      for (const auto& pattern : allow->as_array())
+        if (pattern.is_string()) k.allow.emplace_back(pattern.as_string());
+  return k;
+}
+
+const Registry::Entry* Registry::entry(const std::string& kind, const std::string& name) const {
+  auto t = objects_.find(kind);
+  if (t == objects_.end()) return nullptr;
+  auto it = t->second.find(name);
+  return it == t->second.end() ? nullptr : &it->second;
 }
 
 bool Registry::hosts_identity(const std::string& agent_id, const std::string& ns,
@@ -286,7 +317,7 @@ bool Registry::hosts_identity(const std::string& agent_id, const std::string& ns
 
 std::vector<std::string> Registry::identities_of(const std::string& agent_id) const {
   std::vector<std::string> ids;
-  if (const auto* a = get("agents", agent_id)) ids.push_back(text(*a, "spiffe_id"));
+  if (const auto* a = entry("agents", agent_id)) ids.push_back(a->keys.spiffe_id);
   if (auto it = identities_on_agent_.find(agent_id); it != identities_on_agent_.end())
     for (const auto& [ns_sa, n] : it->second) {
       const auto slash = ns_sa.find('/');
@@ -302,11 +333,10 @@ Registry::Scope Registry::scope_of(const std::string& agent_id) const {
   for (const auto& [service, names] : policies_of_) {
     bool allowed = false;
     for (const auto& p : names) {
-      const auto* policy = get("policies", p);
+      const auto* policy = entry("policies", p);
       if (!policy) continue;
-      for (const auto& pattern : policy->at("allow").as_array())
-        for (const auto& id : ids)
-          allowed = allowed || spiffe_pattern_matches(std::string(pattern.as_string()), id);
+      for (const auto& pattern : policy->keys.allow)
+        for (const auto& id : ids) allowed = allowed || spiffe_pattern_matches(pattern, id);
       if (allowed) break;
     }
     if (allowed) s.reach.insert(service);
@@ -317,12 +347,11 @@ Registry::Scope Registry::scope_of(const std::string& agent_id) const {
 }
 
 bool Registry::in_scope(const std::string& agent_id, const Scope& s, const std::string& kind,
-                        const std::string& name, const json::object& v) const {
+                        const std::string& name, const Keys& k) const {
   if (kind == "services") return s.reach.count(name) || s.hosted.count(name);
-  if (kind == "endpoints")
-    return text(v, "agent_id") == agent_id || s.reach.count(text(v, "service"));
-  if (kind == "resources") return text(v, "agent_id") == agent_id || s.reach.count(text(v, "name"));
-  if (kind == "policies") return s.hosted.count(text(v, "service")) > 0;
+  if (kind == "endpoints") return k.agent_id == agent_id || s.reach.count(k.service);
+  if (kind == "resources") return k.agent_id == agent_id || s.reach.count(k.resource_name);
+  if (kind == "policies") return s.hosted.count(k.service) > 0;
   if (kind == "agents") {
     if (name == agent_id) return true;
     auto it = services_on_agent_.find(name);
@@ -342,11 +371,9 @@ WatchDelta Registry::full_view(const std::string& agent_id) const {
   std::set<std::pair<std::string, std::string>> seen;
   const auto add = [&](const std::string& kind, const std::string& name) {
     if (!seen.insert({kind, name}).second) return;
-    auto t = objects_.find(kind);
-    if (t == objects_.end()) return;
-    auto it = t->second.find(name);
-    if (it == t->second.end() || !in_scope(agent_id, s, kind, name, it->second.value)) return;
-    d.put.push_back(item(kind, name, it->second.rev, it->second.value));
+    const Entry* e = entry(kind, name);
+    if (!e || !in_scope(agent_id, s, kind, name, e->keys)) return;
+    d.put.push_back(item(kind, name, e->rev, parse_object(e->body)));
   };
   add("agents", agent_id);
   std::set<std::string> services = s.reach;
@@ -360,7 +387,7 @@ WatchDelta Registry::full_view(const std::string& agent_id) const {
       if (it == index->end()) continue;
       for (const auto& name : it->second) {
         add(kind, name);
-        if (const auto* v = get(kind, name)) add("agents", text(*v, "agent_id"));
+        if (const auto* e = entry(kind, name)) add("agents", e->keys.agent_id);
       }
     }
     if (auto it = policies_of_.find(service); it != policies_of_.end())
@@ -378,7 +405,7 @@ WatchDelta Registry::delta(const std::string& agent_id, int64_t since) const {
   auto first = std::upper_bound(log_.begin(), log_.end(), since,
                                 [](int64_t r, const LogEntry& e) { return r < e.rev; });
   // Last change per object wins; order of first appearance is kept for readability.
-  std::map<std::pair<std::string, std::string>, std::optional<json::object>> latest;
+  std::map<std::pair<std::string, std::string>, bool> latest;  // true: put, false: deleted
   std::vector<std::pair<std::string, std::string>> order;
   for (auto it = first; it != log_.end(); ++it) {
     const LogEntry& e = *it;
@@ -386,8 +413,7 @@ WatchDelta Registry::delta(const std::string& agent_id, int64_t since) const {
     // hosts changes its identities: both redraw its scope, so it gets its whole view again.
     if (e.kind == "policies") return full_view(agent_id);
     if (e.kind == "endpoints" || e.kind == "resources") {
-      if ((e.value && text(*e.value, "agent_id") == agent_id) ||
-          (e.prev && text(*e.prev, "agent_id") == agent_id))
+      if ((e.value && e.value->agent_id == agent_id) || (e.prev && e.prev->agent_id == agent_id))
         return full_view(agent_id);
     }
     const bool now = e.value && in_scope(agent_id, s, e.kind, e.name, *e.value);
@@ -395,16 +421,14 @@ WatchDelta Registry::delta(const std::string& agent_id, int64_t since) const {
     if (!now && !before) continue;
     const auto key = std::make_pair(e.kind, e.name);
     if (!latest.count(key)) order.push_back(key);
-    latest[key] = now ? e.value : std::nullopt;
+    latest[key] = now;
   }
   for (const auto& key : order) {
-    const auto& v = latest[key];
-    if (v) {
-      d.put.push_back(item(key.first, key.second,
-                           objects_.at(key.first).count(key.second)
-                               ? objects_.at(key.first).at(key.second).rev
-                               : revision_,
-                           *v));
+    // The log is complete up to revision_, so an object whose last change was a put is the
+    // current object.
+    const Entry* current = latest[key] ? entry(key.first, key.second) : nullptr;
+    if (current) {
+      d.put.push_back(item(key.first, key.second, current->rev, parse_object(current->body)));
     } else {
       d.deleted.push_back(json::object{{"kind", key.first}, {"name", key.second}});
     }

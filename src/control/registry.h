@@ -56,7 +56,11 @@ class Registry {
   void apply(int64_t rev, const std::string& kind, const std::string& name, const std::string& body,
              const std::string& prev);
 
-  const boost::json::object* get(const std::string& kind, const std::string& name) const;
+  // Objects are kept serialized (a parsed JSON object costs several times its text, and there
+  // may be 100,000 endpoints); get() and list() parse on demand.
+  std::optional<boost::json::object> get(const std::string& kind, const std::string& name) const;
+  const std::string* body(const std::string& kind, const std::string& name) const;
+  bool contains(const std::string& kind, const std::string& name) const;
   std::vector<boost::json::object> list(const std::string& kind) const;
   int64_t revision() const { return revision_; }
 
@@ -72,24 +76,34 @@ class Registry {
   size_t log_retention = 10000;
 
  private:
-  struct Entry {
-    boost::json::object value;
-    int64_t rev = 0;
+  // The fields scoping reads, taken out of an object once when it is stored.
+  struct Keys {
+    std::string agent_id, service, resource_name, spiffe_id;
+    std::vector<std::string> allow;  // policies
   };
+  struct Entry {
+    std::string body;
+    int64_t rev = 0;
+    Keys keys;
+  };
+  // A change as the watch needs it: which object, and its keys before and after (the values
+  // themselves are read from the current objects when a delta is sent).
   struct LogEntry {
     int64_t rev;
     std::string kind, name;
-    std::optional<boost::json::object> value, prev;
+    std::optional<Keys> value, prev;
   };
   struct Scope {
     std::set<std::string> reach;   // services this agent may reach
     std::set<std::string> hosted;  // services with an endpoint or resource on this agent
   };
 
+  const Entry* entry(const std::string& kind, const std::string& name) const;
   Scope scope_of(const std::string& agent_id) const;
   std::vector<std::string> identities_of(const std::string& agent_id) const;
   bool in_scope(const std::string& agent_id, const Scope& s, const std::string& kind,
-                const std::string& name, const boost::json::object& v) const;
+                const std::string& name, const Keys& k) const;
+  static Keys keys_of(const std::string& kind, const boost::json::object& v);
   void index(const std::string& kind, const std::string& name, const boost::json::object& v,
              int delta);
 
