@@ -512,19 +512,22 @@ void AgentServer::rebuild_dataplane() {
         {"authority", e.authority}, {"address", e.target.to_string()}, {"allow", allow}});
     summary += " export " + e.authority + "->" + e.target.to_string();
   }
+  json::array all_services;  // for sidecars, whose listeners are their own
   for (const auto& imp : view_.imports(id_)) {
+    json::array addrs, ids;
+    for (const auto& p : imp.peers) addrs.push_back(json::value(p.to_string()));
+    for (const auto& id : imp.peer_ids) ids.push_back(json::value(id));
+    const json::object service{{"name", imp.service},
+                               {"addresses", addrs},
+                               {"authority", imp.authority},
+                               {"spiffe_ids", ids}};
+    all_services.push_back(service);
     if (port_taken(imp.port, "")) {
       spdlog::warn("agent: cannot import {}: port {} is taken by a local resource", imp.service,
                    imp.port);
       continue;
     }
-    json::array addrs, ids;
-    for (const auto& p : imp.peers) addrs.push_back(json::value(p.to_string()));
-    for (const auto& id : imp.peer_ids) ids.push_back(json::value(id));
-    services.push_back(json::object{{"name", imp.service},
-                                    {"addresses", addrs},
-                                    {"authority", imp.authority},
-                                    {"spiffe_ids", ids}});
+    services.push_back(service);
     outbound.push_back(
         json::object{{"name", imp.service},
                      {"listen", HostPort{options_.resource_address, imp.port}.to_string()},
@@ -543,6 +546,7 @@ void AgentServer::rebuild_dataplane() {
       {"inbound", {{"listen", options_.hbone_listen.to_string()}, {"targets", targets}}},
       {"services", services},
       {"outbound", outbound}};
+  if (sds_) sds_->set_services(all_services);
   if (summary != dataplane_summary_)
     spdlog::info("agent: data plane at revision {}:{}", view_.revision(),
                  summary.empty() ? " nothing to import or export" : summary);

@@ -189,15 +189,6 @@ void SdsServer::handle(const HttpRequest& r, HttpServer::Reply reply) {
                                      std::to_string(uid)));
   }
   if (r.method != "GET") return reply(json_error(405, "use GET"));
-  if (r.path != "/v1/sds/certificate")
-    return reply(json_error(404, "no such path; the SDS socket serves /v1/sds/certificate"));
-  const std::string ns = query_param(r.query, "namespace");
-  const std::string sa = query_param(r.query, "service_account");
-  if (!valid_name(ns))
-    return reply(json_error(400, "namespace must be 1-63 of a-z, 0-9, '-', '.', '_'", "namespace"));
-  if (!valid_name(sa))
-    return reply(json_error(400, "service_account must be 1-63 of a-z, 0-9, '-', '.', '_'",
-                            "service_account"));
   Millis timeout = std::chrono::seconds(60);
   if (const auto t = query_param(r.query, "timeout"); !t.empty()) {
     auto d = parse_duration(t);
@@ -205,6 +196,17 @@ void SdsServer::handle(const HttpRequest& r, HttpServer::Reply reply) {
       return reply(json_error(400, "timeout must be a duration up to 5m, like 60s", "timeout"));
     timeout = *d;
   }
+  if (r.path == "/v1/sds/services") return handle_services(r, std::move(reply), timeout);
+  if (r.path != "/v1/sds/certificate")
+    return reply(json_error(
+        404, "no such path; the SDS socket serves /v1/sds/certificate and /v1/sds/services"));
+  const std::string ns = query_param(r.query, "namespace");
+  const std::string sa = query_param(r.query, "service_account");
+  if (!valid_name(ns))
+    return reply(json_error(400, "namespace must be 1-63 of a-z, 0-9, '-', '.', '_'", "namespace"));
+  if (!valid_name(sa))
+    return reply(json_error(400, "service_account must be 1-63 of a-z, 0-9, '-', '.', '_'",
+                            "service_account"));
   const std::string known = query_param(r.query, "serial");
   const std::string key = ns + "/" + sa;
   auto [it, added] = workloads_.try_emplace(key);
@@ -233,6 +235,37 @@ void SdsServer::handle(const HttpRequest& r, HttpServer::Reply reply) {
     if (has_valid_certificate(w)) return reply(material(w));
     reply(json_error(w.error_status ? w.error_status : 503,
                      w.error.empty() ? "no certificate from control yet" : w.error));
+  });
+}
+
+HttpResponse SdsServer::services_response() const {
+  return {200, "{\"revision\":" + std::to_string(services_revision_) +
+                   ",\"services\":" + (services_.empty() ? "[]" : services_) + "}\n"};
+}
+
+void SdsServer::set_services(const json::array& services) {
+  std::string text = json::serialize(services);
+  if (text == services_) return;
+  services_ = std::move(text);
+  ++services_revision_;
+  for (auto& w : services_waiters_) {
+    w.deadline->cancel();
+    w.reply(services_response());
+  }
+  services_waiters_.clear();
+}
+
+void SdsServer::handle_services(const HttpRequest& r, HttpServer::Reply reply, Millis timeout) {
+  const std::string known = query_param(r.query, "revision");
+  if (known != std::to_string(services_revision_)) return reply(services_response());
+  services_waiters_.push_back({known, std::move(reply), std::make_unique<asio::steady_timer>(io_)});
+  auto waiter = std::prev(services_waiters_.end());
+  waiter->deadline->expires_after(timeout);
+  waiter->deadline->async_wait([this, waiter](const boost::system::error_code& ec) {
+    if (ec) return;  // answered by a change
+    auto reply = std::move(waiter->reply);
+    services_waiters_.erase(waiter);
+    reply(services_response());
   });
 }
 

@@ -2,7 +2,8 @@
 // Envoy gets them from Istio's node agent, so a sidecar holds no control-plane credential and
 // no key on disk. The agent makes a key per workload identity (in memory only), has control
 // sign it (control checks that this node hosts the workload), renews it at 2/3 of its life,
-// and answers a sidecar's long poll when the certificate changes.
+// and answers a sidecar's long poll when the certificate changes. It also serves the mesh
+// services this node's watched view can reach (the sidecar's config), long polled the same way.
 //
 // The socket's peer uid is the credential: the agent's own uid, root, and --sds-allow-uid.
 #pragma once
@@ -19,6 +20,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/json/array.hpp>
 
+#include "core/duration.h"
 #include "core/result.h"
 #include "http/http_server.h"
 #include "identity/csr.h"
@@ -47,6 +49,9 @@ class SdsServer {
                                                   Signer sign);
   ~SdsServer();
   boost::json::array status_json() const;  // the identities it serves, for the agent's /status
+  // The services a sidecar may route to, as proxy config `services:` entries; call on the io
+  // thread whenever the view changes. Waiting sidecars are answered if it differs.
+  void set_services(const boost::json::array& services);
 
  private:
   struct Waiter {
@@ -68,6 +73,8 @@ class SdsServer {
 
   SdsServer(boost::asio::io_context& io, SdsOptions options, Signer sign);
   void handle(const HttpRequest& r, HttpServer::Reply reply);
+  void handle_services(const HttpRequest& r, HttpServer::Reply reply, Millis timeout);
+  HttpResponse services_response() const;
   void sign_async(Workload& w);
   void signed_(const std::string& key, SignedWorkload result);
   void answer_waiters(Workload& w);
@@ -81,6 +88,9 @@ class SdsServer {
   Signer sign_;
   std::unique_ptr<HttpServer> server_;
   std::map<std::string, Workload> workloads_;  // "ns/sa"
+  std::string services_;                       // serialized array
+  int64_t services_revision_ = 0;
+  std::list<Waiter> services_waiters_;  // known_serial holds the revision they have
   std::shared_ptr<Shared> shared_;
 };
 

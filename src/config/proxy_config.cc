@@ -178,11 +178,17 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   }
   Reader r(source, base);
   if (root.IsNull()) throw ConfigError(source + ": the config is empty");
-  r.require_map(root, "",
-                {"identity", "workers", "admin", "drain_timeout", "cert_check_interval",
-                 "access_log", "services", "outbound", "inbound", "l4", "pool"});
+  r.require_map(
+      root, "",
+      {"identity", "workers", "admin", "drain_timeout", "cert_check_interval", "access_log",
+       "services", "outbound", "inbound", "l4", "pool", "services_from_agent"});
   ProxyConfig c;
   c.source = source;
+  if (auto n = root["services_from_agent"]; n.IsDefined()) {
+    const std::string v = r.scalar(n, "services_from_agent");
+    if (v != "true" && v != "false") r.fail(n, "services_from_agent", "expected true or false");
+    c.services_from_agent = v == "true";
+  }
   c.workers = r.number(root, "", "workers", 0, 0, 256);
   c.drain_timeout = r.duration(root, "", "drain_timeout", c.drain_timeout);
   c.cert_check_interval = r.duration(root, "", "cert_check_interval", c.cert_check_interval);
@@ -248,9 +254,12 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
     o.listen = r.address(n, f, "listen", true, {}, true);
     check_listen(r, n["listen"], f + ".listen", o.listen, listens);
     o.service = r.string_field(n, f, "service", true);
-    if (!c.find_service(o.service))
+    // With services from the agent, a name may only be known once the agent sends it.
+    if (!c.find_service(o.service) && !c.services_from_agent)
       r.fail(n["service"], f + ".service",
-             "no service named '" + o.service + "'; define it under 'services:'");
+             "no service named '" + o.service +
+                 "'; define it under 'services:' (or set services_from_agent with an sds "
+                 "identity)");
     c.outbound.push_back(std::move(o));
   }
 
@@ -328,6 +337,9 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
            "(create them with 'weft ca init' and 'weft cert issue'), or the agent's SDS socket "
            "with sds, namespace and service_account");
   }
+  if (c.services_from_agent && !c.identity.from_sds())
+    r.fail(root["services_from_agent"], "services_from_agent",
+           "needs identity.sds: the services come from the agent's SDS socket");
   if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty())
     r.fail(root, "outbound", "nothing to do: configure at least one of outbound, inbound or l4");
   return c;
@@ -407,6 +419,7 @@ boost::json::value ProxyConfig::to_json() const {
   o["pool"] = {{"max_streams", pool.max_streams},
                {"idle_timeout", format_duration(pool.idle_timeout)},
                {"connect_timeout", format_duration(pool.connect_timeout)}};
+  o["services_from_agent"] = services_from_agent;
   return o;
 }
 

@@ -88,6 +88,8 @@ struct ProxyConfig {
   InboundConfig inbound;
   std::vector<L4ListenerConfig> l4;
   PoolConfig pool;
+  // Mesh services come from the agent's SDS socket too, merged under those of this file.
+  bool services_from_agent = false;
 
   bool needs_identity() const { return inbound.enabled || !outbound.empty(); }
   const ServiceConfig* find_service(std::string_view name) const;

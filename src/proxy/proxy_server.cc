@@ -57,6 +57,19 @@ ProxyServer::ProxyServer(ProxyOptions options)
   access_log_ = std::make_unique<AccessLog>(config->access_log);
   std::shared_ptr<const TlsContexts> tls;
   if (config->needs_identity()) tls = load_identity(*config);
+  file_config_ = config;
+  if (config->services_from_agent) {
+    // The certificate came through, so the agent is there; its services complete the config.
+    if (auto got = fetch_sds_services(config->identity, "", std::chrono::seconds(5))) {
+      agent_services_ = std::move(got->services);
+      agent_services_revision_ = got->revision;
+    } else {
+      spdlog::warn("SDS: {}; starting without the agent's services", got.error());
+    }
+    config = with_agent_services(config);
+    services_thread_ =
+        std::thread([this] { sds_loop("services", [this] { return sds_services_step(); }); });
+  }
   current_ = std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls});
 
   const unsigned n =
@@ -108,6 +121,7 @@ ProxyServer::ProxyServer(ProxyOptions options)
 ProxyServer::~ProxyServer() {
   sds_stop_ = true;
   if (sds_thread_.joinable()) sds_thread_.join();
+  if (services_thread_.joinable()) services_thread_.join();
   for (auto& w : workers_) w->stop_and_join();
 }
 
@@ -134,7 +148,9 @@ std::shared_ptr<const TlsContexts> ProxyServer::load_identity(const ProxyConfig&
         sds_identity_ = id;
         sds_serial_ = got->serial;
       }
-      if (!sds_thread_.joinable()) sds_thread_ = std::thread([this] { sds_loop(); });
+      if (!sds_thread_.joinable())
+        sds_thread_ = std::thread(
+            [this] { sds_loop("certificate", [this] { return sds_certificate_step(); }); });
       return *loaded;
     }
     // 4xx: the agent refuses (not allowed, or a workload it does not host); waiting won't help.
@@ -146,37 +162,26 @@ std::shared_ptr<const TlsContexts> ProxyServer::load_identity(const ProxyConfig&
   }
 }
 
-void ProxyServer::sds_loop() {
+void ProxyServer::sds_loop(const char* what, const std::function<Result<bool>()>& step) {
   auto backoff = std::chrono::milliseconds(500);
   std::string last_error;
   while (!sds_stop_) {
-    IdentityConfig id;
-    std::string serial;
+    Millis pause{0};
+    bool watching = false;
     {
       std::lock_guard lock(sds_mutex_);
-      id = sds_identity_;
-      serial = sds_serial_;
+      watching = sds_identity_.from_sds();
     }
-    Millis pause{0};
-    if (!id.from_sds()) {
+    if (!watching) {
       pause = std::chrono::milliseconds(200);  // reloaded to files; nothing to watch
-    } else if (auto got = fetch_sds_identity(id, serial, std::chrono::seconds(60), &sds_stop_)) {
+    } else if (auto ok = step()) {
       backoff = std::chrono::milliseconds(500);
       last_error.clear();
-      if (got->serial != serial) {
-        {
-          std::lock_guard lock(sds_mutex_);
-          if (sds_identity_ == id) sds_serial_ = got->serial;
-        }
-        asio::post(io_, [this, id, m = std::move(got->material), s = got->serial]() mutable {
-          install_sds_identity(id, std::move(m), s);
-        });
-      }
     } else if (!sds_stop_) {
-      // The agent is restarting or control is away: keep the current certificate, retry.
-      if (got.error() != last_error)
-        spdlog::warn("SDS: {}; keeping the current certificate", got.error());
-      last_error = got.error();
+      // The agent is restarting or control is away: keep what we have, retry.
+      if (ok.error() != last_error)
+        spdlog::warn("SDS: {}; keeping the current {}", ok.error(), what);
+      last_error = ok.error();
       pause = backoff;
       backoff = std::min<Millis>(backoff * 2, std::chrono::seconds(15));
     }
@@ -184,6 +189,68 @@ void ProxyServer::sds_loop() {
          waited += std::chrono::milliseconds(50))
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+}
+
+Result<bool> ProxyServer::sds_certificate_step() {
+  IdentityConfig id;
+  std::string serial;
+  {
+    std::lock_guard lock(sds_mutex_);
+    id = sds_identity_;
+    serial = sds_serial_;
+  }
+  auto got = fetch_sds_identity(id, serial, std::chrono::seconds(60), &sds_stop_);
+  if (!got) return make_error(got.error());
+  if (got->serial == serial) return true;
+  {
+    std::lock_guard lock(sds_mutex_);
+    if (sds_identity_ == id) sds_serial_ = got->serial;
+  }
+  asio::post(io_, [this, id, m = std::move(got->material), s = got->serial]() mutable {
+    install_sds_identity(id, std::move(m), s);
+  });
+  return true;
+}
+
+Result<bool> ProxyServer::sds_services_step() {
+  IdentityConfig id;
+  std::string revision;
+  {
+    std::lock_guard lock(sds_mutex_);
+    id = sds_identity_;
+    revision = agent_services_revision_;
+  }
+  auto got = fetch_sds_services(id, revision, std::chrono::seconds(60), &sds_stop_);
+  if (!got) return make_error(got.error());
+  if (got->revision == revision) return true;
+  {
+    std::lock_guard lock(sds_mutex_);
+    agent_services_revision_ = got->revision;
+  }
+  asio::post(io_, [this, services = std::move(got->services)]() mutable {
+    install_agent_services(std::move(services));
+  });
+  return true;
+}
+
+std::shared_ptr<const ProxyConfig> ProxyServer::with_agent_services(
+    std::shared_ptr<const ProxyConfig> file) const {
+  if (!file->services_from_agent) return file;
+  auto merged = std::make_shared<ProxyConfig>(*file);
+  for (const auto& s : agent_services_)
+    if (!file->find_service(s.name)) merged->services.push_back(s);  // the file's own win
+  return merged;
+}
+
+void ProxyServer::install_agent_services(std::vector<ServiceConfig> services) {
+  if (draining_) return;
+  agent_services_ = std::move(services);
+  std::string names;
+  for (const auto& s : agent_services_) names += " " + s.name;
+  spdlog::info("services from the agent:{}", names.empty() ? " none" : names);
+  if (!file_config_->services_from_agent) return;
+  publish(std::make_shared<const ProxySnapshot>(
+      ProxySnapshot{with_agent_services(file_config_), current_->tls}));
 }
 
 void ProxyServer::install_sds_identity(const IdentityConfig& id, IdentityMaterial material,
@@ -279,8 +346,12 @@ void ProxyServer::reload() {
     const bool id_changed = !(config->identity == current_->config->identity);
     if (config->needs_identity() && (!tls || id_changed)) tls = load_identity(*config);
     auto next = bind_listeners(*config);
-    publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls}));
+    file_config_ = config;
+    publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{with_agent_services(config), tls}));
     swap_listeners(std::move(next));
+    if (config->services_from_agent && !services_thread_.joinable())
+      services_thread_ =
+          std::thread([this] { sds_loop("services", [this] { return sds_services_step(); }); });
     metrics_.config_reloads.inc();
     spdlog::info("reload: new config active; established connections were kept");
   } catch (const std::exception& e) {

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -56,8 +57,15 @@ class ProxyServer {
   void check_certificates();
   // Files, or the agent's SDS socket (waiting for the agent to come up); throws on failure.
   std::shared_ptr<const TlsContexts> load_identity(const ProxyConfig& config);
-  // Off the admin thread: long polls the SDS socket and posts each rotated certificate.
-  void sds_loop();
+  // Off the admin thread: long polls the SDS socket with `step` until stopped, backing off
+  // on errors. The steps post what changed (a rotated certificate, new services) to the
+  // admin thread.
+  void sds_loop(const char* what, const std::function<Result<bool>()>& step);
+  Result<bool> sds_certificate_step();
+  Result<bool> sds_services_step();
+  std::shared_ptr<const ProxyConfig> with_agent_services(
+      std::shared_ptr<const ProxyConfig> file) const;
+  void install_agent_services(std::vector<ServiceConfig> services);
   void install_sds_identity(const IdentityConfig& id, IdentityMaterial material,
                             const std::string& serial);
   void begin_drain(const std::string& why);
@@ -86,7 +94,11 @@ class ProxyServer {
   IdentityConfig sds_identity_;
   std::string sds_serial_;
   std::atomic<bool> sds_stop_{false};
-  std::thread sds_thread_;
+  std::thread sds_thread_, services_thread_;
+  // services_from_agent: the file's config, and the services the agent last sent.
+  std::shared_ptr<const ProxyConfig> file_config_;
+  std::vector<ServiceConfig> agent_services_;
+  std::string agent_services_revision_;  // under sds_mutex_
   bool draining_ = false;
   std::chrono::steady_clock::time_point drain_deadline_;
   int exit_code_ = 0;

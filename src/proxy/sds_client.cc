@@ -50,4 +50,42 @@ Result<SdsIdentity> fetch_sds_identity(const IdentityConfig& identity,
   return out;
 }
 
+Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
+                                       const std::string& known_revision, Millis wait,
+                                       const std::atomic<bool>* cancel) {
+  const std::string where = "agent SDS socket " + identity.sds.string();
+  HttpCall call;
+  call.unix_socket = identity.sds;
+  call.url = "http://sds/v1/sds/services";
+  if (!known_revision.empty())
+    call.url += "?revision=" + known_revision + "&timeout=" + std::to_string(wait.count()) + "ms";
+  call.timeout = wait + std::chrono::seconds(5);
+  call.cancel = cancel;
+  auto r = http_call(call);
+  if (!r) return make_error(where + ": " + r.error());
+  if (r->status != 200)
+    return make_error(where + " answered " + std::to_string(r->status) + ": " + r->body);
+  SdsServices out;
+  try {
+    const auto v = json::parse(r->body);
+    out.revision = std::to_string(v.at("revision").as_int64());
+    for (const auto& s : v.at("services").as_array()) {
+      ServiceConfig c;
+      c.name = json::value_to<std::string>(s.at("name"));
+      c.authority = json::value_to<std::string>(s.at("authority"));
+      for (const auto& a : s.at("addresses").as_array()) {
+        auto hp = parse_host_port(json::value_to<std::string>(a));
+        if (!hp) throw std::runtime_error("service " + c.name + ": " + hp.error());
+        c.addresses.push_back(*hp);
+      }
+      for (const auto& id : s.at("spiffe_ids").as_array())
+        c.spiffe_ids.push_back(json::value_to<std::string>(id));
+      out.services.push_back(std::move(c));
+    }
+  } catch (const std::exception& e) {
+    return make_error(where + ": a bad services answer: " + e.what());
+  }
+  return out;
+}
+
 }  // namespace weft

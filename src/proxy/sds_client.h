@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "config/proxy_config.h"
 #include "core/duration.h"
@@ -26,5 +27,15 @@ Result<SdsIdentity> fetch_sds_identity(const IdentityConfig& identity,
                                        const std::string& known_serial, Millis wait,
                                        const std::atomic<bool>* cancel = nullptr,
                                        int* status = nullptr);
+
+struct SdsServices {
+  std::vector<ServiceConfig> services;
+  std::string revision;
+};
+
+// The mesh services the agent's view reaches. `known_revision` set: a long poll, as above.
+Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
+                                       const std::string& known_revision, Millis wait,
+                                       const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace weft

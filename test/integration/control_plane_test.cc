@@ -1183,5 +1183,57 @@ TEST_F(TwoAgentTest, SidecarGetsItsWorkloadCertificateOverSdsAndRotatesIt) {
   EXPECT_EQ(sidecar.log().find("PRIVATE KEY"), std::string::npos);
 }
 
+TEST_F(TwoAgentTest, SidecarRoutesToMeshServicesTheAgentSendsIt) {
+  start({"--heartbeat-interval", "200ms"});
+  EchoServer echo;
+  const uint16_t port = unused_port();
+  const std::string key = create_key({"--reusable"});
+  start_agent(west_, "west", "127.0.0.2", {"--auth-key", key});
+  start_agent(east_, "east", "127.0.0.3",
+              {"--auth-key", key, "--proxies",
+               std::to_string(port) + ":127.0.0.1:" + std::to_string(echo.port())});
+  const std::string service = "proxy-" + std::to_string(port);
+  bool published = false;
+  for (int i = 0; i < 500 && !published; ++i) {
+    published = op("GET", "/v1/resources/" + service).status == 200;
+    if (!published) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling
+  }
+  ASSERT_TRUE(published) << read_file(dir_ / "east.log");
+  const std::string west_id(status(west_).at("agent").at("id").as_string());
+  ASSERT_EQ(op("POST", "/v1/endpoints",
+               R"({"name":"shop-1","service":"shop","agent_id":")" + west_id +
+                   R"(","port":80,"namespace":"shop","service_account":"web"})")
+                .status,
+            201);
+
+  // The sidecar's file names no service address: the agent sends what its view reaches.
+  fs::create_directories(dir_ / "sidecar");
+  write_file(dir_ / "sidecar" / "sidecar.yaml",
+             "identity: {sds: " + (west_.state / "sds.sock").string() +
+                 ", namespace: shop, service_account: web}\n"
+                 "services_from_agent: true\n"
+                 "admin: {listen: 127.0.0.1:0}\n"
+                 "outbound:\n  - {name: app, listen: 127.0.0.1:0, service: " +
+                 service + "}\n");
+  WeftProxy sidecar(dir_ / "sidecar" / "sidecar.yaml", dir_ / "sidecar");
+  ASSERT_TRUE(sidecar.wait_ready());
+  const uint16_t app = sidecar.port("outbound/app");
+  EXPECT_TRUE(eventually_refused("127.0.0.1", app)) << "no policy: not in the agent's view";
+
+  // A policy lets the workload identity reach east's resource: west's view gains it, the
+  // sidecar gets it over SDS, and east sees the workload's own identity.
+  ASSERT_EQ(op("PUT", "/v1/policies/web-to-echo",
+               R"({"service":")" + service + R"(","allow":["spiffe://mesh.test/ns/shop/sa/web"]})")
+                .status,
+            200);
+  EXPECT_EQ(eventually_echo("127.0.0.1", app, "sidecar to mesh"), "sidecar to mesh")
+      << sidecar.log();
+  EXPECT_TRUE(eventually_logged(dir_ / "east.log",
+                                "\"peer_identity\":\"spiffe://mesh.test/ns/shop/sa/web\""));
+  // The policy goes: the service leaves the view and the sidecar's listener stops routing.
+  ASSERT_EQ(op("DELETE", "/v1/policies/web-to-echo").status, 200);
+  EXPECT_TRUE(eventually_refused("127.0.0.1", app)) << sidecar.log();
+}
+
 }  // namespace
 }  // namespace weft::test

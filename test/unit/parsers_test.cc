@@ -105,6 +105,21 @@ TEST(ProxyConfig, IdentityFromTheAgentsSdsSocket) {
   EXPECT_NE(error_of("identity: {cert: c, key: k, ca: a, namespace: x}\n" + inbound)
                 .find("go with 'sds'"),
             std::string::npos);
+  // Outbound may name a service only the agent knows, once services come from it.
+  const std::string outbound = "outbound: [{name: app, listen: 127.0.0.1:0, service: pay}]\n";
+  EXPECT_NE(
+      error_of("identity: {cert: c, key: k, ca: a}\n" + outbound).find("no service named 'pay'"),
+      std::string::npos);
+  EXPECT_TRUE(parse_proxy_config("identity: {sds: s, namespace: a, service_account: b}\n"
+                                 "services_from_agent: true\n" +
+                                     outbound,
+                                 "t.yaml", "/")
+                  .services_from_agent);
+  EXPECT_NE(error_of("identity: {cert: c, key: k, ca: a}\nservices_from_agent: true\n" + outbound)
+                .find("needs identity.sds"),
+            std::string::npos);
+  EXPECT_NE(error_of("services_from_agent: yes\n" + outbound).find("expected true or false"),
+            std::string::npos);
 }
 
 TEST(ProxyConfig, ParsesAFullConfig) {
