@@ -72,6 +72,13 @@ void Worker::stop_and_join() {
   auto pending = std::move(handshaking_);
   handshaking_.clear();
   for (TlsSocket* t : pending) t->abandon_handshake();
+  // A drain that hit its deadline leaves tunnels with open streams: close them now (the
+  // thread is gone, so nothing else touches them).
+  pool_.shutdown();
+  auto inbound = std::move(inbound_);
+  inbound_.clear();
+  for (auto& [raw, weak] : inbound)
+    if (auto c = weak.lock()) c->shutdown();
 }
 
 void Worker::post_snapshot(SnapshotPtr snapshot) {

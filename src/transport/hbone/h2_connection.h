@@ -72,6 +72,9 @@ class H2Connection : public std::enable_shared_from_this<H2Connection> {
 
   // Stops new streams (GOAWAY when serving); closes once the last stream ends.
   void retire();
+  // At exit, after the worker's thread stopped: closes at once and fails the open streams.
+  // Streams and their connection hold each other; this breaks that cycle so both are freed.
+  void shutdown() { terminate("shutdown"); }
   bool accepting_streams() const;
   size_t stream_count() const { return streams_.size(); }
   const std::string& peer_identity() const { return peer_identity_; }

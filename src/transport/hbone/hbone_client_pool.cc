@@ -151,10 +151,22 @@ void HboneClientPool::update(std::shared_ptr<const TlsContexts> tls, PoolConfig 
 }
 
 void HboneClientPool::retire_all() {
+  std::erase_if(retired_, [](const auto& weak) { return weak.expired(); });
   for (auto& [name, entry] : entries_) {
-    for (auto& c : entry.connections) c->retire();
+    for (auto& c : entry.connections) {
+      c->retire();
+      retired_.push_back(c);
+    }
     entry.connections.clear();
   }
+}
+
+void HboneClientPool::shutdown() {
+  retire_all();
+  for (auto& weak : retired_)
+    if (auto c = weak.lock()) c->shutdown();
+  retired_.clear();
+  for (auto& [name, entry] : entries_) entry.waiting.clear();
 }
 
 void HboneClientPool::open(const ServiceConfig& service, std::shared_ptr<TunnelStream> stream) {

@@ -36,6 +36,8 @@ class HboneClientPool {
 
   // Drain: no new streams on existing tunnels; each closes when its last stream ends.
   void retire_all();
+  // At exit: closes every tunnel still open, retired ones too (see H2Connection::shutdown).
+  void shutdown();
 
  private:
   struct Waiter {
@@ -60,7 +62,8 @@ class HboneClientPool {
   PoolConfig config_;
   std::map<std::string, Entry> entries_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
-  std::vector<std::weak_ptr<void>> dialers_;  // in flight; abandoned at shutdown
+  std::vector<std::weak_ptr<void>> dialers_;          // in flight; abandoned at shutdown
+  std::vector<std::weak_ptr<H2Connection>> retired_;  // still finishing their streams
 };
 
 }  // namespace weft
