@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "agent/agent_server.h"
+#include "cli/network_commands.h"
 #include "cli/operator_commands.h"
 #include "config/proxy_config.h"
 #include "control/control_server.h"
@@ -89,6 +90,10 @@ int run_cli(int argc, char** argv) {
       "--ca", control_ca,
       "CA directory (ca.crt, ca.key) from 'weft ca init' or a plug-in intermediate");
   control->add_option("--listen", control_listen, "API address (HTTPS)");
+  std::string control_stun = "0.0.0.0:3478";
+  control->add_option("--stun-listen", control_stun,
+                      "STUN (UDP) address; the next port up answers too, for NAT mapping "
+                      "tests; 'off' disables");
   control->add_flag("--insecure-http", copt.insecure_http,
                     "serve plain HTTP: local development ONLY");
   control->add_option("--mesh-cidr", copt.mesh_cidr, "mesh IP pool; each agent gets a /24 of it");
@@ -164,6 +169,17 @@ int run_cli(int argc, char** argv) {
 
   // operator verbs
   std::string output = "table";
+  auto* stun_cmd = app.add_subcommand(
+      "stun", "ask STUN servers for this host's reflexive address and NAT mapping behaviour");
+  std::vector<std::string> stun_servers;
+  std::string stun_bind = "0.0.0.0:0", stun_timeout = "3s";
+  stun_cmd->add_option("servers", stun_servers, "host:port of one or two STUN servers")
+      ->required()
+      ->expected(1, 2);
+  stun_cmd->add_option("--bind", stun_bind, "local UDP address to probe from");
+  stun_cmd->add_option("--timeout", stun_timeout, "give up after this long");
+  stun_cmd->add_option("-o,--output", output, "table or json")
+      ->check(CLI::IsMember({"table", "json"}));
   ControlTarget ctl;
   auto* status = app.add_subcommand("status", "agents, their mesh IPs and health, from control");
   status->add_option("--control", ctl.url, "control URL")->envname("MESH_CONTROL_URL");
@@ -298,10 +314,18 @@ int run_cli(int argc, char** argv) {
       copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
       copt.workload_cert_ttl = parse_ttl_flag(workload_ttl, "--workload-cert-ttl");
       copt.address_file = control_addr_file;
+      if (control_stun == "off") {
+        copt.stun_listen.reset();
+      } else {
+        auto stun = parse_host_port(control_stun, true);
+        if (!stun) throw std::runtime_error("--stun-listen: " + stun.error());
+        copt.stun_listen = *stun;
+      }
       copt.heartbeat_interval = parse_ttl_flag(control_heartbeat, "--heartbeat-interval");
       ControlServer server(copt);
       return server.run();
     }
+    if (*stun_cmd) return cmd_stun(stun_servers, stun_bind, stun_timeout, output == "json");
     if (*status) return cmd_status(ctl, output == "json");
     if (*services) return cmd_services(ctl, output == "json");
     if (*keys_top_create)

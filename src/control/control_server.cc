@@ -141,12 +141,25 @@ ControlServer::ControlServer(ControlOptions options)
   if (!http) throw std::runtime_error("control API: " + http.error());
   http_ = std::move(*http);
   const std::string bound = HostPort{options_.listen.host, http_->port()}.to_string();
+  std::string stun_text = "off";
+  if (options_.stun_listen) {
+    auto stun = StunServer::bind(io_, *options_.stun_listen);
+    if (!stun) throw std::runtime_error(stun.error() + " (set --stun-listen, or 'off')");
+    stun_ = std::move(*stun);
+    stun_text = "UDP " + options_.stun_listen->host + ":" + std::to_string(stun_->port()) + "+" +
+                std::to_string(stun_->alternate_port());
+    // Tests and tools find the STUN ports beside the API's.
+    if (!options_.address_file.empty())
+      write_file_atomic(options_.address_file.string() + ".stun",
+                        HostPort{options_.stun_listen->host, stun_->port()}.to_string() + "\n",
+                        0644);
+  }
   if (!options_.address_file.empty()) write_file_atomic(options_.address_file, bound + "\n", 0644);
   spdlog::info(
-      "weft control ready on {}://{} trust domain {} mesh pool {} ({} agents registered), data in "
-      "{}",
+      "weft control ready on {}://{} trust domain {} mesh pool {} ({} agents registered), STUN {}, "
+      "data in {}",
       tls ? "https" : "http", bound, ca_.trust_domain(), pool_.cidr(), store_->list_agents().size(),
-      options_.data_dir.string());
+      stun_text, options_.data_dir.string());
   signals_.add(SIGTERM);
   signals_.add(SIGINT);
   signals_.async_wait([this](const boost::system::error_code& ec, int) {
@@ -154,6 +167,7 @@ ControlServer::ControlServer(ControlOptions options)
     spdlog::info("control: shutting down");
     stopping_ = true;
     http_->close();
+    if (stun_) stun_->close();
     io_.stop();
   });
   sweep_health();

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -21,6 +22,7 @@
 #include "core/host_port.h"
 #include "http/http_server.h"
 #include "identity/csr.h"
+#include "p2p/stun_server.h"
 
 namespace weft {
 
@@ -35,6 +37,7 @@ struct ControlOptions {
   size_t change_log_size = 10000;
   Millis heartbeat_interval = std::chrono::seconds(10);  // 3 missed: unhealthy
   std::filesystem::path address_file;  // if set, the bound host:port is written here
+  std::optional<HostPort> stun_listen = HostPort{"0.0.0.0", 3478};  // nullopt: no STUN
 };
 
 class ControlServer {
@@ -89,6 +92,7 @@ class ControlServer {
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;
   std::unique_ptr<HttpServer> http_;
+  std::unique_ptr<StunServer> stun_;
   Registry registry_;
   std::list<Watcher> watchers_;
   boost::asio::steady_timer health_timer_;

@@ -14,6 +14,7 @@
 #include "http/http_client.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
+#include "p2p/stun.h"
 #include "support/harness.h"
 
 namespace weft::test {
@@ -97,7 +98,8 @@ class ControlTest : public ::testing::Test {
                                   "--data-dir",     (dir_ / "data").string(),
                                   "--ca",           (dir_ / "ca").string(),
                                   "--listen",       listen_,
-                                  "--address-file", (dir_ / "addr").string()};
+                                  "--address-file", (dir_ / "addr").string(),
+                                  "--stun-listen",  "127.0.0.1:0"};
     args.insert(args.end(), extra.begin(), extra.end());
     proc_ = std::make_unique<Process>(args, dir_ / "control.log");
     for (int i = 0; i < 1000 && !fs::exists(dir_ / "addr"); ++i) {
@@ -316,7 +318,7 @@ TEST_F(ControlTest, RestartKeepsAgentsAndAddresses) {
   stop();
   auto r =
       run_weft({"control", "--data-dir", (dir_ / "data").string(), "--ca", (dir_ / "ca").string(),
-                "--listen", "127.0.0.1:0", "--mesh-cidr", "10.10.0.0/16"});
+                "--listen", "127.0.0.1:0", "--stun-listen", "off", "--mesh-cidr", "10.10.0.0/16"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("--mesh-cidr 100.64.0.0/10"), std::string::npos) << r.output;
 }
@@ -1233,6 +1235,83 @@ TEST_F(TwoAgentTest, SidecarRoutesToMeshServicesTheAgentSendsIt) {
   // The policy goes: the service leaves the view and the sidecar's listener stops routing.
   ASSERT_EQ(op("DELETE", "/v1/policies/web-to-echo").status, 200);
   EXPECT_TRUE(eventually_refused("127.0.0.1", app)) << sidecar.log();
+}
+
+// ---- STUN ----
+
+boost::json::value stun_json(const std::vector<std::string>& args) {
+  std::vector<std::string> full{"stun", "-o", "json"};
+  full.insert(full.end(), args.begin(), args.end());
+  auto r = run_weft(full);
+  if (r.exit_code != 0) {
+    ADD_FAILURE() << "weft stun failed: " << r.output;
+    return {};
+  }
+  return boost::json::parse(r.output.substr(r.output.find('{')));
+}
+
+TEST_F(ControlTest, StunAnswersBindingRequestsAndIgnoresGarbage) {
+  start();
+  std::string stun = read_file(dir_ / "addr.stun");
+  stun.erase(stun.find('\n'));
+  auto v = stun_json({stun, "--bind", "127.0.0.1:0"});
+  ASSERT_TRUE(v.is_object());
+  EXPECT_EQ(v.at("reflexive").as_string(), v.at("local").as_string()) << "no NAT on loopback";
+  EXPECT_FALSE(v.at("behind_nat").as_bool());
+  EXPECT_EQ(v.at("mapping").as_string(), "endpoint-independent")
+      << "asked the second port that OTHER-ADDRESS named";
+  EXPECT_EQ(v.at("server_software").as_string(), "weft");
+
+  // Hostile datagrams get no answer and do not stop the server: the first thing this socket
+  // receives is the answer to the valid request sent after them.
+  asio::io_context io;
+  asio::ip::udp::socket s(io, asio::ip::udp::endpoint(asio::ip::address_v4::loopback(), 0));
+  const auto colon = stun.rfind(':');
+  const asio::ip::udp::endpoint server(asio::ip::make_address(stun.substr(0, colon)),
+                                       static_cast<uint16_t>(std::stoi(stun.substr(colon + 1))));
+  const auto valid = stun::binding_request(stun::new_transaction_id());
+  std::vector<std::vector<uint8_t>> garbage{
+      {0x00},
+      std::vector<uint8_t>(1400, 0xAB),
+      std::vector<uint8_t>(valid.begin(), valid.end() - 1),  // truncated
+      {0x01, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}};
+  for (const auto& g : garbage) s.send_to(asio::buffer(g), server);
+  const auto id = stun::new_transaction_id();
+  s.send_to(asio::buffer(stun::binding_request(id)), server);
+  std::array<uint8_t, 1500> buf{};
+  asio::ip::udp::endpoint from;
+  auto got =
+      std::async(std::launch::async, [&] { return s.receive_from(asio::buffer(buf), from); });
+  ASSERT_EQ(got.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  auto m = stun::parse(buf.data(), got.get());
+  ASSERT_TRUE(m.ok()) << m.error();
+  EXPECT_EQ(m->transaction, id);
+  EXPECT_EQ(*m->reflexive(), s.local_endpoint());
+}
+
+TEST_F(ControlTest, WeftStunWorksAgainstCoturn) {
+  if (std::system("command -v turnserver >/dev/null 2>&1") != 0) {
+    std::printf("SKIP: coturn's turnserver is not installed (scripts/install-deps installs it)\n");
+    GTEST_SKIP() << "coturn missing";
+  }
+  const uint16_t port = unused_port();
+  Process coturn(
+      {"/usr/bin/turnserver", "-n", "--listening-ip", "127.0.0.1", "--listening-port",
+       std::to_string(port), "--stun-only", "--no-tls", "--no-dtls", "--no-cli", "--log-file",
+       "stdout", "--simple-log", "--pidfile", (dir_ / "turnserver.pid").string()},
+      dir_ / "coturn.log");
+  // Ready when it answers: each probe waits at most 300 ms.
+  CommandResult r;
+  for (int i = 0; i < 50; ++i) {
+    r = run_weft({"stun", "-o", "json", "--timeout", "300ms", "--bind", "127.0.0.1:0",
+                  "127.0.0.1:" + std::to_string(port)});
+    if (r.exit_code == 0 || !coturn.running()) break;
+  }
+  ASSERT_EQ(r.exit_code, 0) << r.output << read_file(dir_ / "coturn.log");
+  auto v = boost::json::parse(r.output.substr(r.output.find('{')));
+  EXPECT_EQ(v.at("reflexive").as_string(), v.at("local").as_string());
+  EXPECT_NE(std::string(v.at("server_software").as_string()).find("Coturn"), std::string::npos)
+      << "the answer came from coturn: " << r.output;
 }
 
 }  // namespace
