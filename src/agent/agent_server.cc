@@ -1,5 +1,6 @@
 #include "agent/agent_server.h"
 
+#include <fmt/format.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -9,6 +10,7 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
+#include <boost/url/parse.hpp>
 #include <csignal>
 #include <fstream>
 #include <random>
@@ -421,6 +423,10 @@ void AgentServer::heartbeat_loop() {
   int failures = 0;
   bool publish_pending = true;
   auto next_beat = std::chrono::steady_clock::now();
+  // NAT discovery against control's STUN port (named in heartbeat answers), redone every few
+  // minutes: addresses change (DHCP, roaming) and NAT mappings expire.
+  std::optional<NatCandidates> nat;
+  std::chrono::steady_clock::time_point nat_probed{};
   while (!stopping_) {
     // Wakes early when a resource changed, so control hears of it at once.
     if (wait_or_wake(next_beat)) publish_pending = true;
@@ -432,6 +438,12 @@ void AgentServer::heartbeat_loop() {
     json::object body{{"api", "http://" + HostPort{options_.api_address, api_port_}.to_string()}};
     if (auto port = dataplane_->inbound_port())
       body["hbone"] = HostPort{advertise_address_, *port}.to_string();
+    if (nat) {
+      json::array c;
+      for (const auto& a : nat->candidates) c.push_back(json::value(a));
+      body["candidates"] = std::move(c);
+      body["nat_mapping"] = nat->mapping;
+    }
     HttpCall call = control_call("/v1/heartbeat", true);
     call.method = "POST";
     call.body = json::serialize(body);
@@ -439,6 +451,16 @@ void AgentServer::heartbeat_loop() {
     if (res && res->status == 200) {
       if (failures) boost::asio::post(io_, [this] { control_state_ = "registered"; });
       failures = 0;
+      const auto now = std::chrono::steady_clock::now();
+      if (now - nat_probed > std::chrono::minutes(5) ||
+          (!nat && now - nat_probed > std::chrono::seconds(30))) {
+        nat_probed = now;
+        if (auto found = probe_nat_via_control(res->body)) {
+          const bool changed = !nat || nat->candidates != found->candidates;
+          nat = std::move(*found);
+          if (changed) next_beat = now;  // tell control at once
+        }
+      }
       continue;
     }
     const std::string why = res ? "control answered " + std::to_string(res->status) : res.error();
@@ -447,6 +469,25 @@ void AgentServer::heartbeat_loop() {
     boost::asio::post(
         io_, [this, why] { control_state_ = "serving last config, control unreachable: " + why; });
   }
+}
+
+std::optional<NatCandidates> AgentServer::probe_nat_via_control(
+    const std::string& heartbeat_answer) {
+  json::error_code ec;
+  const auto v = json::parse(heartbeat_answer, ec);
+  const auto* stun = !ec && v.is_object() ? v.as_object().if_contains("stun") : nullptr;
+  if (!stun || !stun->is_object() || !stun->as_object().contains("port")) return std::nullopt;
+  const auto url = boost::urls::parse_uri(options_.control_url);
+  if (!url) return std::nullopt;
+  const auto port = static_cast<uint16_t>(stun->at("port").to_number<int64_t>());
+  auto found = discover_nat(std::string(url->host()), port, options_.quic_port);
+  if (!found) {
+    spdlog::warn("agent: NAT discovery failed: {}", found.error());
+    return std::nullopt;
+  }
+  spdlog::info("agent: reflexive address {} ({} mapping), candidates {}", found->reflexive,
+               found->mapping, fmt::join(found->candidates, " "));
+  return std::move(*found);
 }
 
 // Long-polls control for this agent's slice of the registry. Each answer is a delta (or a full

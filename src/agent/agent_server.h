@@ -18,6 +18,7 @@
 
 #include "agent/dataplane.h"
 #include "agent/mesh_view.h"
+#include "agent/nat_discovery.h"
 #include "agent/resource.h"
 #include "agent/sds_server.h"
 #include "http/http_client.h"
@@ -84,6 +85,8 @@ class AgentServer {
   void renew_if_due(const std::string& key_pem);
   bool publish_resources();  // local resources -> control; false: try again later
   void rebuild_dataplane();
+  // Asks control's STUN server (its port is in the heartbeat answer) for our candidates.
+  std::optional<NatCandidates> probe_nat_via_control(const std::string& heartbeat_answer);
   void start_sds();
   SignedWorkload sign_workload(const std::string& ns, const std::string& sa,
                                const std::string& csr_pem) const;

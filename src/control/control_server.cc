@@ -309,8 +309,10 @@ void ControlServer::dispatch(const HttpRequest& r, HttpServer::Reply reply) {
   reply(handle(r));
 }
 
-void ControlServer::publish_agent(const AgentRecord& a, const std::string& hbone,
-                                  const std::string& api, int64_t cert_expires_ms) {
+void ControlServer::publish_agent(const AgentRecord& a, const AgentReport& report) {
+  const std::string& hbone = report.hbone;
+  const std::string& api = report.api;
+  const int64_t cert_expires_ms = report.cert_expires_ms;
   json::object o{{"id", a.id},
                  {"name", a.name},
                  {"cluster", a.cluster},
@@ -320,11 +322,16 @@ void ControlServer::publish_agent(const AgentRecord& a, const std::string& hbone
                  {"hbone", hbone},
                  {"api", api},
                  {"healthy", true},
-                 {"cert_expires_ms", cert_expires_ms}};
+                 {"cert_expires_ms", cert_expires_ms},
+                 {"candidates", report.candidates.value_or(json::array{})},
+                 {"nat_mapping", report.nat_mapping.empty() ? "unknown" : report.nat_mapping}};
   if (const auto old = registry_.get("agents", a.id)) {
     if (hbone.empty()) o["hbone"] = old->at("hbone");
     if (api.empty()) o["api"] = old->at("api");
     if (cert_expires_ms == 0) o["cert_expires_ms"] = old->at("cert_expires_ms");
+    if (!report.candidates && old->contains("candidates")) o["candidates"] = old->at("candidates");
+    if (report.nat_mapping.empty() && old->contains("nat_mapping"))
+      o["nat_mapping"] = old->at("nat_mapping");
     o["healthy"] = old->at("healthy");
     if (*old == o) return;
   }
@@ -470,7 +477,9 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   auto cert =
       ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);
   if (!cert) return json_error(500, cert.error());
-  publish_agent(a, "", "", now_ms() + options_.node_cert_ttl.count());
+  AgentReport fresh;
+  fresh.cert_expires_ms = now_ms() + options_.node_cert_ttl.count();
+  publish_agent(a, fresh);
   body["certificate"] = *cert;
   body["ca_bundle"] = ca_.bundle_pem();
   body["certificate_ttl_s"] =
@@ -485,7 +494,8 @@ HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
   if (id.empty()) return json_error(401, "heartbeats need the node's client certificate (mTLS)");
   // The body (optional) tells where the agent serves: its HBONE inbound and its API.
   std::string bad;
-  auto f = JsonFields::parse(r.body.empty() ? "{}" : r.body, {"hbone", "api"}, &bad);
+  auto f = JsonFields::parse(r.body.empty() ? "{}" : r.body,
+                             {"hbone", "api", "candidates", "nat_mapping"}, &bad);
   if (!f) return json_error(400, f.error(), bad);
   auto hbone = f->string("hbone");
   if (!hbone) return json_error(400, hbone.error(), "hbone");
@@ -496,16 +506,40 @@ HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
   if (api->value_or("").size() && api->value_or("").rfind("http://", 0) != 0 &&
       api->value_or("").rfind("https://", 0) != 0)
     return json_error(400, "api must be an http:// or https:// URL", "api");
+  // Where peers may send UDP (QUIC) to this agent: its local and STUN-learned addresses.
+  auto candidates = f->strings("candidates");
+  if (!candidates) return json_error(400, candidates.error(), "candidates");
+  std::optional<json::array> candidate_list;
+  if (*candidates) {
+    if ((*candidates)->size() > 16) return json_error(400, "at most 16 candidates", "candidates");
+    candidate_list.emplace();
+    for (const auto& c : **candidates) {
+      if (!parse_host_port(c))
+        return json_error(400, "candidate '" + c + "' is not host:port", "candidates");
+      candidate_list->push_back(json::value(c));
+    }
+  }
+  auto nat = f->string("nat_mapping");
+  if (!nat) return json_error(400, nat.error(), "nat_mapping");
+  const std::string mapping = nat->value_or("");
+  if (!mapping.empty() && mapping != "endpoint-independent" && mapping != "endpoint-dependent" &&
+      mapping != "unknown")
+    return json_error(400,
+                      "nat_mapping must be endpoint-independent, endpoint-dependent or unknown",
+                      "nat_mapping");
   if (!store_->touch_agent(id, now_ms()))
     return json_error(404, "unknown agent " + id + "; register again");
   last_seen_[id] = now_ms();
-  if (hbone->value_or("").size() || api->value_or("").size()) {
+  if (hbone->value_or("").size() || api->value_or("").size() || candidate_list ||
+      !mapping.empty()) {
     for (const auto& a : store_->list_agents())
-      if (a.id == id) publish_agent(a, hbone->value_or(""), api->value_or(""));
+      if (a.id == id)
+        publish_agent(a, {hbone->value_or(""), api->value_or(""), candidate_list, mapping, 0});
   }
-  return {200, json::serialize(
-                   json::object{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}}) +
-                   "\n"};
+  json::object out{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}};
+  // Agents find control's STUN ports here: same host as the API.
+  if (stun_) out["stun"] = {{"port", stun_->port()}, {"alternate_port", stun_->alternate_port()}};
+  return {200, json::serialize(out) + "\n"};
 }
 
 HttpResponse ControlServer::handle_registry(const HttpRequest& r, const std::string& kind,
@@ -612,6 +646,8 @@ HttpResponse ControlServer::handle_agents() {
       o["hbone"] = rec->at("hbone");
       o["api"] = rec->at("api");
       o["cert_expires_ms"] = rec->at("cert_expires_ms");
+      if (rec->contains("candidates")) o["candidates"] = rec->at("candidates");
+      if (rec->contains("nat_mapping")) o["nat_mapping"] = rec->at("nat_mapping");
     }
     out.push_back(std::move(o));
   }

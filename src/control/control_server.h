@@ -79,8 +79,14 @@ class ControlServer {
   void notify_watchers();
   void finish(std::list<Watcher>::iterator it, const WatchDelta& delta);
   void arm_watch_deadline(std::list<Watcher>::iterator it);
-  void publish_agent(const AgentRecord& a, const std::string& hbone, const std::string& api,
-                     int64_t cert_expires_ms = 0);
+  // What an agent reports about itself; empty fields keep what was published before.
+  struct AgentReport {
+    std::string hbone, api;
+    std::optional<boost::json::array> candidates;  // UDP addresses peers may try (local, reflexive)
+    std::string nat_mapping;  // "endpoint-independent", "endpoint-dependent" or "unknown"
+    int64_t cert_expires_ms = 0;
+  };
+  void publish_agent(const AgentRecord& a, const AgentReport& report);
   void sweep_health();
   void probe_loop();
 

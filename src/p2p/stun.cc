@@ -152,7 +152,8 @@ Result<Message> parse(const uint8_t* data, size_t len) {
   if ((data[0] & 0xC0) != 0) return make_error("not STUN: the top two bits are set");
   if (be32(data + 4) != kMagicCookie) return make_error("not STUN: no magic cookie");
   const size_t body = be16(data + 2);
-  if (body % 4) return make_error("STUN length " + std::to_string(body) + " is not a multiple of 4");
+  if (body % 4)
+    return make_error("STUN length " + std::to_string(body) + " is not a multiple of 4");
   if (kHeaderSize + body != len)
     return make_error("STUN length " + std::to_string(body) + " does not match the datagram (" +
                       std::to_string(len - kHeaderSize) + " bytes after the header)");
@@ -161,7 +162,8 @@ Result<Message> parse(const uint8_t* data, size_t len) {
   std::memcpy(m.transaction.data(), data + 8, 12);
   size_t off = kHeaderSize;
   while (off < len) {
-    if (len - off < 4) return make_error("truncated attribute header at byte " + std::to_string(off));
+    if (len - off < 4)
+      return make_error("truncated attribute header at byte " + std::to_string(off));
     const uint16_t type = be16(data + off);
     const size_t alen = be16(data + off + 2);
     const size_t padded = (alen + 3) & ~size_t{3};
@@ -176,7 +178,7 @@ Result<Message> parse(const uint8_t* data, size_t len) {
       case kResponseOrigin: {
         auto a = read_address(v, alen, type == kXorMappedAddress, m.transaction);
         if (!a) return make_error(a.error());
-        (type == kMappedAddress       ? m.mapped_address
+        (type == kMappedAddress      ? m.mapped_address
          : type == kXorMappedAddress ? m.xor_mapped_address
          : type == kOtherAddress     ? m.other_address
                                      : m.response_origin) = *a;
@@ -208,7 +210,7 @@ Result<Message> parse(const uint8_t* data, size_t len) {
       case 0x001E:  // USERHASH
       case 0x0024:  // PRIORITY (ICE)
       case 0x0025:  // USE-CANDIDATE (ICE)
-        break;  // known; Binding without credentials has no use for them
+        break;      // known; Binding without credentials has no use for them
       default:
         // 0x0000-0x7FFF are comprehension-required: a message with one we do not know is
         // refused (RFC 8489 §6.3.3 discards such an answer).

@@ -29,10 +29,12 @@ Result<stun::Message> transact(udp::socket& s, const udp::endpoint& server, Cloc
   while (Clock::now() < end) {
     boost::system::error_code ec;
     s.send_to(asio::buffer(request), server, 0, ec);
-    if (ec) return make_error("cannot send to " + server.address().to_string() + ": " + ec.message());
+    if (ec)
+      return make_error("cannot send to " + server.address().to_string() + ": " + ec.message());
     const auto resend = std::min(end, Clock::now() + rto);
     while (Clock::now() < resend) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(resend - Clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(resend - Clock::now());
       pollfd p{s.native_handle(), POLLIN, 0};
       if (::poll(&p, 1, static_cast<int>(std::max<int64_t>(1, left.count()))) <= 0) continue;
       udp::endpoint from;

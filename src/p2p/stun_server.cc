@@ -26,15 +26,15 @@ Result<bool> open_socket(udp::socket& s, const asio::ip::address& ip, uint16_t p
   const udp::endpoint ep(ip, port);
   s.open(ep.protocol(), ec);
   if (!ec) s.bind(ep, ec);
-  if (ec) return make_error("cannot listen on UDP " + ep.address().to_string() + ":" +
-                            std::to_string(port) + ": " + ec.message());
+  if (ec)
+    return make_error("cannot listen on UDP " + ep.address().to_string() + ":" +
+                      std::to_string(port) + ": " + ec.message());
   return true;
 }
 
 }  // namespace
 
-Result<std::unique_ptr<StunServer>> StunServer::bind(asio::io_context& io,
-                                                     const HostPort& listen) {
+Result<std::unique_ptr<StunServer>> StunServer::bind(asio::io_context& io, const HostPort& listen) {
   boost::system::error_code ec;
   const auto ip =
       asio::ip::make_address(listen.host == "localhost" ? "127.0.0.1" : listen.host, ec);
@@ -90,9 +90,8 @@ void StunServer::receive(Socket& s) {
           if (m && m->type == static_cast<uint16_t>(stun::MessageType::binding_request)) {
             boost::system::error_code local_ec;
             const auto origin = s.socket.local_endpoint(local_ec);
-            const auto answer = stun::binding_success(m->transaction, s.peer, s.other,
-                                                      local_ec ? std::nullopt
-                                                               : std::optional(origin));
+            const auto answer = stun::binding_success(
+                m->transaction, s.peer, s.other, local_ec ? std::nullopt : std::optional(origin));
             boost::system::error_code send_ec;
             s.socket.send_to(asio::buffer(answer), s.peer, 0, send_ec);  // UDP: never blocks long
             ++answered_;

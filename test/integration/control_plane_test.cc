@@ -1314,5 +1314,37 @@ TEST_F(ControlTest, WeftStunWorksAgainstCoturn) {
       << "the answer came from coturn: " << r.output;
 }
 
+TEST_F(TwoAgentTest, AgentLearnsItsReflexiveAddressAndPublishesCandidates) {
+  start({"--heartbeat-interval", "200ms"});
+  start_agent(west_, "west", "127.0.0.2", {"--auth-key", create_key(), "--quic-port", "0"});
+  // The heartbeat answer names control's STUN port; the agent asks it and reports back.
+  boost::json::value agent;
+  for (int i = 0; i < 500; ++i) {
+    auto agents = op("GET", "/v1/agents").body;
+    const auto& list = agents.at("agents").as_array();
+    if (!list.empty() && list.at(0).as_object().contains("candidates") &&
+        !list.at(0).at("candidates").as_array().empty()) {
+      agent = list.at(0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+  }
+  ASSERT_TRUE(agent.is_object()) << read_file(dir_ / "west.log");
+  const std::string reflexive(agent.at("candidates").at(0).as_string());
+  EXPECT_EQ(reflexive.rfind("127.0.0.1:", 0), 0u) << "control sees the agent on loopback";
+  EXPECT_EQ(agent.at("nat_mapping").as_string(), "endpoint-independent");
+  // Peers get the candidates through the watch, in the agent record.
+  EXPECT_NE(read_file(dir_ / "west.log").find("reflexive address " + reflexive), std::string::npos);
+
+  // Bad candidates from a node are refused with the field named.
+  Node n;
+  ASSERT_EQ(register_node(n, create_key()).status, 200);
+  auto r = request("POST", "/v1/heartbeat", R"({"candidates":["not an address"]})", "", &n);
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(r.body.at("field").as_string(), "candidates");
+  r = request("POST", "/v1/heartbeat", R"({"nat_mapping":"cone"})", "", &n);
+  EXPECT_EQ(r.status, 400);
+}
+
 }  // namespace
 }  // namespace weft::test

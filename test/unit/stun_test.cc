@@ -17,9 +17,9 @@ std::vector<uint8_t> hex(const std::string& h) {
 
 TEST(Stun, ParsesTheRfc5769SampleIpv4Response) {
   // RFC 5769 §2.2: an independent encoder's bytes, FINGERPRINT and MESSAGE-INTEGRITY included.
-  const auto v = hex(
-      "0101003c2112a442b7e7a701bc34d686fa87dfae8022000b7465737420766563746f7220002000080001a147"
-      "e112a643000800142b91f599fd9e90c38c7489f92af9ba53f06be7d780280004c07d4c96");
+  const auto v =
+      hex("0101003c2112a442b7e7a701bc34d686fa87dfae8022000b7465737420766563746f7220002000080001a147"
+          "e112a643000800142b91f599fd9e90c38c7489f92af9ba53f06be7d780280004c07d4c96");
   ASSERT_TRUE(stun::looks_like_stun(v.data(), v.size()));
   auto m = stun::parse(v.data(), v.size());
   ASSERT_TRUE(m.ok()) << m.error();
