@@ -44,7 +44,8 @@ Result<NatCandidates> discover_nat(const std::string& stun_host, uint16_t stun_p
   auto report = probe_nat({server}, udp::endpoint(udp::v4(), local_port),
                           std::chrono::milliseconds(timeout_ms));
   if (!report && local_port != 0)  // the port is taken (a QUIC endpoint of an older agent)
-    report = probe_nat({server}, udp::endpoint(udp::v4(), 0), std::chrono::milliseconds(timeout_ms));
+    report =
+        probe_nat({server}, udp::endpoint(udp::v4(), 0), std::chrono::milliseconds(timeout_ms));
   if (!report) return make_error(report.error());
   NatCandidates out;
   out.reflexive =
