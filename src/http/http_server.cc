@@ -135,6 +135,8 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     handler_(r, [self = this->shared_from_this(), keep_alive = req.keep_alive()](HttpResponse out) {
       self->send(std::move(out), keep_alive);
     });
+    // A parked watch holds its session for minutes: keep nothing of the request it answered.
+    parser_.reset();
   }
 
   void open_stream(int status, const std::string& content_type) {
@@ -213,7 +215,9 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     http::async_write(stream_, res_,
                       [self = this->shared_from_this()](beast::error_code ec, size_t) {
                         if (ec) return;
-                        if (!self->res_.keep_alive()) return self->linger();
+                        const bool keep_alive = self->res_.keep_alive();
+                        self->res_ = {};  // nor the body it sent (a full view can be large)
+                        if (!keep_alive) return self->linger();
                         self->read();
                       });
   }
