@@ -325,7 +325,7 @@ def control_bench():
     load = os.path.join(os.path.dirname(WEFT), "weft_control_load")
     addr_file = f"{work}/control.addr"
     p = start("control", [WEFT, "control", "--ca", f"{work}/ca", "--data-dir", f"{work}/control",
-                          "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--address-file", addr_file])
+                          "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--address-file", addr_file])
     end = time.time() + 20
     while not os.path.exists(addr_file) and time.time() < end:
         time.sleep(0.02)  # polling interval

@@ -91,6 +91,9 @@ int run_cli(int argc, char** argv) {
       "CA directory (ca.crt, ca.key) from 'weft ca init' or a plug-in intermediate");
   control->add_option("--listen", control_listen, "API address (HTTPS)");
   std::string control_stun = "0.0.0.0:3478";
+  std::string control_relay = "0.0.0.0:8444";
+  control->add_option("--relay-listen", control_relay,
+                      "relay (TLS, HTTP upgrade) for agents without a direct path; 'off' disables");
   control->add_option("--stun-listen", control_stun,
                       "STUN (UDP) address; the next port up answers too, for NAT mapping "
                       "tests; 'off' disables");
@@ -314,6 +317,13 @@ int run_cli(int argc, char** argv) {
       copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
       copt.workload_cert_ttl = parse_ttl_flag(workload_ttl, "--workload-cert-ttl");
       copt.address_file = control_addr_file;
+      if (control_relay == "off") {
+        copt.relay_listen.reset();
+      } else {
+        auto relay = parse_host_port(control_relay, true);
+        if (!relay) throw std::runtime_error("--relay-listen: " + relay.error());
+        copt.relay_listen = *relay;
+      }
       if (control_stun == "off") {
         copt.stun_listen.reset();
       } else {

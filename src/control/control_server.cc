@@ -154,12 +154,30 @@ ControlServer::ControlServer(ControlOptions options)
                         HostPort{options_.stun_listen->host, stun_->port()}.to_string() + "\n",
                         0644);
   }
+  std::string relay_text = "off";
+  if (options_.relay_listen && !tls) {
+    spdlog::warn("control: no relay with --insecure-http (the relay is TLS only)");
+  } else if (options_.relay_listen) {
+    for (const auto& a : store_->list_agents())
+      if (auto key = node_key_from_pem(a.public_key)) member_keys_.insert(*key);
+    RelayOptions ro;
+    ro.listen = *options_.relay_listen;
+    auto relay = RelayServer::bind(
+        io_, tls, ro, [this](const relay::NodeKey& key) { return member_keys_.count(key) > 0; });
+    if (!relay) throw std::runtime_error(relay.error() + " (set --relay-listen, or 'off')");
+    relay_ = std::move(*relay);
+    relay_text = "TLS " + HostPort{options_.relay_listen->host, relay_->port()}.to_string();
+    if (!options_.address_file.empty())
+      write_file_atomic(options_.address_file.string() + ".relay",
+                        HostPort{options_.relay_listen->host, relay_->port()}.to_string() + "\n",
+                        0644);
+  }
   if (!options_.address_file.empty()) write_file_atomic(options_.address_file, bound + "\n", 0644);
   spdlog::info(
       "weft control ready on {}://{} trust domain {} mesh pool {} ({} agents registered), STUN {}, "
-      "data in {}",
+      "relay {}, data in {}",
       tls ? "https" : "http", bound, ca_.trust_domain(), pool_.cidr(), store_->list_agents().size(),
-      stun_text, options_.data_dir.string());
+      stun_text, relay_text, options_.data_dir.string());
   signals_.add(SIGTERM);
   signals_.add(SIGINT);
   signals_.async_wait([this](const boost::system::error_code& ec, int) {
@@ -168,6 +186,7 @@ ControlServer::ControlServer(ControlOptions options)
     stopping_ = true;
     http_->close();
     if (stun_) stun_->close();
+    if (relay_) relay_->close();
     io_.stop();
   });
   sweep_health();
@@ -404,6 +423,31 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
   try {
     if (r.path == "/health") return {200, "{\"status\":\"ok\"}\n"};
     if (r.path == "/v1/trust-bundle") return {200, ca_.bundle_pem(), "application/x-pem-file"};
+    if (r.path == "/metrics") {
+      // Prometheus scrapes with the operator token (bearer_token_file in its config).
+      if (!is_operator(r)) return json_error(401, "metrics need the operator token");
+      std::string out =
+          "# HELP weft_control_agents Registered agents.\n"
+          "# TYPE weft_control_agents gauge\nweft_control_agents " +
+          std::to_string(member_keys_.size()) +
+          "\n# HELP weft_control_watchers Parked watches and streams.\n"
+          "# TYPE weft_control_watchers gauge\nweft_control_watchers " +
+          std::to_string(watchers_.size()) +
+          "\n# HELP weft_control_revision Registry revision.\n"
+          "# TYPE weft_control_revision gauge\nweft_control_revision " +
+          std::to_string(registry_.revision()) + "\n";
+      if (stun_)
+        out +=
+            "# HELP weft_stun_answered_total STUN Binding requests answered.\n"
+            "# TYPE weft_stun_answered_total counter\nweft_stun_answered_total " +
+            std::to_string(stun_->answered()) +
+            "\n# HELP weft_stun_dropped_total Datagrams on the STUN ports that were not "
+            "Binding requests.\n# TYPE weft_stun_dropped_total counter\n"
+            "weft_stun_dropped_total " +
+            std::to_string(stun_->dropped()) + "\n";
+      if (relay_) out += relay_->metrics_text();
+      return {200, out, "text/plain; version=0.0.4"};
+    }
     if (r.path == "/v1/register") {
       if (r.method != "POST") return json_error(405, "use POST");
       return handle_register(r);
@@ -473,6 +517,7 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   }
   const AgentRecord& a = *outcome.agent;
   last_seen_[a.id] = now_ms();
+  if (auto key = node_key_from_pem(a.public_key)) member_keys_.insert(*key);
   auto body = agent_json(a, pool_, ca_.trust_domain());
   auto cert =
       ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);

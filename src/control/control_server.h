@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -22,6 +23,7 @@
 #include "core/host_port.h"
 #include "http/http_server.h"
 #include "identity/csr.h"
+#include "p2p/relay_server.h"
 #include "p2p/stun_server.h"
 
 namespace weft {
@@ -37,7 +39,8 @@ struct ControlOptions {
   size_t change_log_size = 10000;
   Millis heartbeat_interval = std::chrono::seconds(10);  // 3 missed: unhealthy
   std::filesystem::path address_file;  // if set, the bound host:port is written here
-  std::optional<HostPort> stun_listen = HostPort{"0.0.0.0", 3478};  // nullopt: no STUN
+  std::optional<HostPort> stun_listen = HostPort{"0.0.0.0", 3478};   // nullopt: no STUN
+  std::optional<HostPort> relay_listen = HostPort{"0.0.0.0", 8444};  // nullopt: no relay
 };
 
 class ControlServer {
@@ -99,6 +102,8 @@ class ControlServer {
   boost::asio::signal_set signals_;
   std::unique_ptr<HttpServer> http_;
   std::unique_ptr<StunServer> stun_;
+  std::unique_ptr<RelayServer> relay_;
+  std::set<relay::NodeKey> member_keys_;  // registered agents' node keys, for the relay
   Registry registry_;
   std::list<Watcher> watchers_;
   boost::asio::steady_timer health_timer_;

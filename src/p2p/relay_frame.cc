@@ -1,6 +1,12 @@
 #include "p2p/relay_frame.h"
 
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+
 #include <cstring>
+
+#include "identity/openssl_ptr.h"
 
 namespace weft::relay {
 
@@ -92,6 +98,36 @@ std::vector<uint8_t> proof_message(const Challenge& c, const std::array<uint8_t,
   append(m, c);
   append(m, exporter);
   return m;
+}
+
+Result<std::array<uint8_t, 32>> tls_exporter(SSL* ssl) {
+  std::array<uint8_t, 32> out{};
+  static const char kLabel[] = "EXPORTER-weft-relay";
+  if (SSL_export_keying_material(ssl, out.data(), out.size(), kLabel, sizeof kLabel - 1, nullptr, 0,
+                                 0) != 1)
+    return make_error("cannot export keying material from the TLS connection");
+  return out;
+}
+
+Result<std::vector<uint8_t>> sign_proof(const std::string& private_pem, const Challenge& c,
+                                        const std::array<uint8_t, 32>& exporter) {
+  ossl::Bio bio(BIO_new_mem_buf(private_pem.data(), static_cast<int>(private_pem.size())));
+  ossl::Key key(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
+  if (!key || EVP_PKEY_get_id(key.get()) != EVP_PKEY_ED25519)
+    return make_error("the node key is not an Ed25519 private key");
+  NodeKey pub{};
+  size_t pub_len = pub.size();
+  if (EVP_PKEY_get_raw_public_key(key.get(), pub.data(), &pub_len) != 1)
+    return make_error("cannot read the node's public key");
+  const auto message = proof_message(c, exporter);
+  Signature sig{};
+  size_t sig_len = sig.size();
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  const bool ok = EVP_DigestSignInit(ctx, nullptr, nullptr, nullptr, key.get()) == 1 &&
+                  EVP_DigestSign(ctx, sig.data(), &sig_len, message.data(), message.size()) == 1;
+  EVP_MD_CTX_free(ctx);
+  if (!ok || sig_len != sig.size()) return make_error("signing the relay proof failed");
+  return proof_frame(pub, sig);
 }
 
 void FrameReader::feed(const uint8_t* data, size_t len) {

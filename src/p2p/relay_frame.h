@@ -21,6 +21,8 @@
 
 #include "core/result.h"
 
+typedef struct ssl_st SSL;
+
 namespace weft::relay {
 
 using NodeKey = std::array<uint8_t, 32>;  // Ed25519 public key
@@ -73,6 +75,11 @@ Result<Packet> parse_packet(const Frame& f);
 // What the client signs: context, challenge, TLS exporter (32 bytes from
 // SSL_export_keying_material with label "EXPORTER-weft-relay").
 std::vector<uint8_t> proof_message(const Challenge& c, const std::array<uint8_t, 32>& exporter);
+// This TLS connection's exporter value, which both ends compute alike.
+Result<std::array<uint8_t, 32>> tls_exporter(SSL* ssl);
+// The client's proof frame: its node key and its signature over proof_message().
+Result<std::vector<uint8_t>> sign_proof(const std::string& private_pem, const Challenge& c,
+                                        const std::array<uint8_t, 32>& exporter);
 
 class FrameReader {
  public:

@@ -14,6 +14,8 @@
 #include "http/http_client.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
+#include "p2p/relay_frame.h"
+#include "p2p/relay_server.h"
 #include "p2p/stun.h"
 #include "support/harness.h"
 
@@ -99,7 +101,8 @@ class ControlTest : public ::testing::Test {
                                   "--ca",           (dir_ / "ca").string(),
                                   "--listen",       listen_,
                                   "--address-file", (dir_ / "addr").string(),
-                                  "--stun-listen",  "127.0.0.1:0"};
+                                  "--stun-listen",  "127.0.0.1:0",
+                                  "--relay-listen", "127.0.0.1:0"};
     args.insert(args.end(), extra.begin(), extra.end());
     proc_ = std::make_unique<Process>(args, dir_ / "control.log");
     for (int i = 0; i < 1000 && !fs::exists(dir_ / "addr"); ++i) {
@@ -316,9 +319,9 @@ TEST_F(ControlTest, RestartKeepsAgentsAndAddresses) {
     EXPECT_EQ(register_node(nodes[i], "").body.at("mesh_ip").as_string(), ips[i]);
   // Restarting with another pool would renumber everyone: refused, with the way out.
   stop();
-  auto r =
-      run_weft({"control", "--data-dir", (dir_ / "data").string(), "--ca", (dir_ / "ca").string(),
-                "--listen", "127.0.0.1:0", "--stun-listen", "off", "--mesh-cidr", "10.10.0.0/16"});
+  auto r = run_weft({"control", "--data-dir", (dir_ / "data").string(), "--ca",
+                     (dir_ / "ca").string(), "--listen", "127.0.0.1:0", "--stun-listen", "off",
+                     "--relay-listen", "off", "--mesh-cidr", "10.10.0.0/16"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("--mesh-cidr 100.64.0.0/10"), std::string::npos) << r.output;
 }
@@ -1344,6 +1347,145 @@ TEST_F(TwoAgentTest, AgentLearnsItsReflexiveAddressAndPublishesCandidates) {
   EXPECT_EQ(r.body.at("field").as_string(), "candidates");
   r = request("POST", "/v1/heartbeat", R"({"nat_mapping":"cone"})", "", &n);
   EXPECT_EQ(r.status, 400);
+}
+
+// ---- relay ----
+
+// A relay client speaking the wire format by hand, with blocking calls (bounded by within()).
+class RelayTestClient {
+ public:
+  RelayTestClient(const std::string& addr, const fs::path& ca)
+      : ctx_(asio::ssl::context::tls_client) {
+    ctx_.load_verify_file(ca.string());
+    ctx_.set_verify_mode(asio::ssl::verify_peer);
+    s_.emplace(io_, ctx_);
+    const auto colon = addr.rfind(':');
+    s_->lowest_layer().connect(
+        tcp::endpoint(asio::ip::make_address(addr.substr(0, colon)),
+                      static_cast<uint16_t>(std::stoi(addr.substr(colon + 1)))));
+    s_->handshake(asio::ssl::stream_base::client);
+  }
+  // Sends the request head; returns the answer's status line.
+  std::string upgrade(const std::string& request) {
+    asio::write(*s_, asio::buffer(request));
+    std::string head;
+    const size_t n = asio::read_until(*s_, asio::dynamic_buffer(head), "\r\n\r\n");
+    const auto rest = head.substr(n);
+    reader_.feed(reinterpret_cast<const uint8_t*>(rest.data()), rest.size());
+    return head.substr(0, head.find("\r\n"));
+  }
+  std::string upgrade() {
+    return upgrade(
+        "GET /v1/relay HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n"
+        "Upgrade: weft-relay/1\r\n\r\n");
+  }
+  relay::Frame read_frame() {
+    for (;;) {
+      auto f = reader_.next();
+      if (!f) throw std::runtime_error(f.error());
+      if (*f) return std::move(**f);
+      std::array<uint8_t, 4096> buf{};
+      const size_t n = s_->read_some(asio::buffer(buf));
+      reader_.feed(buf.data(), n);
+    }
+  }
+  void write(const std::vector<uint8_t>& bytes) { asio::write(*s_, asio::buffer(bytes)); }
+  SSL* ssl() { return s_->native_handle(); }
+  void close() {
+    boost::system::error_code ignored;
+    s_->lowest_layer().shutdown(tcp::socket::shutdown_both, ignored);
+    s_->lowest_layer().close(ignored);
+  }
+  // Upgrade, answer the challenge with `private_pem`, and return the server's verdict frame.
+  relay::Frame join(const std::string& private_pem) {
+    if (upgrade().find("101") == std::string::npos) throw std::runtime_error("no 101");
+    auto challenge = relay::parse_challenge(read_frame());
+    if (!challenge) throw std::runtime_error(challenge.error());
+    write(*relay::sign_proof(private_pem, *challenge, *relay::tls_exporter(ssl())));
+    return read_frame();
+  }
+
+ private:
+  asio::io_context io_;
+  asio::ssl::context ctx_;
+  std::optional<asio::ssl::stream<tcp::socket>> s_;
+  relay::FrameReader reader_;
+};
+
+// Runs `f` on a helper thread; a failed test (and a closed client) after 10 s.
+template <class F>
+auto within(RelayTestClient& c, F f) -> decltype(f()) {
+  auto fut = std::async(std::launch::async, f);
+  if (fut.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "the relay did not answer within 10 s";
+    c.close();
+  }
+  return fut.get();
+}
+
+TEST_F(ControlTest, RelayForwardsDatagramsBetweenProvenMembersOnly) {
+  start();
+  std::string addr = read_file(dir_ / "addr.relay");
+  addr.erase(addr.find('\n'));
+  const std::string key = create_key({"--reusable"});
+  Node a, b, stranger;
+  ASSERT_EQ(register_node(a, key).status, 200);
+  ASSERT_EQ(register_node(b, key).status, 200);
+  const auto key_a = *node_key_from_pem(a.keys.public_pem);
+  const auto key_b = *node_key_from_pem(b.keys.public_pem);
+  const fs::path ca = dir_ / "ca" / "ca.crt";
+
+  RelayTestClient ca_client(addr, ca), cb_client(addr, ca);
+  EXPECT_EQ(within(ca_client, [&] { return ca_client.join(a.keys.private_pem); }).type,
+            relay::FrameType::ready);
+  EXPECT_EQ(within(cb_client, [&] { return cb_client.join(b.keys.private_pem); }).type,
+            relay::FrameType::ready);
+
+  // A datagram from a to b arrives at b, tagged with a's key.
+  const std::string datagram = "a QUIC datagram, opaque to the relay";
+  ca_client.write(relay::packet_frame(relay::FrameType::send_packet, key_b,
+                                      reinterpret_cast<const uint8_t*>(datagram.data()),
+                                      datagram.size()));
+  auto got = within(cb_client, [&] { return cb_client.read_frame(); });
+  ASSERT_EQ(got.type, relay::FrameType::recv_packet);
+  auto packet = relay::parse_packet(got);
+  ASSERT_TRUE(packet.ok());
+  EXPECT_EQ(packet->peer, key_a);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(packet->data), packet->len), datagram);
+
+  // To a node that is not connected: peer_gone, so the sender can fall back at once.
+  relay::NodeKey nobody{};
+  ca_client.write(relay::packet_frame(relay::FrameType::send_packet, nobody,
+                                      reinterpret_cast<const uint8_t*>("x"), 1));
+  EXPECT_EQ(within(ca_client, [&] { return ca_client.read_frame(); }).type,
+            relay::FrameType::peer_gone);
+  const uint8_t nonce[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  ca_client.write(relay::encode(relay::FrameType::ping, nonce, sizeof nonce));
+  EXPECT_EQ(within(ca_client, [&] { return ca_client.read_frame(); }).type, relay::FrameType::pong);
+
+  // A key control does not know is refused, and so is a proof made for another connection.
+  RelayTestClient unknown(addr, ca);
+  auto refused = within(unknown, [&] { return unknown.join(stranger.keys.private_pem); });
+  EXPECT_EQ(refused.type, relay::FrameType::error);
+  EXPECT_NE(std::string(refused.payload.begin(), refused.payload.end()).find("not a registered"),
+            std::string::npos);
+  RelayTestClient replay(addr, ca);
+  ASSERT_NE(replay.upgrade().find("101"), std::string::npos);
+  auto challenge = *relay::parse_challenge(within(replay, [&] { return replay.read_frame(); }));
+  replay.write(*relay::sign_proof(a.keys.private_pem, challenge, std::array<uint8_t, 32>{}));
+  auto bad_proof = within(replay, [&] { return replay.read_frame(); });
+  EXPECT_EQ(bad_proof.type, relay::FrameType::error);
+  EXPECT_NE(std::string(bad_proof.payload.begin(), bad_proof.payload.end()).find("does not verify"),
+            std::string::npos);
+  // Anything but the upgrade gets a 400.
+  RelayTestClient plain(addr, ca);
+  EXPECT_NE(
+      within(plain, [&] { return plain.upgrade("GET / HTTP/1.1\r\nHost: x\r\n\r\n"); }).find("400"),
+      std::string::npos);
+
+  auto m = request("GET", "/metrics", "", "Bearer " + token_);
+  EXPECT_EQ(m.status, 200);
+  EXPECT_EQ(request("GET", "/metrics", "").status, 401);
 }
 
 }  // namespace
