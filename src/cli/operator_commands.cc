@@ -135,13 +135,20 @@ int cmd_status(const ControlTarget& control, bool json_output) {
               << "\n";
     return 0;
   }
-  std::printf("%-18s %-16s %-10s %-14s %-18s %-10s %s\n", "AGENT", "NAME", "CLUSTER", "MESH IP",
-              "BLOCK", "HEALTH", "CERT EXPIRES");
-  for (const auto& a : v.at("agents").as_array())
-    std::printf("%-18s %-16s %-10s %-14s %-18s %-10s %s\n", str(a, "id").c_str(),
+  std::printf("%-18s %-16s %-10s %-14s %-18s %-10s %-22s %-22s %s\n", "AGENT", "NAME", "CLUSTER",
+              "MESH IP", "BLOCK", "HEALTH", "REFLEXIVE", "NAT MAPPING", "CERT EXPIRES");
+  for (const auto& a : v.at("agents").as_array()) {
+    // The reflexive address comes first among the candidates (from STUN).
+    std::string reflexive = "-";
+    if (const auto* c = a.as_object().if_contains("candidates");
+        c && c->is_array() && !c->as_array().empty() && c->as_array().at(0).is_string())
+      reflexive = std::string(c->as_array().at(0).as_string());
+    const std::string nat = str(a, "nat_mapping");
+    std::printf("%-18s %-16s %-10s %-14s %-18s %-10s %-22s %-22s %s\n", str(a, "id").c_str(),
                 str(a, "name").c_str(), str(a, "cluster").c_str(), str(a, "mesh_ip").c_str(),
                 str(a, "mesh_block").c_str(), a.at("healthy").as_bool() ? "healthy" : "UNHEALTHY",
-                expiry(a).c_str());
+                reflexive.c_str(), nat.c_str(), expiry(a).c_str());
+  }
   std::printf("\n");
   print_services(services);
   return 0;
