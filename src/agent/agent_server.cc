@@ -21,6 +21,7 @@
 #include "identity/certificate_authority.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
+#include "p2p/relay_server.h"
 #include "proxy/l4/splice_relay.h"
 
 namespace weft {
@@ -173,6 +174,7 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     for (auto& [id, p] : proxies_) close_proxy(p);
     dataplane_->stop();
     sds_.reset();
+    if (relay_) relay_->stop();
     io_.stop();
   });
   if (!options_.control_url.empty()) {
@@ -452,6 +454,18 @@ void AgentServer::heartbeat_loop() {
       if (failures) boost::asio::post(io_, [this] { control_state_ = "registered"; });
       failures = 0;
       const auto now = std::chrono::steady_clock::now();
+      {
+        json::error_code ec;
+        const auto answer = json::parse(res->body, ec);
+        const auto* relay =
+            !ec && answer.is_object() ? answer.as_object().if_contains("relay") : nullptr;
+        const auto url = boost::urls::parse_uri(options_.control_url);
+        if (relay && relay->is_object() && relay->as_object().contains("port") && url) {
+          const auto port = static_cast<uint16_t>(relay->at("port").to_number<int64_t>());
+          boost::asio::post(
+              io_, [this, host = std::string(url->host()), port] { use_relay(host, port); });
+        }
+      }
       if (now - nat_probed > std::chrono::minutes(5) ||
           (!nat && now - nat_probed > std::chrono::seconds(30))) {
         nat_probed = now;
@@ -469,6 +483,25 @@ void AgentServer::heartbeat_loop() {
     boost::asio::post(
         io_, [this, why] { control_state_ = "serving last config, control unreachable: " + why; });
   }
+}
+
+void AgentServer::use_relay(const std::string& host, uint16_t port) {
+  const std::string address = HostPort{host, port}.to_string();
+  if (relay_ && address == relay_address_) return;
+  if (relay_) relay_->stop();
+  RelayClientOptions o;
+  o.host = host;
+  o.port = port;
+  o.ca_file =
+      (!options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt").string();
+  o.private_pem = slurp(options_.state_dir / "node.key");
+  relay_ = std::make_unique<RelayClient>(
+      io_, std::move(o), [](const relay::NodeKey& from, const uint8_t*, size_t len) {
+        // The QUIC endpoint will take these; until then they are only counted in the log.
+        spdlog::debug("relay: {} bytes from {}", len, node_key_hex(from).substr(0, 16));
+      });
+  relay_address_ = address;
+  relay_->start();
 }
 
 std::optional<NatCandidates> AgentServer::probe_nat_via_control(
@@ -711,6 +744,9 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
                        {"watch", watch_state_},
                        {"objects", view_.size()},
                        {"dataplane", dataplane_summary_}}},
+                     {"relay", relay_ ? json::value({{"address", relay_address_},
+                                                     {"state", relay_->state()}})
+                                      : json::value(nullptr)},
                      {"sds", sds_ ? json::value(sds_->status_json()) : json::value(nullptr)},
                      {"resources", res},
                      {"active_connections", metrics_.downstream_connections_active.get()},

@@ -23,6 +23,7 @@
 #include "agent/sds_server.h"
 #include "http/http_client.h"
 #include "http/http_server.h"
+#include "p2p/relay_client.h"
 #include "proxy/listener/listener.h"
 #include "stats/metrics.h"
 
@@ -87,6 +88,8 @@ class AgentServer {
   void rebuild_dataplane();
   // Asks control's STUN server (its port is in the heartbeat answer) for our candidates.
   std::optional<NatCandidates> probe_nat_via_control(const std::string& heartbeat_answer);
+  // Keeps a relay connection to the relay a heartbeat answer names (io thread).
+  void use_relay(const std::string& host, uint16_t port);
   void start_sds();
   SignedWorkload sign_workload(const std::string& ns, const std::string& sa,
                                const std::string& csr_pem) const;
@@ -116,6 +119,8 @@ class AgentServer {
   MeshView view_;
   std::unique_ptr<DataPlane> dataplane_;
   std::unique_ptr<SdsServer> sds_;
+  std::unique_ptr<RelayClient> relay_;  // to control's relay, once a heartbeat names its port
+  std::string relay_address_;
   std::string dataplane_summary_;
 
   // Resources as control should see them (id -> JSON), set on the io thread and published by

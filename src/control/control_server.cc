@@ -584,6 +584,7 @@ HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
   json::object out{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}};
   // Agents find control's STUN ports here: same host as the API.
   if (stun_) out["stun"] = {{"port", stun_->port()}, {"alternate_port", stun_->alternate_port()}};
+  if (relay_) out["relay"] = {{"port", relay_->port()}};
   return {200, json::serialize(out) + "\n"};
 }
 

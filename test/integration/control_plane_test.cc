@@ -1488,5 +1488,38 @@ TEST_F(ControlTest, RelayForwardsDatagramsBetweenProvenMembersOnly) {
   EXPECT_EQ(request("GET", "/metrics", "").status, 401);
 }
 
+TEST_F(TwoAgentTest, AgentsKeepARelayConnectionAndSayWhenItIsLost) {
+  start({"--heartbeat-interval", "200ms"});
+  const std::string key = create_key({"--reusable"});
+  start_agent(west_, "west", "127.0.0.2", {"--auth-key", key, "--quic-port", "0"});
+  start_agent(east_, "east", "127.0.0.3", {"--auth-key", key, "--quic-port", "0"});
+  const auto relay_state = [&](const Agent& a) {
+    auto s = status(a);
+    return s.is_object() && s.at("relay").is_object()
+               ? std::string(s.at("relay").at("state").as_string())
+               : std::string("none");
+  };
+  for (auto* a : {&west_, &east_}) {
+    std::string state;
+    for (int i = 0; i < 500 && (state = relay_state(*a)) != "connected"; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+    EXPECT_EQ(state, "connected") << read_file(dir_ / "west.log");
+  }
+  // Control's relay counts both, from their proven node keys.
+  HttpCall metrics;
+  metrics.url = "https://" + addr_ + "/metrics";
+  metrics.ca_file = dir_ / "ca" / "ca.crt";
+  metrics.bearer = token_;
+  auto m = http_call(metrics);
+  ASSERT_TRUE(m.ok()) << m.error();
+  EXPECT_NE(m->body.find("weft_relay_clients 2"), std::string::npos) << m->body;
+  // The relay goes away with control: the agents say so, and keep retrying.
+  stop();
+  std::string state;
+  for (int i = 0; i < 500 && (state = relay_state(west_)).rfind("disconnected", 0) != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+  EXPECT_EQ(state.rfind("disconnected", 0), 0u) << state;
+}
+
 }  // namespace
 }  // namespace weft::test
