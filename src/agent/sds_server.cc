@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "core/duration.h"
+#include "core/label.h"
 #include "identity/certificate_info.h"
 
 namespace weft {
@@ -20,11 +21,6 @@ namespace asio = boost::asio;
 namespace json = boost::json;
 
 namespace {
-
-bool valid_name(const std::string& s) {
-  return !s.empty() && s.size() <= 63 &&
-         s.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-._") == std::string::npos;
-}
 
 int64_t to_ms(std::time_t t) { return static_cast<int64_t>(t) * 1000; }
 
@@ -202,9 +198,9 @@ void SdsServer::handle(const HttpRequest& r, HttpServer::Reply reply) {
         404, "no such path; the SDS socket serves /v1/sds/certificate and /v1/sds/services"));
   const std::string ns = query_param(r.query, "namespace");
   const std::string sa = query_param(r.query, "service_account");
-  if (!valid_name(ns))
+  if (!is_valid_label(ns))
     return reply(json_error(400, "namespace must be 1-63 of a-z, 0-9, '-', '.', '_'", "namespace"));
-  if (!valid_name(sa))
+  if (!is_valid_label(sa))
     return reply(json_error(400, "service_account must be 1-63 of a-z, 0-9, '-', '.', '_'",
                             "service_account"));
   const std::string known = query_param(r.query, "serial");

@@ -8,6 +8,7 @@
 
 #include <boost/json.hpp>
 
+#include "core/label.h"
 #include "identity/spiffe_id.h"
 
 namespace weft {
@@ -312,10 +313,7 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
       c.identity.sds_service_account = r.string_field(id, "identity", "service_account", true);
       for (const char* key : {"namespace", "service_account"}) {
         const std::string v = r.string_field(id, "identity", key, true);
-        const bool ok =
-            !v.empty() && v.size() <= 63 &&
-            v.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-._") == std::string::npos;
-        if (!ok)
+        if (!is_valid_label(v))
           r.fail(id[key], std::string("identity.") + key,
                  "'" + v + "' is not a valid name: 1-63 of a-z, 0-9, '-', '.', '_'");
       }

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "control/join_keys.h"
+#include "core/label.h"
 #include "http/http_client.h"
 #include "http/json_fields.h"
 #include "identity/certificate_authority.h"
@@ -78,14 +79,6 @@ json::object agent_json(const AgentRecord& a, const MeshPool& pool, const std::s
                             (a.cluster.empty() ? "default" : a.cluster) + "/node/" + a.id},
           {"registered_at_ms", a.registered_at},
           {"last_seen_ms", a.last_seen}};
-}
-
-bool valid_label(const std::string& s) {
-  if (s.empty() || s.size() > 63) return false;
-  for (char c : s)
-    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
-      return false;
-  return true;
 }
 
 bool is_registry_kind(const std::string& kind) {
@@ -497,8 +490,8 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
     return json_error(400, "public_key is required (the node's Ed25519 key, PEM)", "public_key");
   if (csr.empty()) return json_error(400, "csr is required (signed with the node key)", "csr");
   if (name.empty()) name = "node";
-  if (!valid_label(name)) return json_error(400, "name must be 1-63 of [a-z0-9-._]", "name");
-  if (!cluster.empty() && !valid_label(cluster))
+  if (!is_valid_label(name)) return json_error(400, "name must be 1-63 of [a-z0-9-._]", "name");
+  if (!cluster.empty() && !is_valid_label(cluster))
     return json_error(400, "cluster must be 1-63 of [a-z0-9-._]", "cluster");
 
   Registration reg;

@@ -6,6 +6,7 @@
 #include "agent/resource.h"
 #include "control/join_keys.h"
 #include "core/host_port.h"
+#include "core/label.h"
 #include "http/json_fields.h"
 #include "identity/spiffe_id.h"
 
@@ -14,14 +15,6 @@ namespace weft {
 namespace json = boost::json;
 
 namespace {
-
-bool valid_label(const std::string& s) {
-  if (s.empty() || s.size() > 63) return false;
-  for (char c : s)
-    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
-      return false;
-  return true;
-}
 
 std::string text(const json::object& o, const char* key) {
   auto* v = o.if_contains(key);
@@ -120,7 +113,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
   if (!url_name.empty() && name != url_name)
     return fail(400, "name", "name in the body (" + name + ") does not match the URL");
   if (name.empty() && kind == "endpoints") name = "ep-" + random_hex(6);
-  if (!valid_label(name)) return fail(400, "name", "name must be 1-63 of [a-z0-9-._]");
+  if (!is_valid_label(name)) return fail(400, "name", "name must be 1-63 of [a-z0-9-._]");
   out["name"] = name;
 
   if (kind == "clusters") {
@@ -137,7 +130,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
       return make_error(error.message);
     if (protocol != "tcp" && protocol != "http" && protocol != "http2" && protocol != "grpc")
       return fail(400, "protocol", "protocol must be tcp, http, http2 or grpc");
-    if (!valid_label(ns)) return fail(400, "namespace", "namespace must be 1-63 of [a-z0-9-._]");
+    if (!is_valid_label(ns)) return fail(400, "namespace", "namespace must be 1-63 of [a-z0-9-._]");
     out["port"] = p;
     out["protocol"] = protocol;
     out["namespace"] = ns;
@@ -151,7 +144,8 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
         !str("namespace", "default", ns) || !str("service_account", "default", sa) ||
         !str("target", "", target) || !str("protocol", "tcp", protocol))
       return make_error(error.message);
-    if (!valid_label(service)) return fail(400, "service", "service must be 1-63 of [a-z0-9-._]");
+    if (!is_valid_label(service))
+      return fail(400, "service", "service must be 1-63 of [a-z0-9-._]");
     if (agent_id.empty()) return fail(400, "agent_id", "agent_id is required");
     const auto agent = get("agents", agent_id);
     if (!agent) return fail(400, "agent_id", "no agent " + agent_id);
@@ -160,8 +154,8 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
       return fail(400, "address", "address '" + address + "' is not a host name or IPv4 address");
     if (target.empty()) target = "127.0.0.1:" + std::to_string(p);
     if (auto hp = parse_host_port(target); !hp) return fail(400, "target", "target: " + hp.error());
-    if (!valid_label(ns)) return fail(400, "namespace", "namespace must be 1-63 of [a-z0-9-._]");
-    if (!valid_label(sa))
+    if (!is_valid_label(ns)) return fail(400, "namespace", "namespace must be 1-63 of [a-z0-9-._]");
+    if (!is_valid_label(sa))
       return fail(400, "service_account", "service_account must be 1-63 of [a-z0-9-._]");
     if (protocol != "tcp" && protocol != "http" && protocol != "http2" && protocol != "grpc")
       return fail(400, "protocol", "protocol must be tcp, http, http2 or grpc");
@@ -180,7 +174,7 @@ Result<json::object> Registry::validate(const std::string& kind, const std::stri
   std::string service;
   int64_t p = 0;
   if (!str("service", "", service) || !port("port", 0, 0, p)) return make_error(error.message);
-  if (!valid_label(service)) return fail(400, "service", "service must be 1-63 of [a-z0-9-._]");
+  if (!is_valid_label(service)) return fail(400, "service", "service must be 1-63 of [a-z0-9-._]");
   auto allow = f->strings("allow");
   if (!allow) return fail(400, "allow", allow.error());
   if (!*allow || (*allow)->empty())

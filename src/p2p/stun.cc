@@ -56,6 +56,14 @@ uint32_t crc32(const uint8_t* data, size_t len) {
   return c ^ 0xFFFFFFFFu;
 }
 
+// XOR-MAPPED-ADDRESS hides an IPv6 address under the cookie followed by the transaction ID.
+std::array<uint8_t, 16> ipv6_mask(const TransactionId& id) {
+  std::array<uint8_t, 16> mask{};
+  for (size_t i = 0; i < 4; ++i) mask[i] = static_cast<uint8_t>(kMagicCookie >> (24 - 8 * i));
+  std::memcpy(mask.data() + 4, id.data(), 12);
+  return mask;
+}
+
 // MAPPED-ADDRESS and its XOR form: family, port, address; XOR with the cookie (and, for IPv6,
 // the transaction ID).
 Result<ip::udp::endpoint> read_address(const uint8_t* v, size_t len, bool xored,
@@ -75,10 +83,8 @@ Result<ip::udp::endpoint> read_address(const uint8_t* v, size_t len, bool xored,
     ip::address_v6::bytes_type b;
     std::memcpy(b.data(), v + 4, 16);
     if (xored) {
-      uint8_t mask[16];
-      for (int i = 0; i < 4; ++i) mask[i] = static_cast<uint8_t>(kMagicCookie >> (24 - 8 * i));
-      std::memcpy(mask + 4, id.data(), 12);
-      for (int i = 0; i < 16; ++i) b[static_cast<size_t>(i)] ^= mask[i];
+      const auto mask = ipv6_mask(id);
+      for (size_t i = 0; i < 16; ++i) b[i] ^= mask[i];
     }
     return ip::udp::endpoint(ip::address_v6(b), port);
   }
@@ -102,10 +108,8 @@ void put_address(std::vector<uint8_t>& out, uint16_t type, const ip::udp::endpoi
   } else {
     auto b = ep.address().to_v6().to_bytes();
     if (xored) {
-      uint8_t mask[16];
-      for (int i = 0; i < 4; ++i) mask[i] = static_cast<uint8_t>(kMagicCookie >> (24 - 8 * i));
-      std::memcpy(mask + 4, id.data(), 12);
-      for (int i = 0; i < 16; ++i) b[static_cast<size_t>(i)] ^= mask[i];
+      const auto mask = ipv6_mask(id);
+      for (size_t i = 0; i < 16; ++i) b[i] ^= mask[i];
     }
     out.insert(out.end(), b.begin(), b.end());
   }
