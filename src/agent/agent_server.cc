@@ -13,7 +13,9 @@
 #include <boost/url/parse.hpp>
 #include <csignal>
 #include <fstream>
+#include <future>
 #include <random>
+#include <set>
 #include <sstream>
 
 #include "control/join_keys.h"
@@ -21,6 +23,7 @@
 #include "identity/certificate_authority.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
+#include "identity/spiffe_id.h"
 #include "p2p/relay_server.h"
 #include "proxy/l4/splice_relay.h"
 
@@ -162,6 +165,7 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
   }
   view_ = MeshView::load(options_.state_dir / "view.json");
   dataplane_ = std::make_unique<DataPlane>(io_, options_.state_dir);
+  if (!options_.control_url.empty() && options_.p2p != "off") start_p2p();
   if (!options_.address_file.empty()) write_file_atomic(options_.address_file, bound + "\n", 0644);
 
   signals_.add(SIGTERM);
@@ -175,6 +179,8 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     dataplane_->stop();
     sds_.reset();
     if (relay_) relay_->stop();
+    gateways_.clear();
+    p2p_.reset();
     io_.stop();
   });
   if (!options_.control_url.empty()) {
@@ -320,6 +326,7 @@ void AgentServer::install_registration(const json::object& v) {
     if (first)
       spdlog::info("agent: registered with control as {} (mesh ip {}, {})", id_, assigned_ip_,
                    spiffe_id_);
+    load_p2p_tls();
     rebuild_dataplane();
   });
 }
@@ -438,8 +445,11 @@ void AgentServer::heartbeat_loop() {
     next_beat = std::chrono::steady_clock::now() + options_.heartbeat_interval;
     renew_if_due(key_pem);
     json::object body{{"api", "http://" + HostPort{options_.api_address, api_port_}.to_string()}};
-    if (auto port = dataplane_->inbound_port())
+    if (auto port = dataplane_->inbound_port()) {
+      hbone_port_ = *port;
       body["hbone"] = HostPort{advertise_address_, *port}.to_string();
+    }
+    if (p2p_) body["p2p"] = true;
     if (nat) {
       json::array c;
       for (const auto& a : nat->candidates) c.push_back(json::value(a));
@@ -496,11 +506,11 @@ void AgentServer::use_relay(const std::string& host, uint16_t port) {
       (!options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt").string();
   o.private_pem = slurp(options_.state_dir / "node.key");
   relay_ = std::make_unique<RelayClient>(
-      io_, std::move(o), [](const relay::NodeKey& from, const uint8_t*, size_t len) {
-        // The QUIC endpoint will take these; until then they are only counted in the log.
-        spdlog::debug("relay: {} bytes from {}", len, node_key_hex(from).substr(0, 16));
+      io_, std::move(o), [this](const relay::NodeKey& from, const uint8_t* data, size_t len) {
+        if (p2p_) p2p_->on_relay_packet(from, data, len);
       });
   relay_address_ = address;
+  if (p2p_) p2p_->set_relay(relay_.get());
   relay_->start();
 }
 
@@ -513,7 +523,31 @@ std::optional<NatCandidates> AgentServer::probe_nat_via_control(
   const auto url = boost::urls::parse_uri(options_.control_url);
   if (!url) return std::nullopt;
   const auto port = static_cast<uint16_t>(stun->at("port").to_number<int64_t>());
-  auto found = discover_nat(std::string(url->host()), port, options_.quic_port);
+  Result<NatCandidates> found = make_error("no answer");
+  if (p2p_) {
+    // The QUIC socket itself asks, so the reflexive port is the one peers must punch to.
+    boost::asio::io_context resolver_io;
+    boost::asio::ip::udp::resolver resolver(resolver_io);
+    boost::system::error_code ec;
+    auto addrs = resolver.resolve(boost::asio::ip::udp::v4(), std::string(url->host()),
+                                  std::to_string(port), ec);
+    if (ec || addrs.empty()) {
+      spdlog::warn("agent: cannot resolve control's STUN address {}", std::string(url->host()));
+      return std::nullopt;
+    }
+    auto done = std::make_shared<std::promise<Result<NatReport>>>();
+    auto future = done->get_future();
+    boost::asio::post(io_, [this, done, server = addrs.begin()->endpoint()] {
+      if (!p2p_) return done->set_value(make_error("P2P endpoint stopped"));
+      p2p_->stun({server}, [done](Result<NatReport> r) { done->set_value(std::move(r)); });
+    });
+    if (future.wait_for(std::chrono::seconds(10)) != std::future_status::ready) return std::nullopt;
+    auto report = future.get();
+    found = report ? Result<NatCandidates>(candidates_from(*report))
+                   : Result<NatCandidates>(make_error(report.error()));
+  } else {
+    found = discover_nat(std::string(url->host()), port, options_.quic_port);
+  }
   if (!found) {
     spdlog::warn("agent: NAT discovery failed: {}", found.error());
     return std::nullopt;
@@ -587,9 +621,14 @@ void AgentServer::rebuild_dataplane() {
     summary += " export " + e.authority + "->" + e.target.to_string();
   }
   json::array all_services;  // for sidecars, whose listeners are their own
+  const auto gateways = update_p2p(view_.agents());
   for (const auto& imp : view_.imports(id_)) {
     json::array addrs, ids;
-    for (const auto& p : imp.peers) addrs.push_back(json::value(p.to_string()));
+    for (size_t i = 0; i < imp.peers.size(); ++i) {
+      auto gw = gateways.find(imp.peer_agents[i]);
+      addrs.push_back(
+          json::value(gw != gateways.end() ? gw->second.to_string() : imp.peers[i].to_string()));
+    }
     for (const auto& id : imp.peer_ids) ids.push_back(json::value(id));
     const json::object service{{"name", imp.service},
                                {"addresses", addrs},
@@ -626,6 +665,154 @@ void AgentServer::rebuild_dataplane() {
                  summary.empty() ? " nothing to import or export" : summary);
   dataplane_summary_ = summary;
   dataplane_->apply(json::serialize(config) + "\n");
+}
+
+void AgentServer::start_p2p() {
+  P2pOptions o;
+  o.listen = boost::asio::ip::udp::endpoint(boost::asio::ip::udp::v4(), options_.quic_port);
+  o.private_pem = slurp(options_.state_dir / "node.key");
+  o.quic.keepalive = options_.quic_keepalive;
+  o.quic.idle_timeout = options_.quic_idle_timeout;
+  auto p2p = P2pEndpoint::start(io_, std::move(o));
+  if (!p2p) throw std::runtime_error(p2p.error() + " (set --quic-port, or --p2p off)");
+  p2p_ = std::move(*p2p);
+  p2p_->set_authorize([this](const std::string& peer, const std::string& authority) {
+    return authorize_tunnel(peer, authority);
+  });
+  load_p2p_tls();
+  spdlog::info("agent: P2P endpoint on UDP {} ({} peers over QUIC)", p2p_->port(),
+               options_.p2p == "always" ? "all" : "other clusters'");
+}
+
+void AgentServer::load_p2p_tls() {
+  if (!p2p_ || !fs::exists(options_.state_dir / "node.crt")) return;
+  const auto cert = fs::path(options_.state_dir / "node.crt");
+  std::string td;
+  if (auto info = load_certificate_info(cert)) {
+    if (auto id = info->spiffe_id())
+      if (auto t = spiffe_trust_domain(*id)) td = *t;
+  }
+  auto tls = quic::QuicTls::create(slurp(cert), slurp(options_.state_dir / "node.key"),
+                                   slurp(options_.state_dir / "ca.crt"), td);
+  if (!tls) return spdlog::error("agent: P2P: {}", tls.error());
+  p2p_->set_tls(*tls);
+}
+
+quic::TunnelVerdict AgentServer::authorize_tunnel(const std::string& peer,
+                                                  const std::string& authority) const {
+  // A peer's tunnel may reach one thing here: this agent's HBONE inbound, where the data plane
+  // applies the mesh policies to the workload identity inside.
+  quic::TunnelVerdict v;
+  if (peer.find("/node/") == std::string::npos) {
+    v.status = 401;
+    v.reason = "only agents (node identities) may open P2P tunnels; " + peer + " is not one";
+    return v;
+  }
+  const uint16_t port = hbone_port_;
+  if (port == 0) {
+    v.status = 503;
+    v.reason = "the data plane is not listening yet";
+    return v;
+  }
+  const std::string ours = HostPort{advertise_address_, port}.to_string();
+  if (authority != ours) {
+    v.status = 400;
+    v.reason = "unknown authority " + authority + "; this agent serves HBONE at " + ours;
+    return v;
+  }
+  const std::string& host = options_.hbone_listen.host;
+  v.target = HostPort{host == "0.0.0.0" || host == "::" ? "127.0.0.1" : host, port};
+  return v;
+}
+
+namespace {
+std::optional<relay::NodeKey> parse_node_key(const std::string& hex) {
+  if (hex.size() != 64) return std::nullopt;
+  relay::NodeKey k{};
+  for (size_t i = 0; i < 32; ++i) {
+    unsigned v = 0;
+    if (std::sscanf(hex.c_str() + 2 * i, "%2x", &v) != 1) return std::nullopt;
+    k[i] = static_cast<uint8_t>(v);
+  }
+  return k;
+}
+}  // namespace
+
+std::map<std::string, HostPort> AgentServer::update_p2p(const std::vector<MeshAgent>& agents) {
+  std::map<std::string, HostPort> out;
+  if (!p2p_) return out;
+  std::vector<P2pPeer> peers;
+  std::set<std::string> wanted;
+  for (const auto& a : agents) {
+    auto key = parse_node_key(a.node_key);
+    if (a.id == id_ || !a.p2p || !key) continue;
+    P2pPeer p;
+    p.key = *key;
+    p.name = a.name.empty() ? a.id : a.name;
+    p.spiffe_id = a.spiffe_id;
+    for (const auto& c : a.candidates) {
+      auto hp = parse_host_port(c);
+      boost::system::error_code ec;
+      auto ip = hp ? boost::asio::ip::make_address(hp->host, ec) : boost::asio::ip::address();
+      if (hp && !ec) p.candidates.emplace_back(ip, hp->port);
+    }
+    peers.push_back(p);
+    if (options_.p2p != "always" && a.cluster == options_.cluster_id) continue;
+    if (a.hbone.empty()) continue;
+    auto& gw = gateways_[a.id];
+    if (!gw.acceptor) {
+      gw.acceptor = std::make_shared<boost::asio::ip::tcp::acceptor>(io_);
+      boost::system::error_code ec;
+      const boost::asio::ip::tcp::endpoint local(boost::asio::ip::make_address("127.0.0.1"), 0);
+      gw.acceptor->open(local.protocol(), ec);
+      if (!ec) gw.acceptor->bind(local, ec);
+      if (!ec) gw.acceptor->listen(boost::asio::socket_base::max_listen_connections, ec);
+      if (ec) {
+        spdlog::error("agent: cannot open a P2P gateway for {}: {}", p.name, ec.message());
+        gateways_.erase(a.id);
+        continue;
+      }
+      gw.port = gw.acceptor->local_endpoint().port();
+      accept_gateway(a.id);
+    }
+    gw.key = *key;
+    gw.name = p.name;
+    gw.authority = a.hbone;
+    wanted.insert(a.id);
+    out[a.id] = HostPort{"127.0.0.1", gw.port};
+  }
+  for (auto it = gateways_.begin(); it != gateways_.end();) {
+    if (wanted.count(it->first)) {
+      ++it;
+      continue;
+    }
+    boost::system::error_code ignored;
+    it->second.acceptor->close(ignored);
+    it = gateways_.erase(it);
+  }
+  p2p_->set_peers(std::move(peers));
+  return out;
+}
+
+void AgentServer::accept_gateway(const std::string& agent_id) {
+  auto it = gateways_.find(agent_id);
+  if (it == gateways_.end()) return;
+  auto acceptor = it->second.acceptor;
+  acceptor->async_accept([this, agent_id, acceptor](const boost::system::error_code& ec,
+                                                    boost::asio::ip::tcp::socket socket) {
+    if (ec) return;  // closed
+    auto it = gateways_.find(agent_id);
+    if (it == gateways_.end() || it->second.acceptor != acceptor || !p2p_) return;
+    boost::system::error_code ignored;
+    socket.set_option(boost::asio::ip::tcp::no_delay(true), ignored);
+    p2p_->connect(
+        it->second.key, std::move(socket), it->second.authority,
+        [name = it->second.name](const std::string& result, uint64_t sent, uint64_t received) {
+          spdlog::debug("p2p: tunnel to {}: {} ({} B sent, {} B received)", name, result, sent,
+                        received);
+        });
+    accept_gateway(agent_id);
+  });
 }
 
 json::object AgentServer::agent_json() const {
@@ -748,6 +935,7 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
                                                      {"state", relay_->state()}})
                                       : json::value(nullptr)},
                      {"sds", sds_ ? json::value(sds_->status_json()) : json::value(nullptr)},
+                     {"p2p", p2p_ ? json::value(p2p_->status()) : json::value(nullptr)},
                      {"resources", res},
                      {"active_connections", metrics_.downstream_connections_active.get()},
                      {"uptime_s", up}}) +

@@ -23,6 +23,7 @@
 #include "agent/sds_server.h"
 #include "http/http_client.h"
 #include "http/http_server.h"
+#include "p2p/p2p_endpoint.h"
 #include "p2p/relay_client.h"
 #include "proxy/listener/listener.h"
 #include "stats/metrics.h"
@@ -35,7 +36,12 @@ struct AgentOptions {
   std::filesystem::path state_dir;
   std::string api_address = "127.0.0.1";
   uint16_t api_port = 8081;
-  uint16_t quic_port = 51820;  // recorded; the QUIC endpoint comes with cross-cluster P2P
+  uint16_t quic_port = 51820;  // UDP: QUIC to peer agents, STUN and path probes; 0: any
+  // Which peers are reached over P2P QUIC (relay first, then direct): "cross-cluster" (agents
+  // of other clusters), "always", or "off" (HBONE over TCP to every peer).
+  std::string p2p = "cross-cluster";
+  std::chrono::milliseconds quic_keepalive{15000};
+  std::chrono::milliseconds quic_idle_timeout{60000};
   std::vector<Resource> proxies;
   std::vector<std::string> networks;
   std::vector<std::string> advertise_routes;
@@ -91,6 +97,13 @@ class AgentServer {
   // Keeps a relay connection to the relay a heartbeat answer names (io thread).
   void use_relay(const std::string& host, uint16_t port);
   void start_sds();
+  void start_p2p();
+  void load_p2p_tls();
+  // Peers for the P2P endpoint; local gateways (one loopback port per P2P peer, which the data
+  // plane dials instead of the peer's HBONE address) for the agents reached over P2P.
+  std::map<std::string, HostPort> update_p2p(const std::vector<MeshAgent>& agents);
+  void accept_gateway(const std::string& agent_id);
+  quic::TunnelVerdict authorize_tunnel(const std::string& peer, const std::string& authority) const;
   SignedWorkload sign_workload(const std::string& ns, const std::string& sa,
                                const std::string& csr_pem) const;
   HttpCall control_call(const std::string& path, bool with_node_cert) const;
@@ -120,6 +133,15 @@ class AgentServer {
   std::unique_ptr<DataPlane> dataplane_;
   std::unique_ptr<SdsServer> sds_;
   std::unique_ptr<RelayClient> relay_;  // to control's relay, once a heartbeat names its port
+  std::unique_ptr<P2pEndpoint> p2p_;
+  struct Gateway {
+    std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor;
+    relay::NodeKey key{};
+    std::string name, authority;
+    uint16_t port = 0;
+  };
+  std::map<std::string, Gateway> gateways_;  // by agent id
+  std::atomic<uint16_t> hbone_port_{0};      // the data plane's bound HBONE inbound
   std::string relay_address_;
   std::string dataplane_summary_;
 

@@ -91,10 +91,31 @@ std::vector<MeshImport> MeshView::imports(const std::string& self) const {
     if (!hbone) continue;
     imp.peers.push_back(*hbone);
     imp.peer_ids.push_back(text(*host, "spiffe_id"));
+    imp.peer_agents.push_back(agent);
   }
   std::vector<MeshImport> out;
   for (auto& [service, imp] : by_service)
     if (!local.count(service) && !imp.peers.empty()) out.push_back(std::move(imp));
+  return out;
+}
+
+std::vector<MeshAgent> MeshView::agents() const {
+  std::vector<MeshAgent> out;
+  for (const auto& [key, v] : objects_) {
+    if (key.rfind("agents/", 0) != 0) continue;
+    MeshAgent a;
+    a.id = text(v, "id");
+    a.name = text(v, "name");
+    a.cluster = text(v, "cluster");
+    a.spiffe_id = text(v, "spiffe_id");
+    a.hbone = text(v, "hbone");
+    a.node_key = text(v, "node_key");
+    if (auto* c = v.if_contains("candidates"); c && c->is_array())
+      for (const auto& x : c->as_array())
+        if (x.is_string()) a.candidates.emplace_back(x.as_string());
+    if (auto* p = v.if_contains("p2p"); p && p->is_bool()) a.p2p = p->as_bool();
+    out.push_back(std::move(a));
+  }
   return out;
 }
 

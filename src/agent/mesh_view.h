@@ -24,7 +24,15 @@ struct MeshImport {
   uint16_t port = 0;
   std::string authority;  // "<service>:<port>": what the hosting agents map to their target
   std::vector<HostPort> peers;
-  std::vector<std::string> peer_ids;  // node identities the peers must present
+  std::vector<std::string> peer_ids;     // node identities the peers must present
+  std::vector<std::string> peer_agents;  // their agent ids
+};
+
+// Another agent, as control publishes it.
+struct MeshAgent {
+  std::string id, name, cluster, spiffe_id, hbone, node_key;
+  std::vector<std::string> candidates;  // UDP host:port its QUIC endpoint may be reached at
+  bool p2p = false;                     // it runs a QUIC endpoint
 };
 
 struct MeshExport {
@@ -44,6 +52,7 @@ class MeshView {
 
   std::vector<MeshImport> imports(const std::string& self) const;
   std::vector<MeshExport> exports(const std::string& self) const;
+  std::vector<MeshAgent> agents() const;
 
   void save(const std::filesystem::path& file) const;
   static MeshView load(const std::filesystem::path& file);  // empty if missing or damaged

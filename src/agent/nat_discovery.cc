@@ -47,12 +47,16 @@ Result<NatCandidates> discover_nat(const std::string& stun_host, uint16_t stun_p
     report =
         probe_nat({server}, udp::endpoint(udp::v4(), 0), std::chrono::milliseconds(timeout_ms));
   if (!report) return make_error(report.error());
+  return candidates_from(*report);
+}
+
+NatCandidates candidates_from(const NatReport& report) {
   NatCandidates out;
   out.reflexive =
-      report->reflexive.address().to_string() + ":" + std::to_string(report->reflexive.port());
-  out.mapping = report->mapping();
+      report.reflexive.address().to_string() + ":" + std::to_string(report.reflexive.port());
+  out.mapping = report.mapping();
   out.candidates.push_back(out.reflexive);
-  const std::string port = std::to_string(report->local.port());
+  const std::string port = std::to_string(report.local.port());
   for (const auto& a : interface_addresses())
     if (a + ":" + port != out.reflexive) out.candidates.push_back(a + ":" + port);
   return out;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/result.h"
+#include "p2p/stun_client.h"
 
 namespace weft {
 
@@ -16,6 +17,9 @@ struct NatCandidates {
   std::string reflexive;
   std::string mapping;  // "endpoint-independent", "endpoint-dependent" or "unknown"
 };
+
+// The candidates a STUN report of the QUIC socket gives: reflexive first, then interfaces.
+NatCandidates candidates_from(const NatReport& report);
 
 // Blocking, at most `timeout_ms`. `local_port` 0, or in use: an ephemeral port.
 Result<NatCandidates> discover_nat(const std::string& stun_host, uint16_t stun_port,

@@ -137,7 +137,16 @@ int run_cli(int argc, char** argv) {
   agent->add_option("--state", agent_state, "state directory (default ~/.config/weft)");
   agent->add_option("--port", aopt.api_port, "REST API port");
   agent->add_option("--api-address", aopt.api_address, "REST API address");
-  agent->add_option("--quic-port", aopt.quic_port, "UDP port for peer-to-peer QUIC");
+  agent->add_option("--quic-port", aopt.quic_port,
+                    "UDP port for peer-to-peer QUIC, STUN and path probes (0: any free port)");
+  agent
+      ->add_option("--p2p", aopt.p2p,
+                   "peers reached over P2P QUIC (relay first, then direct): cross-cluster, "
+                   "always or off")
+      ->check(CLI::IsMember({"cross-cluster", "always", "off"}));
+  std::string quic_keepalive = "15s", quic_idle = "60s";
+  agent->add_option("--quic-keepalive", quic_keepalive, "QUIC keepalive interval");
+  agent->add_option("--quic-idle-timeout", quic_idle, "QUIC idle timeout");
   agent->add_option("--proxies", agent_proxies, "resource proxies: local_port:host:port,...");
   agent->add_option("--networks", agent_networks,
                     "local networks to proxy (CIDRs, comma-separated)");
@@ -369,6 +378,8 @@ int run_cli(int argc, char** argv) {
       aopt.control_ca = agent_ca;
       aopt.address_file = agent_addr_file;
       aopt.heartbeat_interval = parse_ttl_flag(agent_heartbeat, "--heartbeat-interval");
+      aopt.quic_keepalive = parse_ttl_flag(quic_keepalive, "--quic-keepalive");
+      aopt.quic_idle_timeout = parse_ttl_flag(quic_idle, "--quic-idle-timeout");
       auto hbone = parse_host_port(agent_hbone, true);
       if (!hbone) throw std::runtime_error("--hbone-listen: " + hbone.error());
       aopt.hbone_listen = *hbone;

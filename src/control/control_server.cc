@@ -336,7 +336,11 @@ void ControlServer::publish_agent(const AgentRecord& a, const AgentReport& repor
                  {"healthy", true},
                  {"cert_expires_ms", cert_expires_ms},
                  {"candidates", report.candidates.value_or(json::array{})},
-                 {"nat_mapping", report.nat_mapping.empty() ? "unknown" : report.nat_mapping}};
+                 {"nat_mapping", report.nat_mapping.empty() ? "unknown" : report.nat_mapping},
+                 {"p2p", report.p2p.value_or(false)}};
+  // Peers address P2P packets (relay frames, probes) by this key; their QUIC handshake checks
+  // that the node certificate carries it.
+  if (auto key = node_key_from_pem(a.public_key)) o["node_key"] = node_key_hex(*key);
   if (const auto old = registry_.get("agents", a.id)) {
     if (hbone.empty()) o["hbone"] = old->at("hbone");
     if (api.empty()) o["api"] = old->at("api");
@@ -344,6 +348,7 @@ void ControlServer::publish_agent(const AgentRecord& a, const AgentReport& repor
     if (!report.candidates && old->contains("candidates")) o["candidates"] = old->at("candidates");
     if (report.nat_mapping.empty() && old->contains("nat_mapping"))
       o["nat_mapping"] = old->at("nat_mapping");
+    if (!report.p2p && old->contains("p2p")) o["p2p"] = old->at("p2p");
     o["healthy"] = old->at("healthy");
     if (*old == o) return;
   }
@@ -533,7 +538,7 @@ HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
   // The body (optional) tells where the agent serves: its HBONE inbound and its API.
   std::string bad;
   auto f = JsonFields::parse(r.body.empty() ? "{}" : r.body,
-                             {"hbone", "api", "candidates", "nat_mapping"}, &bad);
+                             {"hbone", "api", "candidates", "nat_mapping", "p2p"}, &bad);
   if (!f) return json_error(400, f.error(), bad);
   auto hbone = f->string("hbone");
   if (!hbone) return json_error(400, hbone.error(), "hbone");
@@ -565,14 +570,18 @@ HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
     return json_error(400,
                       "nat_mapping must be endpoint-independent, endpoint-dependent or unknown",
                       "nat_mapping");
+  // Whether the agent runs its QUIC endpoint: peers then reach it over P2P (relay or direct).
+  auto p2p = f->boolean("p2p");
+  if (!p2p) return json_error(400, p2p.error(), "p2p");
   if (!store_->touch_agent(id, now_ms()))
     return json_error(404, "unknown agent " + id + "; register again");
   last_seen_[id] = now_ms();
   if (hbone->value_or("").size() || api->value_or("").size() || candidate_list ||
-      !mapping.empty()) {
+      !mapping.empty() || *p2p) {
     for (const auto& a : store_->list_agents())
       if (a.id == id)
-        publish_agent(a, {hbone->value_or(""), api->value_or(""), candidate_list, mapping, 0});
+        publish_agent(a,
+                      {hbone->value_or(""), api->value_or(""), candidate_list, mapping, *p2p, 0});
   }
   json::object out{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}};
   // Agents find control's STUN ports here: same host as the API.

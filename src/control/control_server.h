@@ -87,6 +87,7 @@ class ControlServer {
     std::string hbone, api;
     std::optional<boost::json::array> candidates;  // UDP addresses peers may try (local, reflexive)
     std::string nat_mapping;  // "endpoint-independent", "endpoint-dependent" or "unknown"
+    std::optional<bool> p2p;  // runs a QUIC endpoint
     int64_t cert_expires_ms = 0;
   };
   void publish_agent(const AgentRecord& a, const AgentReport& report);

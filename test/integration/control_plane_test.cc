@@ -691,9 +691,9 @@ class AgentTest : public ControlTest {
   void start_agent(std::vector<std::string> extra) {
     std::remove((dir_ / "agent.addr").c_str());
     std::vector<std::string> args{
-        WEFT_BINARY,      "agent",      "--state",        (dir_ / "state").string(),
-        "--port",         "0",          "--address-file", (dir_ / "agent.addr").string(),
-        "--hbone-listen", "127.0.0.1:0"};
+        WEFT_BINARY,      "agent",       "--state",        (dir_ / "state").string(),
+        "--port",         "0",           "--address-file", (dir_ / "agent.addr").string(),
+        "--hbone-listen", "127.0.0.1:0", "--quic-port",    "0"};
     args.insert(args.end(), extra.begin(), extra.end());
     agent_ = std::make_unique<Process>(args, dir_ / "agent.log");
     for (int i = 0; i < 1000 && !fs::exists(dir_ / "agent.addr"); ++i) {
@@ -942,7 +942,9 @@ class TwoAgentTest : public ControlTest {
                                   "--control-ca",
                                   (dir_ / "ca" / "ca.crt").string(),
                                   "--heartbeat-interval",
-                                  "200ms"};
+                                  "200ms",
+                                  "--quic-port",
+                                  "0"};
     args.insert(args.end(), extra.begin(), extra.end());
     a.proc = std::make_unique<Process>(args, dir_ / (name + ".log"));
     for (int i = 0; i < 1000 && !fs::exists(addr); ++i) {
@@ -1319,7 +1321,7 @@ TEST_F(ControlTest, WeftStunWorksAgainstCoturn) {
 
 TEST_F(TwoAgentTest, AgentLearnsItsReflexiveAddressAndPublishesCandidates) {
   start({"--heartbeat-interval", "200ms"});
-  start_agent(west_, "west", "127.0.0.2", {"--auth-key", create_key(), "--quic-port", "0"});
+  start_agent(west_, "west", "127.0.0.2", {"--auth-key", create_key()});
   // The heartbeat answer names control's STUN port; the agent asks it and reports back.
   boost::json::value agent;
   for (int i = 0; i < 500; ++i) {
@@ -1491,8 +1493,8 @@ TEST_F(ControlTest, RelayForwardsDatagramsBetweenProvenMembersOnly) {
 TEST_F(TwoAgentTest, AgentsKeepARelayConnectionAndSayWhenItIsLost) {
   start({"--heartbeat-interval", "200ms"});
   const std::string key = create_key({"--reusable"});
-  start_agent(west_, "west", "127.0.0.2", {"--auth-key", key, "--quic-port", "0"});
-  start_agent(east_, "east", "127.0.0.3", {"--auth-key", key, "--quic-port", "0"});
+  start_agent(west_, "west", "127.0.0.2", {"--auth-key", key});
+  start_agent(east_, "east", "127.0.0.3", {"--auth-key", key});
   const auto relay_state = [&](const Agent& a) {
     auto s = status(a);
     return s.is_object() && s.at("relay").is_object()

@@ -1,0 +1,169 @@
+// The agent's peer-to-peer endpoint: one UDP socket (51820 by default) that carries STUN, path
+// probes and QUIC, and the paths to every peer agent.
+//
+// QUIC connections never see an address change: each peer's packets go out on the best path
+// the endpoint knows — a direct UDP address that answered a signed probe, or else the relay,
+// which is there from the first packet (no connection waits for hole punching). Probes to the
+// peer's candidates run beside the connection; the first answer moves its packets to the
+// direct path, a direct path that stops answering moves them back to the relay, and probing
+// starts again. Streams survive every switch, as with iroh's and Tailscale's magicsock.
+//
+// Only known peers get in: QUIC datagrams are accepted from the relay (which authenticated the
+// sender's key) or from addresses a correctly signed probe came from; the QUIC handshake then
+// requires a certificate carrying that same key. Everything runs on one io_context thread.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ip/udp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/json/object.hpp>
+
+#include "core/result.h"
+#include "p2p/probe.h"
+#include "p2p/relay_frame.h"
+#include "p2p/stun_client.h"
+#include "transport/quic/quic_connection.h"
+#include "transport/quic/quic_tunnel.h"
+
+namespace weft {
+
+class RelayClient;
+
+struct P2pPeer {
+  relay::NodeKey key{};
+  std::string name;
+  std::string spiffe_id;
+  std::vector<boost::asio::ip::udp::endpoint> candidates;
+};
+
+struct P2pOptions {
+  boost::asio::ip::udp::endpoint listen{boost::asio::ip::udp::v4(), 51820};
+  std::string private_pem;  // the node key, for probes
+  quic::Settings quic;
+  std::chrono::milliseconds probe_interval{1000};         // while looking for a direct path
+  std::chrono::milliseconds reprobe_interval{30000};      // after the fast round found nothing
+  std::chrono::milliseconds fast_probing{10000};          // how long the fast round lasts
+  std::chrono::milliseconds direct_ping{2000};            // keeps a direct path (and NAT) alive
+  std::chrono::milliseconds direct_timeout{5000};         // no pong for this long: back to relay
+  std::chrono::milliseconds learned_peer_linger{120000};  // peers outside the view, once idle
+};
+
+class P2pEndpoint {
+ public:
+  static Result<std::unique_ptr<P2pEndpoint>> start(boost::asio::io_context& io, P2pOptions o);
+  ~P2pEndpoint();
+
+  uint16_t port() const;
+  const relay::NodeKey& node_key() const { return self_key_; }
+  // The node certificate changed (or arrived): new connections use it.
+  void set_tls(std::shared_ptr<const quic::QuicTls> tls);
+  void set_peers(std::vector<P2pPeer> peers);
+  void set_relay(RelayClient* relay) { relay_ = relay; }
+  void on_relay_packet(const relay::NodeKey& from, const uint8_t* data, size_t len);
+  // What a peer's tunnel request may reach here.
+  void set_authorize(quic::QuicTunnel::Authorize authorize) { authorize_ = std::move(authorize); }
+
+  // Tunnels `socket` to `authority` at `peer`, over the connection to it (dialed if needed).
+  using Finished = std::function<void(const std::string& result, uint64_t sent, uint64_t received)>;
+  void connect(const relay::NodeKey& peer, boost::asio::ip::tcp::socket socket,
+               const std::string& authority, Finished finished);
+
+  // A STUN probe of this very socket's mapping (so the reflexive port is the QUIC port).
+  void stun(const std::vector<boost::asio::ip::udp::endpoint>& servers,
+            std::function<void(Result<NatReport>)> done);
+
+  boost::json::object status() const;
+  std::string metrics_text() const;
+
+ private:
+  struct Waiting {
+    boost::asio::ip::tcp::socket socket;
+    std::string authority;
+    Finished finished;
+  };
+  struct Outstanding {
+    relay::NodeKey peer;
+    boost::asio::ip::udp::endpoint to;
+    std::chrono::steady_clock::time_point sent;
+  };
+  struct PeerState {
+    P2pPeer info;
+    std::vector<std::shared_ptr<quic::Connection>> conns;
+    std::vector<Waiting> waiting;
+    std::optional<boost::asio::ip::udp::endpoint> direct;
+    std::vector<boost::asio::ip::udp::endpoint> seen_from;  // where its signed pings came from
+    std::chrono::steady_clock::time_point last_pong{}, last_change{}, fast_until{}, last_round{};
+    std::chrono::microseconds probe_rtt{0};
+    uint64_t path_changes = 0;
+    bool dialing = false;
+    // Not in our view (it hosts nothing we reach) but it reached us through the relay, which
+    // admits only registered nodes; kept while it has a connection.
+    bool learned = false;
+    std::chrono::steady_clock::time_point last_seen{};  // its last packet or probe
+    // Datagrams sent while there was no path at all (no relay yet, no direct answer): the
+    // first path to appear carries them, so a handshake does not wait for QUIC's backoff.
+    std::deque<std::vector<uint8_t>> unsent;
+  };
+  struct StunQuery;
+
+  P2pEndpoint(boost::asio::io_context& io, P2pOptions o);
+  void arm_read();
+  void on_readable();
+  void dispatch(const boost::asio::ip::udp::endpoint& from, const uint8_t* data, size_t len);
+  void on_quic(const relay::NodeKey& peer, const uint8_t* data, size_t len, bool via_relay);
+  void on_probe(const std::optional<boost::asio::ip::udp::endpoint>& from, const uint8_t* data,
+                size_t len);
+  void send_probe(PeerState& p, const boost::asio::ip::udp::endpoint& to);
+  void send_to_peer(const relay::NodeKey& peer, const uint8_t* data, size_t len, size_t segment);
+  void send_unsent(PeerState& p);
+  void send_udp(const boost::asio::ip::udp::endpoint& to, const uint8_t* data, size_t len,
+                size_t segment);
+  std::shared_ptr<quic::Connection> usable(PeerState& p) const;
+  void dial(PeerState& p);
+  quic::Connection::Hooks hooks(const relay::NodeKey& peer);
+  void on_established(const relay::NodeKey& peer);
+  void on_closed(const relay::NodeKey& peer, quic::Connection& c, const std::string& why);
+  void set_path(PeerState& p, std::optional<boost::asio::ip::udp::endpoint> direct,
+                const std::string& why);
+  void tick();
+  void stun_send(const std::shared_ptr<StunQuery>& q);
+  PeerState* find(const relay::NodeKey& key);
+  // A node outside our view that proved its key (relay, signed probe); nullptr when too many.
+  PeerState* learn(const relay::NodeKey& key);
+  void forget(std::map<relay::NodeKey, PeerState>::iterator it);
+
+  boost::asio::io_context& io_;
+  P2pOptions options_;
+  boost::asio::ip::udp::socket socket_;
+  boost::asio::steady_timer ticker_;
+  std::unique_ptr<EVP_PKEY, void (*)(EVP_PKEY*)> key_{nullptr, EVP_PKEY_free};
+  relay::NodeKey self_key_{};
+  std::shared_ptr<const quic::QuicTls> tls_;
+  RelayClient* relay_ = nullptr;
+  quic::QuicTunnel::Authorize authorize_;
+  std::map<relay::NodeKey, PeerState> peers_;
+  std::map<std::string, std::pair<relay::NodeKey, std::weak_ptr<quic::Connection>>> cids_;
+  std::map<boost::asio::ip::udp::endpoint, relay::NodeKey> addresses_;  // verified sources
+  std::map<probe::TxId, Outstanding> outstanding_;
+  std::vector<std::shared_ptr<StunQuery>> stun_;
+  std::vector<uint8_t> rbuf_;
+  bool gso_ = true;
+
+  struct Counters {
+    uint64_t udp_in = 0, udp_garbage = 0, unknown_source = 0, probes_in = 0, probes_bad = 0,
+             probes_unknown_key = 0, relay_in = 0, relay_out = 0, direct_out = 0, send_errors = 0,
+             no_path = 0, tunnels_opened = 0, tunnels_accepted = 0;
+  } counters_;
+};
+
+}  // namespace weft

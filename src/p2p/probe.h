@@ -1,0 +1,46 @@
+// Path probes: small signed UDP messages that agents send to each other's candidate addresses
+// on the QUIC socket, to open NAT mappings and find a direct path (RFC 8445's connectivity
+// checks, in the spirit of Tailscale's disco pings). STUN has its magic cookie and probes an
+// 8-byte magic; everything else on the socket is taken as QUIC (whose fixed bit ngtcp2 may
+// grease, so the first byte alone cannot tell).
+//
+// Layout (136 bytes): magic "\x10weftprb" | type (1 ping, 2 pong) | sender's node key (32) |
+// transaction (12) | observed address: family (0, 4 or 6), port (2), address (16) |
+// Ed25519 signature by the sender over everything before it (64).
+// A pong echoes the ping's transaction and says where the ping came from. Probes that do not
+// verify against the key they name are dropped; the endpoint also drops keys it does not know.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <openssl/evp.h>
+#include <boost/asio/ip/udp.hpp>
+
+#include "core/result.h"
+#include "p2p/relay_frame.h"
+
+namespace weft::probe {
+
+inline constexpr size_t kSize = 136;
+enum class Type : uint8_t { ping = 1, pong = 2 };
+using TxId = std::array<uint8_t, 12>;
+
+struct Probe {
+  Type type = Type::ping;
+  relay::NodeKey sender{};
+  TxId tx{};
+  std::optional<boost::asio::ip::udp::endpoint> observed;  // pongs: where the ping came from
+};
+
+bool looks_like_probe(const uint8_t* data, size_t len);
+// Checks size, fields and the signature against the sender key it carries.
+Result<Probe> parse(const uint8_t* data, size_t len);
+// Signs with the node's private key (Ed25519).
+Result<std::vector<uint8_t>> encode(const Probe& p, EVP_PKEY* key);
+TxId new_tx();
+
+}  // namespace weft::probe
