@@ -1,0 +1,92 @@
+// The P2P wire formats: signed path probes and the tunnel header of each QUIC stream.
+#include <gtest/gtest.h>
+#include <openssl/pem.h>
+
+#include "identity/csr.h"
+#include "identity/openssl_ptr.h"
+#include "p2p/probe.h"
+#include "transport/quic/quic_tunnel.h"
+
+namespace weft {
+namespace {
+
+struct Signer {
+  ossl::Key key;
+  relay::NodeKey pub{};
+  Signer() {
+    const auto pair = generate_ed25519();
+    ossl::Bio bio(
+        BIO_new_mem_buf(pair.private_pem.data(), static_cast<int>(pair.private_pem.size())));
+    key.reset(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
+    size_t len = pub.size();
+    EVP_PKEY_get_raw_public_key(key.get(), pub.data(), &len);
+  }
+};
+
+TEST(Probe, SignedProbesRoundTripAndAnyChangeIsRefused) {
+  Signer s;
+  probe::Probe pong{
+      probe::Type::pong, s.pub, probe::new_tx(),
+      boost::asio::ip::udp::endpoint(boost::asio::ip::make_address("198.51.100.7"), 51820)};
+  auto bytes = probe::encode(pong, s.key.get());
+  ASSERT_TRUE(bytes.ok()) << bytes.error();
+  ASSERT_EQ(bytes->size(), probe::kSize);
+  EXPECT_TRUE(probe::looks_like_probe(bytes->data(), bytes->size()));
+  auto back = probe::parse(bytes->data(), bytes->size());
+  ASSERT_TRUE(back.ok()) << back.error();
+  EXPECT_EQ(back->type, probe::Type::pong);
+  EXPECT_EQ(back->sender, s.pub);
+  EXPECT_EQ(back->tx, pong.tx);
+  EXPECT_EQ(back->observed, pong.observed);
+
+  // Every byte matters: a changed address, a changed key or a truncated probe is refused.
+  for (size_t i : {size_t{8}, size_t{20}, size_t{60}, probe::kSize - 1}) {
+    auto copy = *bytes;
+    copy[i] ^= 0x01;
+    auto bad = probe::parse(copy.data(), copy.size());
+    EXPECT_FALSE(bad.ok()) << "byte " << i;
+  }
+  EXPECT_FALSE(probe::parse(bytes->data(), bytes->size() - 1).ok());
+
+  // Signed by another key than the one it names: refused.
+  Signer other;
+  probe::Probe forged = pong;
+  forged.sender = s.pub;
+  auto f = probe::encode(forged, other.key.get());
+  ASSERT_TRUE(f.ok());
+  auto r = probe::parse(f->data(), f->size());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().find("signature"), std::string::npos) << r.error();
+}
+
+TEST(TunnelHeader, RequestAndResponseParseIncrementallyAndRefuseBadInput) {
+  const auto req = quic::encode_request("10.0.0.7:15008");
+  size_t used = 0;
+  for (size_t n = 0; n < req.size(); ++n) {
+    auto partial = quic::parse_request(req.data(), n, used);
+    ASSERT_TRUE(partial.ok());
+    EXPECT_FALSE(partial->has_value()) << "complete after only " << n << " bytes";
+  }
+  auto full = quic::parse_request(req.data(), req.size(), used);
+  ASSERT_TRUE(full.ok() && full->has_value());
+  EXPECT_EQ((*full)->authority, "10.0.0.7:15008");
+  EXPECT_EQ(used, req.size());
+
+  const uint8_t empty[] = {0, 0};
+  EXPECT_FALSE(quic::parse_request(empty, 2, used).ok());
+  const auto spaced = quic::encode_request("a b");
+  auto e = quic::parse_request(spaced.data(), spaced.size(), used);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.error().find("space"), std::string::npos);
+
+  const auto resp = quic::encode_response(503, "cannot connect to 127.0.0.1:1");
+  auto r = quic::parse_response(resp.data(), resp.size(), used);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ((*r)->status, 503);
+  EXPECT_EQ((*r)->reason, "cannot connect to 127.0.0.1:1");
+  const auto bogus = quic::encode_response(42, "");
+  EXPECT_FALSE(quic::parse_response(bogus.data(), bogus.size(), used).ok());
+}
+
+}  // namespace
+}  // namespace weft
