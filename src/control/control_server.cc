@@ -401,11 +401,15 @@ void ControlServer::probe_loop() {
       call.cancel = &stopping_;
       auto res = http_call(call);
       const bool ok = res && res->status == 200;
+      // An agent whose API control never reached sits behind a NAT or binds loopback: its
+      // heartbeats alone say whether it lives. Failures count once it answered at least once.
       boost::asio::post(io_, [this, id = id, ok] {
-        if (ok)
+        if (ok) {
           probe_failures_[id] = 0;
-        else
+          probe_reached_.insert(id);
+        } else if (probe_reached_.count(id)) {
           ++probe_failures_[id];
+        }
       });
     }
   }

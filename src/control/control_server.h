@@ -111,6 +111,7 @@ class ControlServer {
   // Health, in memory: heartbeats and probe results; transitions are published as changes.
   std::map<std::string, int64_t> last_seen_;
   std::map<std::string, int> probe_failures_;
+  std::set<std::string> probe_reached_;  // agents whose /health answered at least once
   std::mutex probe_mutex_;
   std::map<std::string, std::string> probe_targets_;  // agent id -> its API URL
   std::thread prober_;
