@@ -449,7 +449,7 @@ void AgentServer::heartbeat_loop() {
       hbone_port_ = *port;
       body["hbone"] = HostPort{advertise_address_, *port}.to_string();
     }
-    if (p2p_) body["p2p"] = true;
+    if (p2p_started_) body["p2p"] = true;
     if (nat) {
       json::array c;
       for (const auto& a : nat->candidates) c.push_back(json::value(a));
@@ -524,7 +524,7 @@ std::optional<NatCandidates> AgentServer::probe_nat_via_control(
   if (!url) return std::nullopt;
   const auto port = static_cast<uint16_t>(stun->at("port").to_number<int64_t>());
   Result<NatCandidates> found = make_error("no answer");
-  if (p2p_) {
+  if (p2p_started_) {
     // The QUIC socket itself asks, so the reflexive port is the one peers must punch to.
     boost::asio::io_context resolver_io;
     boost::asio::ip::udp::resolver resolver(resolver_io);
@@ -676,6 +676,7 @@ void AgentServer::start_p2p() {
   auto p2p = P2pEndpoint::start(io_, std::move(o));
   if (!p2p) throw std::runtime_error(p2p.error() + " (set --quic-port, or --p2p off)");
   p2p_ = std::move(*p2p);
+  p2p_started_ = true;
   p2p_->set_authorize([this](const std::string& peer, const std::string& authority) {
     return authorize_tunnel(peer, authority);
   });

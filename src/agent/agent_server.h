@@ -133,7 +133,8 @@ class AgentServer {
   std::unique_ptr<DataPlane> dataplane_;
   std::unique_ptr<SdsServer> sds_;
   std::unique_ptr<RelayClient> relay_;  // to control's relay, once a heartbeat names its port
-  std::unique_ptr<P2pEndpoint> p2p_;
+  std::unique_ptr<P2pEndpoint> p2p_;    // io thread only
+  bool p2p_started_ = false;            // set before the other threads start; read by them
   struct Gateway {
     std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor;
     relay::NodeKey key{};
