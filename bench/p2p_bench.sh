@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Cross-agent throughput on loopback, one run, side by side: iperf3 straight to its server;
+# through two agents of the same cluster (HBONE over TCP); through two agents of different
+# clusters (HBONE inside P2P QUIC, direct path). Prints Gbit/s and the ratios.
+# usage: bench/p2p_bench.sh [path/to/weft] [seconds]
+set -euo pipefail
+WEFT=$(realpath "${1:-build/release/weft}")
+SECS=${2:-5}
+PY=/usr/bin/python3
+work=$(mktemp -d /tmp/weft-p2pbench-XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+wait_file() { for _ in $(seq 1000); do [ -s "$1" ] && return 0; sleep 0.02; done; echo "timed out waiting for $1" >&2; exit 1; }
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+gbps() { $PY -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1"; }
+cd "$work"
+
+"$WEFT" ca init --trust-domain bench.local --out ca >/dev/null
+"$WEFT" control --ca ca --data-dir control --listen 127.0.0.1:0 --address-file control.addr \
+  --stun-listen 127.0.0.1:0 --relay-listen 127.0.0.1:0 --heartbeat-interval 1s > control.log 2>&1 & pids+=($!)
+wait_file control.addr
+CONTROL=https://$(cat control.addr)
+TOKEN=$(cat control/admin.token)
+KEY=$("$WEFT" control keys create --data-dir control --ttl 10m --reusable 2>/dev/null)
+IPERF_PORT=$(free_port)
+iperf3 -s -p "$IPERF_PORT" -B 127.0.0.1 > iperf-server.log 2>&1 & pids+=($!)
+
+run_pair() {  # label cluster-of-client; prints Gbit/s
+  local label=$1 client_cluster=$2 mesh_port
+  mesh_port=$(free_port)
+  "$WEFT" agent --control "$CONTROL" --control-ca ca/ca.crt --auth-key "$KEY" --state "srv-$label" \
+    --name "srv-$label" --cluster-id server --port 0 --address-file "srv-$label.addr" \
+    --hbone-listen 127.0.0.1:0 --quic-port 0 --heartbeat-interval 1s \
+    --proxies "$mesh_port:127.0.0.1:$IPERF_PORT" > "srv-$label.log" 2>&1 & pids+=($!)
+  "$WEFT" agent --control "$CONTROL" --control-ca ca/ca.crt --auth-key "$KEY" --state "cli-$label" \
+    --name "cli-$label" --cluster-id "$client_cluster" --port 0 --address-file "cli-$label.addr" \
+    --hbone-listen 127.0.0.1:0 --quic-port 0 --heartbeat-interval 1s \
+    --resource-address 127.0.0.4 > "cli-$label.log" 2>&1 & pids+=($!)
+  wait_file "srv-$label.addr"; wait_file "cli-$label.addr"
+  curl -s --cacert ca/ca.crt -H "Authorization: Bearer $TOKEN" -X PUT "$CONTROL/v1/policies/p-$label" \
+    -d "{\"service\":\"proxy-$mesh_port\",\"allow\":[\"*\"]}" >/dev/null
+  for _ in $(seq 500); do iperf3 -c 127.0.0.4 -p "$mesh_port" -t 0.2 >/dev/null 2>&1 && break; sleep 0.05; done
+  iperf3 -c 127.0.0.4 -p "$mesh_port" -t "$SECS" -J > "$label.json"
+  gbps "$label.json"
+}
+
+iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t "$SECS" -J > direct.json
+DIRECT=$(gbps direct.json)
+HBONE=$(run_pair hbone server)   # same cluster: HBONE over TCP between the agents' data planes
+QUIC=$(run_pair quic east)       # other cluster: HBONE inside P2P QUIC
+PATH_NOW=$(curl -s "http://$(cat cli-quic.addr)/status" | $PY -c 'import json,sys; print(",".join(p["path"] for p in json.load(sys.stdin)["p2p"]["peers"]))')
+echo "| path (loopback, iperf3 ${SECS}s, 1 stream) | Gbit/s | vs direct |"
+echo "|---|---|---|"
+echo "| direct, no tunnel | $DIRECT | 1.00 |"
+echo "| two agents, same cluster: HBONE (mTLS, HTTP/2) | $HBONE | $($PY -c "print('%.2f' % ($HBONE/$DIRECT))") |"
+echo "| two agents, other clusters: HBONE inside P2P QUIC ($PATH_NOW path) | $QUIC | $($PY -c "print('%.2f' % ($QUIC/$DIRECT))") |"
