@@ -44,12 +44,19 @@ run_pair() {  # label cluster-of-client; prints Gbit/s
   wait_file "srv-$label.addr"; wait_file "cli-$label.addr"
   curl -s --cacert ca/ca.crt -H "Authorization: Bearer $TOKEN" -X PUT "$CONTROL/v1/policies/p-$label" \
     -d "{\"service\":\"proxy-$mesh_port\",\"allow\":[\"*\"]}" >/dev/null
-  for _ in $(seq 500); do iperf3 -c 127.0.0.4 -p "$mesh_port" -t 0.2 >/dev/null 2>&1 && break; sleep 0.05; done
-  iperf3 -c 127.0.0.4 -p "$mesh_port" -t "$SECS" -J > "$label.json"
+  measure 127.0.0.4 "$mesh_port" "$label.json"
   gbps "$label.json"
 }
 
-iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t "$SECS" -J > direct.json
+measure() {  # host port out.json: retries while the server is busy or not yet listening
+  for _ in $(seq 100); do
+    iperf3 -c "$1" -p "$2" -t "$SECS" -J > "$3" 2>/dev/null || true
+    grep -q '"sum_received"' "$3" && return 0
+    sleep 0.2
+  done
+  echo "iperf3 to $1:$2 never ran" >&2; exit 1
+}
+measure 127.0.0.1 "$IPERF_PORT" direct.json
 DIRECT=$(gbps direct.json)
 HBONE=$(run_pair hbone server)   # same cluster: HBONE over TCP between the agents' data planes
 QUIC=$(run_pair quic east)       # other cluster: HBONE inside P2P QUIC
