@@ -10,7 +10,8 @@ PY=/usr/bin/python3
 work=$(mktemp -d /tmp/weft-p2pbench-XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # run_pair runs in a subshell ($(...)), so its agents are listed in a file.
+  for p in "${pids[@]}" $(cat "$work/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -36,11 +37,11 @@ run_pair() {  # label cluster-of-client; prints Gbit/s
   "$WEFT" agent --control "$CONTROL" --control-ca ca/ca.crt --auth-key "$KEY" --state "srv-$label" \
     --name "srv-$label" --cluster-id server --port 0 --address-file "srv-$label.addr" \
     --hbone-listen 127.0.0.1:0 --quic-port 0 --heartbeat-interval 1s \
-    --proxies "$mesh_port:127.0.0.1:$IPERF_PORT" > "srv-$label.log" 2>&1 & pids+=($!)
+    --proxies "$mesh_port:127.0.0.1:$IPERF_PORT" > "srv-$label.log" 2>&1 & echo $! >> pids
   "$WEFT" agent --control "$CONTROL" --control-ca ca/ca.crt --auth-key "$KEY" --state "cli-$label" \
     --name "cli-$label" --cluster-id "$client_cluster" --port 0 --address-file "cli-$label.addr" \
     --hbone-listen 127.0.0.1:0 --quic-port 0 --heartbeat-interval 1s \
-    --resource-address 127.0.0.4 > "cli-$label.log" 2>&1 & pids+=($!)
+    --resource-address 127.0.0.4 > "cli-$label.log" 2>&1 & echo $! >> pids
   wait_file "srv-$label.addr"; wait_file "cli-$label.addr"
   curl -s --cacert ca/ca.crt -H "Authorization: Bearer $TOKEN" -X PUT "$CONTROL/v1/policies/p-$label" \
     -d "{\"service\":\"proxy-$mesh_port\",\"allow\":[\"*\"]}" >/dev/null
