@@ -467,13 +467,24 @@ void AgentServer::heartbeat_loop() {
       {
         json::error_code ec;
         const auto answer = json::parse(res->body, ec);
-        const auto* relay =
-            !ec && answer.is_object() ? answer.as_object().if_contains("relay") : nullptr;
+        const auto* relays =
+            !ec && answer.is_object() ? answer.as_object().if_contains("relays") : nullptr;
         const auto url = boost::urls::parse_uri(options_.control_url);
-        if (relay && relay->is_object() && relay->as_object().contains("port") && url) {
-          const auto port = static_cast<uint16_t>(relay->at("port").to_number<int64_t>());
-          boost::asio::post(
-              io_, [this, host = std::string(url->host()), port] { use_relay(host, port); });
+        if (relays && relays->is_array() && url) {
+          // Control's own relay comes without a host: it is control's, as this agent reaches it.
+          std::vector<HostPort> list;
+          for (const auto& r : relays->as_array()) {
+            const auto* o = r.if_object();
+            const auto* port = o ? o->if_contains("port") : nullptr;
+            const auto* host = o ? o->if_contains("host") : nullptr;
+            if (!port || !port->is_int64() || port->as_int64() <= 0 || port->as_int64() > 65535)
+              continue;
+            list.push_back({host && host->is_string() && !host->as_string().empty()
+                                ? std::string(host->as_string())
+                                : std::string(url->host()),
+                            static_cast<uint16_t>(port->as_int64())});
+          }
+          boost::asio::post(io_, [this, list = std::move(list)] { use_relays(list); });
         }
       }
       if (now - nat_probed > std::chrono::minutes(5) ||
@@ -495,23 +506,20 @@ void AgentServer::heartbeat_loop() {
   }
 }
 
-void AgentServer::use_relay(const std::string& host, uint16_t port) {
-  const std::string address = HostPort{host, port}.to_string();
-  if (relay_ && address == relay_address_) return;
-  if (relay_) relay_->stop();
-  RelayClientOptions o;
-  o.host = host;
-  o.port = port;
-  o.ca_file =
-      (!options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt").string();
-  o.private_pem = slurp(options_.state_dir / "node.key");
-  relay_ = std::make_unique<RelayClient>(
-      io_, std::move(o), [this](const relay::NodeKey& from, const uint8_t* data, size_t len) {
-        if (p2p_) p2p_->on_relay_packet(from, data, len);
-      });
-  relay_address_ = address;
-  if (p2p_) p2p_->set_relay(relay_.get());
-  relay_->start();
+void AgentServer::use_relays(const std::vector<HostPort>& relays) {
+  if (stopping_) return;
+  if (!relay_) {
+    RelayClientOptions o;
+    o.ca_file = (!options_.control_ca.empty() ? options_.control_ca : options_.state_dir / "ca.crt")
+                    .string();
+    o.private_pem = slurp(options_.state_dir / "node.key");
+    relay_ = std::make_unique<RelayGroup>(
+        io_, std::move(o), [this](const relay::NodeKey& from, const uint8_t* data, size_t len) {
+          if (p2p_) p2p_->on_relay_packet(from, data, len);
+        });
+    if (p2p_) p2p_->set_relay(relay_.get());
+  }
+  relay_->set_relays(relays);
 }
 
 std::optional<NatCandidates> AgentServer::probe_nat_via_control(
@@ -673,6 +681,7 @@ void AgentServer::start_p2p() {
   o.private_pem = slurp(options_.state_dir / "node.key");
   o.quic.keepalive = options_.quic_keepalive;
   o.quic.idle_timeout = options_.quic_idle_timeout;
+  o.relay_only = options_.p2p_paths == "relay-only";
   auto p2p = P2pEndpoint::start(io_, std::move(o));
   if (!p2p) throw std::runtime_error(p2p.error() + " (set --quic-port, or --p2p off)");
   p2p_ = std::move(*p2p);
@@ -932,9 +941,7 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
                        {"watch", watch_state_},
                        {"objects", view_.size()},
                        {"dataplane", dataplane_summary_}}},
-                     {"relay", relay_ ? json::value({{"address", relay_address_},
-                                                     {"state", relay_->state()}})
-                                      : json::value(nullptr)},
+                     {"relays", relay_ ? json::value(relay_->status()) : json::value(nullptr)},
                      {"sds", sds_ ? json::value(sds_->status_json()) : json::value(nullptr)},
                      {"p2p", p2p_ ? json::value(p2p_->status()) : json::value(nullptr)},
                      {"resources", res},

@@ -24,7 +24,7 @@
 #include "http/http_client.h"
 #include "http/http_server.h"
 #include "p2p/p2p_endpoint.h"
-#include "p2p/relay_client.h"
+#include "p2p/relay_group.h"
 #include "proxy/listener/listener.h"
 #include "stats/metrics.h"
 
@@ -40,6 +40,8 @@ struct AgentOptions {
   // Which peers are reached over P2P QUIC (relay first, then direct): "cross-cluster" (agents
   // of other clusters), "always", or "off" (HBONE over TCP to every peer).
   std::string p2p = "cross-cluster";
+  // "auto" (relay first, then direct when hole punching works) or "relay-only".
+  std::string p2p_paths = "auto";
   std::chrono::milliseconds quic_keepalive{15000};
   std::chrono::milliseconds quic_idle_timeout{60000};
   std::vector<Resource> proxies;
@@ -94,8 +96,8 @@ class AgentServer {
   void rebuild_dataplane();
   // Asks control's STUN server (its port is in the heartbeat answer) for our candidates.
   std::optional<NatCandidates> probe_nat_via_control(const std::string& heartbeat_answer);
-  // Keeps a relay connection to the relay a heartbeat answer names (io thread).
-  void use_relay(const std::string& host, uint16_t port);
+  // Keeps connections to the relays a heartbeat answer lists, in its order (io thread).
+  void use_relays(const std::vector<HostPort>& relays);
   void start_sds();
   void start_p2p();
   void load_p2p_tls();
@@ -132,9 +134,9 @@ class AgentServer {
   MeshView view_;
   std::unique_ptr<DataPlane> dataplane_;
   std::unique_ptr<SdsServer> sds_;
-  std::unique_ptr<RelayClient> relay_;  // to control's relay, once a heartbeat names its port
-  std::unique_ptr<P2pEndpoint> p2p_;    // io thread only
-  bool p2p_started_ = false;            // set before the other threads start; read by them
+  std::unique_ptr<RelayGroup> relay_;  // the relays a heartbeat answer lists (io thread)
+  std::unique_ptr<P2pEndpoint> p2p_;   // io thread only
+  bool p2p_started_ = false;           // set before the other threads start; read by them
   struct Gateway {
     std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor;
     relay::NodeKey key{};
@@ -143,7 +145,6 @@ class AgentServer {
   };
   std::map<std::string, Gateway> gateways_;  // by agent id
   std::atomic<uint16_t> hbone_port_{0};      // the data plane's bound HBONE inbound
-  std::string relay_address_;
   std::string dataplane_summary_;
 
   // Resources as control should see them (id -> JSON), set on the io thread and published by

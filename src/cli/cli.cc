@@ -16,6 +16,7 @@
 #include "identity/certificate_authority.h"
 #include "identity/certificate_info.h"
 #include "proxy/proxy_server.h"
+#include "relay/relay_role.h"
 
 namespace weft {
 
@@ -94,6 +95,10 @@ int run_cli(int argc, char** argv) {
   std::string control_relay = "0.0.0.0:8444";
   control->add_option("--relay-listen", control_relay,
                       "relay (TLS, HTTP upgrade) for agents without a direct path; 'off' disables");
+  std::vector<std::string> control_relays;
+  control->add_option("--relay", control_relays,
+                      "a standalone 'weft relay' (host:port) agents also connect to and fail over "
+                      "to, after control's own; repeatable");
   control->add_option("--stun-listen", control_stun,
                       "STUN (UDP) address; the next port up answers too, for NAT mapping "
                       "tests; 'off' disables");
@@ -144,6 +149,11 @@ int run_cli(int argc, char** argv) {
                    "peers reached over P2P QUIC (relay first, then direct): cross-cluster, "
                    "always or off")
       ->check(CLI::IsMember({"cross-cluster", "always", "off"}));
+  agent
+      ->add_option("--p2p-paths", aopt.p2p_paths,
+                   "auto (relay first, then direct) or relay-only (no hole punching: for "
+                   "networks that forbid it, and to measure the relay)")
+      ->check(CLI::IsMember({"auto", "relay-only"}));
   std::string quic_keepalive = "15s", quic_idle = "60s";
   agent->add_option("--quic-keepalive", quic_keepalive, "QUIC keepalive interval");
   agent->add_option("--quic-idle-timeout", quic_idle, "QUIC idle timeout");
@@ -178,6 +188,33 @@ int run_cli(int argc, char** argv) {
       ->add_option("--sds-allow-uid", aopt.sds_allow_uids,
                    "uid of sidecars allowed on the SDS socket, besides the agent's own and root")
       ->delimiter(',');
+
+  // weft relay
+  auto* relay_cmd = app.add_subcommand(
+      "relay", "run a standalone relay (TLS) and STUN server; control says who may use it");
+  RelayRoleOptions ropt;
+  std::string relay_listen = "0.0.0.0:8443", relay_stun = "0.0.0.0:3478",
+              relay_admin = "127.0.0.1:15030";
+  relay_cmd->add_option("--listen", relay_listen,
+                        "relay address (TLS; 443 crosses most firewalls)");
+  relay_cmd->add_option("--stun-listen", relay_stun, "STUN (UDP) address, next port up too; 'off'");
+  relay_cmd->add_option("--advertise", ropt.advertise,
+                        "host:port agents dial; control announces it (default: --listen if not "
+                        "a wildcard)");
+  relay_cmd->add_option("--admin", relay_admin, "/ready and /metrics (plain HTTP; keep it local)");
+  relay_cmd
+      ->add_option("--tls-dir", ropt.tls_dir,
+                   "cert.pem, key.pem, ca.crt from 'weft cert issue' (mesh CA); reread on SIGHUP")
+      ->required();
+  relay_cmd->add_option("--control", ropt.control_url, "control URL, e.g. https://control:8443")
+      ->required();
+  relay_cmd
+      ->add_option("--token-file", ropt.token_file,
+                   "operator token (control's <data-dir>/admin.token), to read the member list")
+      ->required();
+  relay_cmd->add_option("--rate-limit", ropt.rate_bytes_per_s, "bytes/s per client");
+  relay_cmd->add_option("--address-file", ropt.address_file,
+                        "write the bound relay host:port here (.stun, .admin beside it)");
 
   // operator verbs
   std::string output = "table";
@@ -341,8 +378,28 @@ int run_cli(int argc, char** argv) {
         copt.stun_listen = *stun;
       }
       copt.heartbeat_interval = parse_ttl_flag(control_heartbeat, "--heartbeat-interval");
+      for (const auto& r : control_relays) {
+        auto hp = parse_host_port(r);
+        if (!hp) throw std::runtime_error("--relay " + r + ": " + hp.error());
+        copt.relays.push_back(*hp);
+      }
       ControlServer server(copt);
       return server.run();
+    }
+    if (*relay_cmd) {
+      const auto address = [](const std::string& flag, const std::string& v) {
+        auto hp = parse_host_port(v, true);
+        if (!hp) throw std::runtime_error(flag + ": " + hp.error());
+        return *hp;
+      };
+      ropt.listen = address("--listen", relay_listen);
+      ropt.admin = address("--admin", relay_admin);
+      if (!ropt.advertise.empty()) address("--advertise", ropt.advertise);
+      if (relay_stun == "off")
+        ropt.stun_listen.reset();
+      else
+        ropt.stun_listen = address("--stun-listen", relay_stun);
+      return run_relay(ropt);
     }
     if (*stun_cmd) return cmd_stun(stun_servers, stun_bind, stun_timeout, output == "json");
     if (*status) return cmd_status(ctl, output == "json");

@@ -147,12 +147,12 @@ ControlServer::ControlServer(ControlOptions options)
                         HostPort{options_.stun_listen->host, stun_->port()}.to_string() + "\n",
                         0644);
   }
+  for (const auto& a : store_->list_agents())
+    if (auto key = node_key_from_pem(a.public_key)) member_keys_.insert(*key);
   std::string relay_text = "off";
   if (options_.relay_listen && !tls) {
     spdlog::warn("control: no relay with --insecure-http (the relay is TLS only)");
   } else if (options_.relay_listen) {
-    for (const auto& a : store_->list_agents())
-      if (auto key = node_key_from_pem(a.public_key)) member_keys_.insert(*key);
     RelayOptions ro;
     ro.listen = *options_.relay_listen;
     auto relay = RelayServer::bind(
@@ -469,6 +469,13 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
       if (is_registry_kind(kind))
         return handle_registry(r, kind, slash == std::string::npos ? "" : rest.substr(slash + 1));
     }
+    if (r.path == "/v1/relays/heartbeat") {
+      // Standalone relays (they hold the operator token) announce themselves and learn which
+      // node keys may use them.
+      if (!is_operator(r)) return json_error(401, "relays need the operator token");
+      if (r.method != "POST") return json_error(405, "use POST");
+      return handle_relay_heartbeat(r);
+    }
     if (r.path == "/v1/agents" || r.path == "/v1/keys") {
       if (!is_operator(r))
         return json_error(
@@ -482,6 +489,49 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
     spdlog::error("control: {} {}: {}", r.method, r.path, e.what());
     return json_error(500, "internal error; see the control log");
   }
+}
+
+HttpResponse ControlServer::handle_relay_heartbeat(const HttpRequest& r) {
+  auto f = JsonFields::parse(r.body, {"address", "version"});
+  if (!f) return json_error(400, f.error());
+  auto address = f->string("address");
+  if (!address) return json_error(400, address.error(), "address");
+  auto version = f->integer("version");
+  if (!version) return json_error(400, version.error(), "version");
+  if (address->has_value()) {
+    auto hp = parse_host_port(**address);
+    if (!hp) return json_error(400, hp.error(), "address");
+    if (hp->host == "0.0.0.0" || hp->host == "::")
+      return json_error(400, "address must be one agents can reach, not " + hp->host, "address");
+    auto [it, fresh] = live_relays_.try_emplace(hp->to_string(), LiveRelay{*hp, now_ms(), 0});
+    it->second.last_seen = now_ms();
+    if (fresh) spdlog::info("control: relay {} announced to agents", hp->to_string());
+  }
+  json::object out{{"version", members_version_}};
+  if (version->value_or(-1) != static_cast<int64_t>(members_version_)) {
+    json::array keys;
+    for (const auto& k : member_keys_) keys.push_back(json::value(node_key_hex(k)));
+    out["node_keys"] = std::move(keys);
+  }
+  return {200, json::serialize(out) + "\n"};
+}
+
+std::vector<HostPort> ControlServer::standalone_relays() {
+  // A relay that stopped calling in is no longer announced: agents would only keep retrying it.
+  const int64_t cutoff = now_ms() - 30000;
+  std::erase_if(live_relays_, [&](const auto& kv) {
+    if (kv.second.last_seen >= cutoff) return false;
+    spdlog::warn("control: relay {} silent for 30 s; no longer announced", kv.first);
+    return true;
+  });
+  std::vector<const LiveRelay*> live;
+  for (const auto& [_, r] : live_relays_) live.push_back(&r);
+  std::sort(live.begin(), live.end(),
+            [](const auto* a, const auto* b) { return a->first_seen < b->first_seen; });
+  std::vector<HostPort> out = options_.relays;
+  for (const auto* r : live)
+    if (std::find(out.begin(), out.end(), r->address) == out.end()) out.push_back(r->address);
+  return out;
 }
 
 HttpResponse ControlServer::handle_register(const HttpRequest& r) {
@@ -519,7 +569,8 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   }
   const AgentRecord& a = *outcome.agent;
   last_seen_[a.id] = now_ms();
-  if (auto key = node_key_from_pem(a.public_key)) member_keys_.insert(*key);
+  if (auto key = node_key_from_pem(a.public_key); key && member_keys_.insert(*key).second)
+    ++members_version_;
   auto body = agent_json(a, pool_, ca_.trust_domain());
   auto cert =
       ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);
@@ -590,7 +641,12 @@ HttpResponse ControlServer::handle_heartbeat(const HttpRequest& r) {
   json::object out{{"id", id}, {"interval_ms", options_.heartbeat_interval.count()}};
   // Agents find control's STUN ports here: same host as the API.
   if (stun_) out["stun"] = {{"port", stun_->port()}, {"alternate_port", stun_->alternate_port()}};
-  if (relay_) out["relay"] = {{"port", relay_->port()}};
+  // The relays, in order of preference: control's own first (no host: the agent uses the one
+  // it reaches control by), then standalone `weft relay`s. Agents keep a connection to each.
+  json::array relays;
+  if (relay_) relays.push_back(json::object{{"port", relay_->port()}});
+  for (const auto& r : standalone_relays()) relays.push_back({{"host", r.host}, {"port", r.port}});
+  out["relays"] = std::move(relays);
   return {200, json::serialize(out) + "\n"};
 }
 

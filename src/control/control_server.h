@@ -12,6 +12,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -41,6 +42,7 @@ struct ControlOptions {
   std::filesystem::path address_file;  // if set, the bound host:port is written here
   std::optional<HostPort> stun_listen = HostPort{"0.0.0.0", 3478};   // nullopt: no STUN
   std::optional<HostPort> relay_listen = HostPort{"0.0.0.0", 8444};  // nullopt: no relay
+  std::vector<HostPort> relays;  // standalone `weft relay`s announced to agents, after our own
 };
 
 class ControlServer {
@@ -104,7 +106,16 @@ class ControlServer {
   std::unique_ptr<HttpServer> http_;
   std::unique_ptr<StunServer> stun_;
   std::unique_ptr<RelayServer> relay_;
-  std::set<relay::NodeKey> member_keys_;  // registered agents' node keys, for the relay
+  std::set<relay::NodeKey> member_keys_;  // registered agents' node keys, for the relays
+  uint64_t members_version_ = 1;          // changes with member_keys_ (standalone relays poll)
+  struct LiveRelay {
+    HostPort address;
+    int64_t first_seen = 0, last_seen = 0;  // ms; the earliest is preferred
+  };
+  std::map<std::string, LiveRelay> live_relays_;  // standalone relays that called in
+  // --relay ones, then those that called in lately, oldest first.
+  std::vector<HostPort> standalone_relays();
+  HttpResponse handle_relay_heartbeat(const HttpRequest& r);
   Registry registry_;
   std::list<Watcher> watchers_;
   boost::asio::steady_timer health_timer_;

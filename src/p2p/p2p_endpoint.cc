@@ -11,7 +11,7 @@
 #include <cstring>
 
 #include "identity/openssl_ptr.h"
-#include "p2p/relay_client.h"
+#include "p2p/relay_group.h"
 #include "p2p/relay_server.h"
 #include "p2p/stun.h"
 
@@ -318,7 +318,8 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
     spdlog::debug("p2p: probe dropped: {}", pr.error());
     return;
   }
-  if (!from) return;  // probes test direct paths; over the relay they prove nothing
+  if (!from) return;                // probes test direct paths; over the relay they prove nothing
+  if (options_.relay_only) return;  // neither answered nor taken: no direct path may form
   PeerState* p = find(pr->sender);
   // Signed by a key we do not know: a node outside our view (it reaches what we host) or a
   // stranger. Answering costs one probe-sized datagram; its QUIC handshake must then show a
@@ -351,6 +352,7 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
 }
 
 void P2pEndpoint::send_probe(PeerState& p, const udp::endpoint& to) {
+  if (options_.relay_only) return;
   probe::Probe ping{probe::Type::ping, self_key_, probe::new_tx(), std::nullopt};
   auto bytes = probe::encode(ping, key_.get());
   if (!bytes) return;

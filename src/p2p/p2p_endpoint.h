@@ -37,7 +37,7 @@
 
 namespace weft {
 
-class RelayClient;
+class RelayGroup;
 
 struct P2pPeer {
   relay::NodeKey key{};
@@ -56,6 +56,9 @@ struct P2pOptions {
   std::chrono::milliseconds direct_ping{2000};            // keeps a direct path (and NAT) alive
   std::chrono::milliseconds direct_timeout{5000};         // no pong for this long: back to relay
   std::chrono::milliseconds learned_peer_linger{120000};  // peers outside the view, once idle
+  // Never look for a direct path: for networks whose policy forbids peer-to-peer UDP, and to
+  // measure the relay (as Tailscale's TS_DEBUG_ALWAYS_USE_DERP).
+  bool relay_only = false;
 };
 
 class P2pEndpoint {
@@ -68,7 +71,7 @@ class P2pEndpoint {
   // The node certificate changed (or arrived): new connections use it.
   void set_tls(std::shared_ptr<const quic::QuicTls> tls);
   void set_peers(std::vector<P2pPeer> peers);
-  void set_relay(RelayClient* relay) { relay_ = relay; }
+  void set_relay(RelayGroup* relay) { relay_ = relay; }
   void on_relay_packet(const relay::NodeKey& from, const uint8_t* data, size_t len);
   // What a peer's tunnel request may reach here.
   void set_authorize(quic::QuicTunnel::Authorize authorize) { authorize_ = std::move(authorize); }
@@ -149,7 +152,7 @@ class P2pEndpoint {
   std::unique_ptr<EVP_PKEY, void (*)(EVP_PKEY*)> key_{nullptr, EVP_PKEY_free};
   relay::NodeKey self_key_{};
   std::shared_ptr<const quic::QuicTls> tls_;
-  RelayClient* relay_ = nullptr;
+  RelayGroup* relay_ = nullptr;
   quic::QuicTunnel::Authorize authorize_;
   std::map<relay::NodeKey, PeerState> peers_;
   std::map<std::string, std::pair<relay::NodeKey, std::weak_ptr<quic::Connection>>> cids_;

@@ -27,12 +27,14 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
   asio::io_context& io;
   RelayClientOptions options;
   OnPacket on_packet;
+  OnPeerGone on_peer_gone;
   std::string state = "connecting";
   bool running = false, up = false;
   std::shared_ptr<asio::ssl::stream<tcp::socket>> stream;
   std::deque<std::vector<uint8_t>> queue;
   size_t queued = 0;
   asio::steady_timer wake, retry;
+  std::chrono::steady_clock::time_point last_heard{};
   std::mt19937 rng{std::random_device{}()};
 
   asio::awaitable<void> run() {
@@ -98,6 +100,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
             asio::buffer(buf), asio::redirect_error(asio::use_awaitable, ec));
         if (ec) co_return "connection lost: " + ec.message();
         reader.feed(buf.data(), got);
+        last_heard = std::chrono::steady_clock::now();
         continue;
       }
       relay::Frame& f = **next;
@@ -114,14 +117,20 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
       } else if (f.type == relay::FrameType::ready) {
         up = true;
         state = "connected";
+        last_heard = std::chrono::steady_clock::now();
         spdlog::info("relay {}:{}: connected", options.host, options.port);
         asio::co_spawn(io, writer(stream), asio::detached);
+        asio::co_spawn(io, watchdog(stream), asio::detached);
       } else if (f.type == relay::FrameType::error) {
         co_return "refused: " + std::string(f.payload.begin(), f.payload.end());
       } else if (f.type == relay::FrameType::recv_packet) {
         if (auto p = relay::parse_packet(f); p && on_packet) on_packet(p->peer, p->data, p->len);
       } else if (f.type == relay::FrameType::ping) {
         enqueue(relay::encode(relay::FrameType::pong, f.payload.data(), f.payload.size()));
+      } else if (f.type == relay::FrameType::peer_gone && f.payload.size() == 32) {
+        relay::NodeKey k{};
+        std::copy(f.payload.begin(), f.payload.end(), k.begin());
+        if (on_peer_gone) on_peer_gone(k);
       }
     }
   }
@@ -148,6 +157,30 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
     }
   }
 
+  // Pings the relay and closes the connection when it has gone silent: a relay host that
+  // vanished (no FIN, no RST) would otherwise hold the node until TCP gives up, minutes later.
+  asio::awaitable<void> watchdog(std::shared_ptr<asio::ssl::stream<tcp::socket>> s) {
+    auto self = shared_from_this();
+    asio::steady_timer tick(io);
+    boost::system::error_code ec;
+    uint64_t seq = 0;
+    while (running && up && s == stream) {
+      tick.expires_after(options.ping_interval);
+      co_await tick.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      if (!running || !up || s != stream) break;
+      if (std::chrono::steady_clock::now() - last_heard > options.dead_after) {
+        spdlog::warn("relay {}:{}: silent for {} ms; reconnecting", options.host, options.port,
+                     options.dead_after.count());
+        s->lowest_layer().close(ec);  // the reader sees it and reconnects
+        break;
+      }
+      ++seq;
+      uint8_t payload[8];
+      for (int i = 0; i < 8; ++i) payload[i] = static_cast<uint8_t>(seq >> (56 - 8 * i));
+      enqueue(relay::encode(relay::FrameType::ping, payload, sizeof payload));
+    }
+  }
+
   bool enqueue(std::vector<uint8_t> frame) {
     if (!up || queued + frame.size() > options.max_queue_bytes) return false;
     queued += frame.size();
@@ -162,6 +195,8 @@ RelayClient::RelayClient(asio::io_context& io, RelayClientOptions options, OnPac
 
 RelayClient::~RelayClient() { stop(); }
 
+void RelayClient::on_peer_gone(OnPeerGone f) { impl_->on_peer_gone = std::move(f); }
+
 void RelayClient::start() {
   if (impl_->running) return;
   impl_->running = true;
@@ -170,6 +205,9 @@ void RelayClient::start() {
 
 void RelayClient::stop() {
   impl_->running = false;
+  // Frames already buffered must not reach an owner that is going away.
+  impl_->on_packet = nullptr;
+  impl_->on_peer_gone = nullptr;
   impl_->up = false;
   impl_->retry.cancel();
   impl_->wake.cancel();

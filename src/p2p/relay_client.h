@@ -21,14 +21,21 @@ struct RelayClientOptions {
   std::string ca_file;      // the mesh CA bundle
   std::string private_pem;  // the node key; kept in memory, never logged
   size_t max_queue_bytes = 1 << 20;
+  // Liveness: a ping this often; a relay that sends nothing (not even the pong) for
+  // `dead_after` is taken for dead, so the node fails over instead of waiting on TCP.
+  std::chrono::milliseconds ping_interval{1000};
+  std::chrono::milliseconds dead_after{3000};
 };
 
 class RelayClient {
  public:
   using OnPacket = std::function<void(const relay::NodeKey& from, const uint8_t* data, size_t len)>;
+  // The relay said a node we sent to is not connected to it.
+  using OnPeerGone = std::function<void(const relay::NodeKey& peer)>;
 
   RelayClient(boost::asio::io_context& io, RelayClientOptions options, OnPacket on_packet);
   ~RelayClient();
+  void on_peer_gone(OnPeerGone f);
   void start();
   void stop();
   // Queued for the relay; dropped (false) while not connected or when the queue is full.

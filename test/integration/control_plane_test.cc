@@ -1497,8 +1497,8 @@ TEST_F(TwoAgentTest, AgentsKeepARelayConnectionAndSayWhenItIsLost) {
   start_agent(east_, "east", "127.0.0.3", {"--auth-key", key});
   const auto relay_state = [&](const Agent& a) {
     auto s = status(a);
-    return s.is_object() && s.at("relay").is_object()
-               ? std::string(s.at("relay").at("state").as_string())
+    return s.is_object() && s.at("relays").is_array() && !s.at("relays").as_array().empty()
+               ? std::string(s.at("relays").at(0).at("state").as_string())
                : std::string("none");
   };
   for (auto* a : {&west_, &east_}) {
@@ -1521,6 +1521,116 @@ TEST_F(TwoAgentTest, AgentsKeepARelayConnectionAndSayWhenItIsLost) {
   for (int i = 0; i < 500 && (state = relay_state(west_)).rfind("disconnected", 0) != 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
   EXPECT_EQ(state.rfind("disconnected", 0), 0u) << state;
+}
+
+// A standalone `weft relay` calls in to control, which lists it to agents after its own relay.
+// Agents keep a connection to both; when the home relay goes silent (control frozen with
+// SIGSTOP: no FIN, no RST — a host that vanished), their liveness pings time out and traffic
+// leaves through the standalone relay, on the same QUIC connection.
+TEST_F(TwoAgentTest, AgentsFailOverToAStandaloneRelayWhenTheHomeRelayGoesSilent) {
+  start({"--heartbeat-interval", "200ms"});
+  const auto relay_tls = dir_ / "relay-tls";
+  auto issued =
+      run_weft({"cert", "issue", "--ca", (dir_ / "ca").string(), "--spiffe-id",
+                "spiffe://mesh.test/ns/weft-system/sa/relay", "--out", relay_tls.string()});
+  ASSERT_EQ(issued.exit_code, 0) << issued.output;
+  const auto relay_addr = dir_ / "relay.addr";
+  Process relay({WEFT_BINARY, "relay", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0",
+                 "--admin", "127.0.0.1:0", "--tls-dir", relay_tls.string(), "--control",
+                 "https://" + addr_, "--token-file", (dir_ / "data" / "admin.token").string(),
+                 "--address-file", relay_addr.string()},
+                dir_ / "relay.log");
+  for (int i = 0; i < 1000 && !fs::exists(relay_addr); ++i) {
+    ASSERT_TRUE(relay.running()) << read_file(dir_ / "relay.log");
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+  }
+  std::string relay_address = read_file(relay_addr);
+  relay_address.erase(relay_address.find('\n'));
+  std::string admin = read_file(fs::path(relay_addr.string() + ".admin"));
+  admin.erase(admin.find('\n'));
+  const auto relay_get = [&](const std::string& path) {
+    HttpCall c;
+    c.url = "http://" + admin + path;
+    auto r = http_call(c);
+    return r ? *r : HttpCallResult{};
+  };
+  for (int i = 0; i < 500 && relay_get("/ready").status != 200; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+  ASSERT_EQ(relay_get("/ready").status, 200) << read_file(dir_ / "relay.log");
+
+  EchoServer echo;
+  const uint16_t port = unused_port();
+  const std::string key = create_key({"--reusable"});
+  start_agent(west_, "west", "127.0.0.2",
+              {"--auth-key", key, "--p2p-paths", "relay-only", "--proxies",
+               std::to_string(port) + ":127.0.0.1:" + std::to_string(echo.port())});
+  start_agent(east_, "east", "127.0.0.3", {"--auth-key", key, "--p2p-paths", "relay-only"});
+  ASSERT_EQ(op("PUT", "/v1/policies/east-to-echo",
+               R"({"service":"proxy-)" + std::to_string(port) +
+                   R"(","allow":["spiffe://mesh.test/cluster/east/*"]})")
+                .status,
+            200);
+  // Both agents hold both relays, control's first.
+  const auto relays = [&](const Agent& a) {
+    auto s = status(a);
+    std::vector<std::string> out;
+    if (!s.is_object() || !s.at("relays").is_array()) return out;
+    for (const auto& r : s.at("relays").as_array())
+      out.push_back(std::string(r.at("address").as_string()) + " " +
+                    std::string(r.at("state").as_string()) +
+                    (r.at("home").as_bool() ? " home" : ""));
+    return out;
+  };
+  for (auto* a : {&west_, &east_}) {
+    std::vector<std::string> got;
+    for (int i = 0; i < 500; ++i) {
+      got = relays(*a);
+      if (got.size() == 2 && got[0].find(" connected home") != std::string::npos &&
+          got[1] == relay_address + " connected")
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling interval
+    }
+    ASSERT_EQ(got.size(), 2u) << read_file(dir_ / "east.log");
+    EXPECT_EQ(got[1], relay_address + " connected");
+  }
+  EXPECT_EQ(eventually_echo("127.0.0.3", port, "via control's relay"), "via control's relay")
+      << read_file(dir_ / "east.log");
+  const auto path = [&] {
+    auto s = status(east_);
+    const auto& peers = s.at("p2p").at("peers").as_array();
+    return peers.empty() ? std::string("none") : std::string(peers.at(0).at("path").as_string());
+  };
+  EXPECT_EQ(path(), "relay");
+
+  // The home relay goes silent.
+  proc_->signal(SIGSTOP);
+  const auto frozen = std::chrono::steady_clock::now();
+  std::string got;
+  while (std::chrono::steady_clock::now() - frozen < std::chrono::seconds(40)) {
+    try {
+      got = echo_roundtrip("127.0.0.3", port, "via the standalone relay");
+    } catch (const std::exception& e) {
+      got = e.what();
+    }
+    if (got == "via the standalone relay") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // polling interval
+  }
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen).count();
+  std::printf(
+      "failover to the standalone relay: traffic flows again %.1f s after the home relay "
+      "went silent\n",
+      took);
+  EXPECT_EQ(got, "via the standalone relay") << read_file(dir_ / "east.log");
+  const auto after = relays(east_);
+  ASSERT_EQ(after.size(), 2u);
+  EXPECT_EQ(after[1], relay_address + " connected home");
+  auto m = relay_get("/metrics");
+  EXPECT_NE(m.body.find("weft_relay_packets_total"), std::string::npos) << m.body;
+  EXPECT_EQ(m.body.find("weft_relay_packets_total 0\n"), std::string::npos) << m.body;
+  proc_->signal(SIGCONT);
+  relay.signal(SIGTERM);
+  EXPECT_EQ(relay.wait(), 0);
 }
 
 }  // namespace
