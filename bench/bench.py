@@ -404,6 +404,13 @@ try:
     rows = main()
     rows["control"] = control_bench()
     text = report(rows)
+    # Cross-site P2P in network namespaces (root): direct vs Nebula vs Weft direct and relayed.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import p2p_netsim_bench
+    p2p_netsim_bench.WEFT = p2p_netsim_bench.net.WEFT = WEFT
+    p2p_netsim_bench.SECS = DURATION
+    log("P2P across sites (netsim): starting")
+    text += p2p_netsim_bench.report(p2p_netsim_bench.run())
     print(text)
     os.makedirs("bench/results", exist_ok=True)
     path = f"bench/results/{datetime.datetime.utcnow():%Y%m%d-%H%M%S}.md"

@@ -31,20 +31,20 @@ KEY=$("$WEFT" control keys create --data-dir control --ttl 10m --reusable 2>/dev
 IPERF_PORT=$(free_port)
 iperf3 -s -p "$IPERF_PORT" -B 127.0.0.1 > iperf-server.log 2>&1 & pids+=($!)
 
-run_pair() {  # label cluster-of-client; prints Gbit/s
-  local label=$1 client_cluster=$2 mesh_port
+run_pair() {  # label cluster-of-client [agent flags]; prints Gbit/s
+  local label=$1 client_cluster=$2 extra=${3:-} mesh_port
   mesh_port=$(free_port)
   "$WEFT" agent --control "$CONTROL" --control-ca ca/ca.crt --auth-key "$KEY" --state "srv-$label" \
     --name "srv-$label" --cluster-id server --port 0 --address-file "srv-$label.addr" \
     --hbone-listen 127.0.0.1:0 --quic-port 0 --heartbeat-interval 1s \
-    --proxies "$mesh_port:127.0.0.1:$IPERF_PORT" > "srv-$label.log" 2>&1 & echo $! >> pids
+    --proxies "$mesh_port:127.0.0.1:$IPERF_PORT" $extra > "srv-$label.log" 2>&1 & echo $! >> pids
   "$WEFT" agent --control "$CONTROL" --control-ca ca/ca.crt --auth-key "$KEY" --state "cli-$label" \
     --name "cli-$label" --cluster-id "$client_cluster" --port 0 --address-file "cli-$label.addr" \
     --hbone-listen 127.0.0.1:0 --quic-port 0 --heartbeat-interval 1s \
-    --resource-address 127.0.0.4 > "cli-$label.log" 2>&1 & echo $! >> pids
+    --resource-address 127.0.0.4 $extra > "cli-$label.log" 2>&1 & echo $! >> pids
   wait_file "srv-$label.addr"; wait_file "cli-$label.addr"
   curl -s --cacert ca/ca.crt -H "Authorization: Bearer $TOKEN" -X PUT "$CONTROL/v1/policies/p-$label" \
-    -d "{\"service\":\"proxy-$mesh_port\",\"allow\":[\"*\"]}" >/dev/null
+    -d "{\"service\":\"proxy-$mesh_port\",\"allow\":[\"spiffe://bench.local/cluster/$client_cluster/*\"]}" >/dev/null
   measure 127.0.0.4 "$mesh_port" "$label.json"
   gbps "$label.json"
 }
@@ -61,9 +61,14 @@ measure 127.0.0.1 "$IPERF_PORT" direct.json
 DIRECT=$(gbps direct.json)
 HBONE=$(run_pair hbone server)   # same cluster: HBONE over TCP between the agents' data planes
 QUIC=$(run_pair quic east)       # other cluster: HBONE inside P2P QUIC
+RELAY=$(run_pair relay west "--p2p-paths relay-only")  # other cluster, through control's relay
 PATH_NOW=$(curl -s "http://$(cat cli-quic.addr)/status" | $PY -c 'import json,sys; print(",".join(p["path"] for p in json.load(sys.stdin)["p2p"]["peers"]))')
 echo "| path (loopback, iperf3 ${SECS}s, 1 stream) | Gbit/s | vs direct |"
 echo "|---|---|---|"
 echo "| direct, no tunnel | $DIRECT | 1.00 |"
 echo "| two agents, same cluster: HBONE (mTLS, HTTP/2) | $HBONE | $($PY -c "print('%.2f' % ($HBONE/$DIRECT))") |"
 echo "| two agents, other clusters: HBONE inside P2P QUIC ($PATH_NOW path) | $QUIC | $($PY -c "print('%.2f' % ($QUIC/$DIRECT))") |"
+echo "| two agents, other clusters: HBONE inside P2P QUIC, relay only | $RELAY | $($PY -c "print('%.2f' % ($RELAY/$DIRECT))") |"
+echo
+echo "control's relay after the run:"
+curl -s --cacert ca/ca.crt -H "Authorization: Bearer $TOKEN" "$CONTROL/metrics" | grep '^weft_relay' || true

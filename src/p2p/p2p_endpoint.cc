@@ -261,9 +261,7 @@ void P2pEndpoint::on_relay_packet(const relay::NodeKey& from, const uint8_t* dat
   ++counters_.relay_in;
   if (len == 0) return;
   if (probe::looks_like_probe(data, len)) return on_probe(std::nullopt, data, len);
-  on_quic(from, data, len, true);
-  if (auto* p = find(from))
-    for (auto& c : p->conns) c->flush();
+  on_quic(from, data, len, true);  // the connection flushes once this burst is read
 }
 
 void P2pEndpoint::on_quic(const relay::NodeKey& peer, const uint8_t* data, size_t len,

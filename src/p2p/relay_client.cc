@@ -90,7 +90,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
       co_return "the relay refused the upgrade: " + head.substr(0, head.find('\r'));
     relay::FrameReader reader;
     reader.feed(reinterpret_cast<const uint8_t*>(head.data()) + n, head.size() - n);
-    std::array<uint8_t, 16384> buf{};
+    std::array<uint8_t, 65536> buf{};
     bool proven = false;
     for (;;) {
       auto next = reader.next();
@@ -144,9 +144,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
         co_await wake.async_wait(asio::redirect_error(asio::use_awaitable, ec));
         continue;
       }
-      auto frame = std::move(queue.front());
-      queue.pop_front();
-      queued -= frame.size();
+      auto frame = relay::take_batch(queue, queued);
       co_await asio::async_write(*s, asio::buffer(frame),
                                  asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {

@@ -160,4 +160,16 @@ Result<std::optional<Frame>> FrameReader::next() {
   return std::optional<Frame>(std::move(f));
 }
 
+std::vector<uint8_t> take_batch(std::deque<std::vector<uint8_t>>& queue, size_t& queued,
+                                size_t limit) {
+  std::vector<uint8_t> out = std::move(queue.front());
+  queue.pop_front();
+  while (!queue.empty() && out.size() + queue.front().size() <= limit) {
+    out.insert(out.end(), queue.front().begin(), queue.front().end());
+    queue.pop_front();
+  }
+  queued -= out.size();
+  return out;
+}
+
 }  // namespace weft::relay

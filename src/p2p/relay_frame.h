@@ -15,6 +15,7 @@
 
 #include <array>
 #include <cstdint>
+#include <deque>
 #include <optional>
 #include <string>
 #include <vector>
@@ -49,6 +50,11 @@ struct Frame {
   FrameType type{};
   std::vector<uint8_t> payload;
 };
+
+// Moves whole frames from the front of `queue` into one buffer of at most `limit` bytes (at
+// least one frame), so a writer sends many datagrams per TLS record and system call.
+std::vector<uint8_t> take_batch(std::deque<std::vector<uint8_t>>& queue, size_t& queued,
+                                size_t limit = 64 * 1024);
 
 // Encoders.
 std::vector<uint8_t> encode(FrameType type, const uint8_t* payload, size_t len);

@@ -133,9 +133,7 @@ struct RelayServer::Impl {
         co_await c->wake.async_wait(asio::redirect_error(asio::use_awaitable, ec));
         continue;
       }
-      auto frame = std::move(c->queue.front());
-      c->queue.pop_front();
-      c->queued -= frame.size();
+      auto frame = relay::take_batch(c->queue, c->queued);
       co_await asio::async_write(*c->tls, asio::buffer(frame),
                                  asio::redirect_error(asio::use_awaitable, ec));
       if (ec) c->open = false;
@@ -210,7 +208,7 @@ struct RelayServer::Impl {
 
     relay::FrameReader reader;
     reader.feed(reinterpret_cast<const uint8_t*>(head.data()) + n, head.size() - n);
-    std::array<uint8_t, 16384> buf{};
+    std::array<uint8_t, 65536> buf{};
     std::shared_ptr<Client> me;
     const auto fail = [&](const std::string& why) -> asio::awaitable<void> {
       ++counters.auth_failures;

@@ -27,8 +27,10 @@ namespace weft {
 struct RelayOptions {
   HostPort listen{"0.0.0.0", 8444};
   size_t max_queue_bytes = 1 << 20;  // per client
-  double rate_bytes_per_s = 100e6;   // per client; high: relays must not throttle
-  double burst_bytes = 4e6;
+  // Per client. High: users of other relays complain of throttling; this bounds a flood, not
+  // a transfer (250 MB/s = 2 Gbit/s).
+  double rate_bytes_per_s = 250e6;
+  double burst_bytes = 16e6;
   std::chrono::milliseconds auth_timeout{10000};  // TLS + upgrade + proof
 };
 

@@ -23,7 +23,7 @@ struct RelayRoleOptions {
   std::string control_url;           // https://control:8443
   std::filesystem::path token_file;  // the operator token: control's <data-dir>/admin.token
   std::chrono::milliseconds members_refresh{5000};
-  double rate_bytes_per_s = 100e6;     // per client
+  double rate_bytes_per_s = 250e6;     // per client
   std::filesystem::path address_file;  // if set: relay address here, then .stun and .admin
 };
 

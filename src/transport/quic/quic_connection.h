@@ -197,6 +197,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   gnutls_session_int* session_ = nullptr;
   std::unique_ptr<ngtcp2_crypto_conn_ref> conn_ref_;
   boost::asio::steady_timer timer_;
+  bool timer_armed_ = false;  // a wait is pending for armed_expiry_
+  uint64_t armed_expiry_ = 0, timer_generation_ = 0;
   std::map<int64_t, Stream> streams_;
   std::deque<int64_t> ready_;  // streams with data (or a FIN) to send
   std::vector<uint8_t> batch_;
