@@ -216,6 +216,33 @@ int run_cli(int argc, char** argv) {
   relay_cmd->add_option("--address-file", ropt.address_file,
                         "write the bound relay host:port here (.stun, .admin beside it)");
 
+  // weft iptables
+  auto* ipt = app.add_subcommand("iptables", "transparent capture rules (nat table, idempotent)");
+  ipt->require_subcommand(1);
+  auto* ipt_install =
+      ipt->add_subcommand("install", "redirect this host's (or pod's) TCP to the proxy");
+  auto* ipt_remove = ipt->add_subcommand("remove", "remove every capture rule and chain");
+  iptables::CaptureRules ipt_rules;
+  std::string ipt_ports, ipt_cidrs, ipt_v6 = "auto";
+  bool ipt_dry = false;
+  ipt_install
+      ->add_option("--proxy-uid", ipt_rules.proxy_uid, "uid the proxy runs as (never captured)")
+      ->required();
+  ipt_install->add_option("--exclude-ports", ipt_ports,
+                          "outbound ports left alone, comma-separated");
+  ipt_install->add_option("--exclude-cidrs", ipt_cidrs, "destinations left alone, comma-separated");
+  ipt_install->add_flag("--inbound", ipt_rules.inbound,
+                        "also capture inbound TCP to --inbound-port");
+  ipt_install->add_option("--outbound-port", ipt_rules.outbound_port,
+                          "the proxy's transparent port");
+  ipt_install->add_option("--inbound-port", ipt_rules.inbound_port,
+                          "the proxy's inbound capture port");
+  for (auto* sub : {ipt_install, ipt_remove}) {
+    sub->add_option("--ipv6", ipt_v6, "auto (if ip6tables has nat), on or off")
+        ->check(CLI::IsMember({"auto", "on", "off"}));
+    sub->add_flag("--dry-run", ipt_dry, "print the commands instead of running them");
+  }
+
   // operator verbs
   std::string output = "table";
   auto* stun_cmd = app.add_subcommand(
@@ -400,6 +427,23 @@ int run_cli(int argc, char** argv) {
       else
         ropt.stun_listen = address("--stun-listen", relay_stun);
       return run_relay(ropt);
+    }
+    if (*ipt) {
+      const auto split = [](const std::string& s) {
+        std::vector<std::string> out;
+        std::stringstream ss(s);
+        for (std::string item; std::getline(ss, item, ',');)
+          if (!item.empty()) out.push_back(item);
+        return out;
+      };
+      for (const auto& p : split(ipt_ports)) {
+        auto hp = parse_host_port("x:" + p);
+        if (!hp || hp->port == 0)
+          throw std::runtime_error("--exclude-ports: '" + p + "' is not a port");
+        ipt_rules.exclude_ports.push_back(hp->port);
+      }
+      ipt_rules.exclude_cidrs = split(ipt_cidrs);
+      return cmd_iptables(ipt_install->parsed(), ipt_rules, ipt_v6, ipt_dry);
     }
     if (*stun_cmd) return cmd_stun(stun_servers, stun_bind, stun_timeout, output == "json");
     if (*status) return cmd_status(ctl, output == "json");

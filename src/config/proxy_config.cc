@@ -182,7 +182,7 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   r.require_map(
       root, "",
       {"identity", "workers", "admin", "drain_timeout", "cert_check_interval", "access_log",
-       "services", "outbound", "inbound", "l4", "pool", "services_from_agent"});
+       "services", "outbound", "inbound", "l4", "capture", "pool", "services_from_agent"});
   ProxyConfig c;
   c.source = source;
   if (auto n = root["services_from_agent"]; n.IsDefined()) {
@@ -219,7 +219,7 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   for (size_t i = 0; i < services.size(); ++i) {
     const std::string f = "services[" + std::to_string(i) + "]";
     const YAML::Node n = services[i];
-    r.require_map(n, f, {"name", "addresses", "authority", "spiffe_ids"});
+    r.require_map(n, f, {"name", "addresses", "authority", "spiffe_ids", "destinations"});
     ServiceConfig s;
     s.name = r.string_field(n, f, "name", true);
     check_name(r, n["name"], f + ".name", s.name, service_names);
@@ -241,6 +241,15 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
       r.fail(n, f + ".spiffe_ids",
              "is required: list the SPIFFE IDs the peer proxy may present, e.g. "
              "[spiffe://cluster.local/ns/default/sa/echo]");
+    const auto dests = r.sequence(n, "destinations");
+    for (size_t j = 0; j < dests.size(); ++j) {
+      const std::string df = f + ".destinations[" + std::to_string(j) + "]";
+      auto hp = parse_host_port(r.scalar(dests[j], df));
+      if (!hp) r.fail(dests[j], df, hp.error() + " (what applications dial, e.g. 10.96.0.10:80)");
+      for (auto& ch : hp->host)
+        ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      s.destinations.push_back(*hp);
+    }
     c.services.push_back(std::move(s));
   }
 
@@ -300,6 +309,57 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
     c.l4.push_back(std::move(l));
   }
 
+  if (auto cap = root["capture"]; cap.IsDefined()) {
+    r.require_map(cap, "capture",
+                  {"transparent", "explicit", "detect_timeout", "opaque_ports", "egress", "users",
+                   "handshake_timeout"});
+    auto& k = c.capture;
+    if (cap["transparent"].IsDefined()) {
+      k.transparent = r.address(cap, "capture", "transparent", true, {}, true);
+      check_listen(r, cap["transparent"], "capture.transparent", *k.transparent, listens);
+    }
+    if (cap["explicit"].IsDefined()) {
+      k.explicit_proxy = r.address(cap, "capture", "explicit", true, {}, true);
+      check_listen(r, cap["explicit"], "capture.explicit", *k.explicit_proxy, listens);
+    }
+    if (!k.transparent && !k.explicit_proxy)
+      r.fail(cap, "capture",
+             "give 'transparent' (e.g. 127.0.0.1:15001), 'explicit' (e.g. "
+             "127.0.0.1:15080) or both");
+    k.detect_timeout = r.duration(cap, "capture", "detect_timeout", k.detect_timeout);
+    if (k.detect_timeout > std::chrono::seconds(1))
+      r.fail(cap["detect_timeout"], "capture.detect_timeout",
+             "at most 1s: a server-first protocol waits this long for its first byte");
+    k.handshake_timeout = r.duration(cap, "capture", "handshake_timeout", k.handshake_timeout);
+    const auto ports = r.sequence(cap, "opaque_ports");
+    for (size_t i = 0; i < ports.size(); ++i) {
+      const std::string f = "capture.opaque_ports[" + std::to_string(i) + "]";
+      YAML::Node holder;
+      holder["p"] = ports[i];
+      k.opaque_ports.push_back(static_cast<uint16_t>(r.number(holder, f, "p", 0, 1, 65535)));
+    }
+    const std::string egress = r.string_field(cap, "capture", "egress", false, "allow");
+    if (egress != "allow" && egress != "deny")
+      r.fail(cap["egress"], "capture.egress",
+             "expected allow or deny (destinations that are no mesh service)");
+    k.egress_allowed = egress == "allow";
+    const auto users = r.sequence(cap, "users");
+    for (size_t i = 0; i < users.size(); ++i) {
+      const std::string f = "capture.users[" + std::to_string(i) + "]";
+      r.require_map(users[i], f, {"name", "password"});
+      CaptureConfig::User u{r.string_field(users[i], f, "name", true),
+                            r.string_field(users[i], f, "password", true)};
+      if (u.name.empty() || u.name.size() > 255 || u.password.size() > 255)
+        r.fail(users[i], f, "name (1-255 bytes) and password (up to 255) as SOCKS5 allows");
+      k.users.push_back(std::move(u));
+    }
+    // No open proxy: without users, only this host may use the explicit proxy.
+    if (k.explicit_proxy && k.users.empty() && k.explicit_proxy->host != "127.0.0.1" &&
+        k.explicit_proxy->host != "::1" && k.explicit_proxy->host != "localhost")
+      r.fail(cap["explicit"], "capture.explicit",
+             "an explicit proxy without 'users' may only bind a loopback address (no open proxy)");
+  }
+
   if (auto id = root["identity"]; id.IsDefined()) {
     r.require_map(id, "identity",
                   {"cert", "key", "ca", "trust_domain", "sds", "namespace", "service_account"});
@@ -338,8 +398,10 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   if (c.services_from_agent && !c.identity.from_sds())
     r.fail(root["services_from_agent"], "services_from_agent",
            "needs identity.sds: the services come from the agent's SDS socket");
-  if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty())
-    r.fail(root, "outbound", "nothing to do: configure at least one of outbound, inbound or l4");
+  if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty() && !c.capture.transparent &&
+      !c.capture.explicit_proxy)
+    r.fail(root, "outbound",
+           "nothing to do: configure at least one of outbound, inbound, l4 or capture");
   return c;
 }
 
@@ -385,11 +447,15 @@ boost::json::value ProxyConfig::to_json() const {
                      {"trust_domain", identity.trust_domain}};
   json::array svcs;
   for (const auto& s : services) {
-    json::array addrs, ids;
+    json::array addrs, ids, dests;
     for (const auto& a : s.addresses) addrs.push_back(json::value(a.to_string()));
     for (const auto& i : s.spiffe_ids) ids.push_back(json::value(i));
-    svcs.push_back(json::object{
-        {"name", s.name}, {"addresses", addrs}, {"authority", s.authority}, {"spiffe_ids", ids}});
+    for (const auto& d : s.destinations) dests.push_back(json::value(d.to_string()));
+    svcs.push_back(json::object{{"name", s.name},
+                                {"addresses", addrs},
+                                {"authority", s.authority},
+                                {"spiffe_ids", ids},
+                                {"destinations", dests}});
   }
   o["services"] = svcs;
   json::array outs;
@@ -414,6 +480,17 @@ boost::json::value ProxyConfig::to_json() const {
     l4s.push_back(json::object{
         {"name", l.name}, {"listen", l.listen.to_string()}, {"upstream", l.upstream.to_string()}});
   o["l4"] = l4s;
+  if (captures()) {
+    json::array opaque, users;
+    for (auto port : capture.opaque_ports) opaque.push_back(port);
+    for (const auto& u : capture.users) users.push_back(json::value(u.name));  // no passwords
+    o["capture"] = {{"transparent", capture.transparent ? capture.transparent->to_string() : ""},
+                    {"explicit", capture.explicit_proxy ? capture.explicit_proxy->to_string() : ""},
+                    {"detect_timeout", format_duration(capture.detect_timeout)},
+                    {"opaque_ports", opaque},
+                    {"egress", capture.egress_allowed ? "allow" : "deny"},
+                    {"users", users}};
+  }
   o["pool"] = {{"max_streams", pool.max_streams},
                {"idle_timeout", format_duration(pool.idle_timeout)},
                {"connect_timeout", format_duration(pool.connect_timeout)}};

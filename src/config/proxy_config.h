@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -42,6 +43,25 @@ struct ServiceConfig {
   std::vector<HostPort> addresses;      // peer proxies' HBONE listeners, tried in order
   std::string authority;                // CONNECT :authority, the target the peer maps locally
   std::vector<std::string> spiffe_ids;  // accepted server identities (exact match)
+  // What applications dial that means this service, for captured traffic: "10.96.0.10:80"
+  // matches an original destination, "reviews.default.svc:80" a Host, SNI or SOCKS/CONNECT name.
+  std::vector<HostPort> destinations;
+};
+
+// Capture: the transparent listener iptables REDIRECTs to, and the explicit SOCKS5 / HTTP
+// proxy. Each captured connection is routed by name (SNI, Host, the proxy request) or by its
+// original destination to a mesh service, or else out of the mesh if egress allows.
+struct CaptureConfig {
+  std::optional<HostPort> transparent;     // e.g. 127.0.0.1:15001
+  std::optional<HostPort> explicit_proxy;  // e.g. 127.0.0.1:15080 (SOCKS5 and HTTP)
+  Millis detect_timeout = std::chrono::milliseconds(10);
+  std::vector<uint16_t> opaque_ports;  // never sniffed: server-first protocols, databases
+  bool egress_allowed = true;          // destinations that are no mesh service
+  struct User {
+    std::string name, password;
+  };
+  std::vector<User> users;  // SOCKS5 username/password; empty: no authentication (loopback only)
+  Millis handshake_timeout = std::chrono::seconds(10);  // explicit proxy handshakes
 };
 
 struct OutboundListenerConfig {
@@ -87,11 +107,15 @@ struct ProxyConfig {
   std::vector<OutboundListenerConfig> outbound;
   InboundConfig inbound;
   std::vector<L4ListenerConfig> l4;
+  CaptureConfig capture;
   PoolConfig pool;
   // Mesh services come from the agent's SDS socket too, merged under those of this file.
   bool services_from_agent = false;
 
-  bool needs_identity() const { return inbound.enabled || !outbound.empty(); }
+  bool captures() const { return capture.transparent || capture.explicit_proxy; }
+  bool needs_identity() const {
+    return inbound.enabled || !outbound.empty() || (captures() && !services.empty());
+  }
   const ServiceConfig* find_service(std::string_view name) const;
   const InboundTargetConfig* find_target(std::string_view authority) const;
   boost::json::value to_json() const;

@@ -282,6 +282,10 @@ std::map<std::string, std::pair<std::string, HostPort>> ProxyServer::wanted_list
   for (const auto& o : c.outbound) out["outbound/" + o.name] = {o.listen.to_string(), o.listen};
   if (c.inbound.enabled) out["inbound"] = {c.inbound.listen.to_string(), c.inbound.listen};
   for (const auto& l : c.l4) out["l4/" + l.name] = {l.listen.to_string(), l.listen};
+  if (c.capture.transparent)
+    out["capture/transparent"] = {c.capture.transparent->to_string(), *c.capture.transparent};
+  if (c.capture.explicit_proxy)
+    out["capture/explicit"] = {c.capture.explicit_proxy->to_string(), *c.capture.explicit_proxy};
   return out;
 }
 

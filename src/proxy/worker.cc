@@ -6,8 +6,10 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
 
 #include "identity/spiffe_id.h"
+#include "proxy/capture/capture.h"
 #include "proxy/l4/splice_relay.h"
 #include "proxy/policy/connect_policy.h"
 #include "transport/hbone/h2_connection.h"
@@ -19,13 +21,6 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
 namespace {
-
-std::string remote_of(const tcp::socket& s) {
-  boost::system::error_code ec;
-  auto ep = s.remote_endpoint(ec);
-  if (ec) return "";
-  return HostPort{ep.address().to_string(), ep.port()}.to_string();
-}
 
 std::string expected_principal(const ServiceConfig& s) {
   return s.spiffe_ids.size() == 1 ? s.spiffe_ids.front() : "unknown";
@@ -122,6 +117,8 @@ void Worker::on_accept(const std::string& key, tcp::socket socket) {
   if (key == "inbound") return handle_inbound(std::move(socket));
   if (key.rfind("outbound/", 0) == 0) return handle_outbound(key.substr(9), std::move(socket));
   if (key.rfind("l4/", 0) == 0) return handle_l4(key.substr(3), std::move(socket));
+  if (key == "capture/transparent") return handle_transparent(std::move(socket));
+  if (key == "capture/explicit") return handle_explicit(std::move(socket));
 }
 
 void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
@@ -136,6 +133,12 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
   entry.direction = "outbound";
   entry.listener = name;
   entry.downstream = remote_of(socket);
+  open_mesh(*service, std::move(socket), std::move(entry));
+}
+
+void Worker::open_mesh(const ServiceConfig& service_ref, tcp::socket socket, AccessLogEntry entry,
+                       std::string prefix) {
+  const ServiceConfig* service = &service_ref;
   entry.local_identity = snapshot_->tls->spiffe_id;
   entry.upstream = service->name;
   entry.authority = service->authority;
@@ -150,6 +153,7 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
         entry.result = result;
         access_log_.write(entry);
       });
+  stream->set_prefix(std::move(prefix));
   pool_.open(*service, std::move(stream));
 }
 
@@ -268,19 +272,28 @@ void Worker::handle_l4(const std::string& name, tcp::socket socket) {
   entry.direction = "l4";
   entry.listener = name;
   entry.downstream = remote_of(socket);
-  entry.upstream = l4->upstream.to_string();
+  open_egress(l4->upstream, std::move(socket), std::move(entry), nullptr);
+}
+
+void Worker::open_egress(const HostPort& target, tcp::socket socket, AccessLogEntry entry,
+                         Ready ready, std::string prefix) {
+  entry.upstream = target.to_string();
   auto upstream = std::make_shared<tcp::socket>(io_);
   auto downstream = std::make_shared<tcp::socket>(std::move(socket));
-  connect_to(io_, *upstream, l4->upstream,
-             [this, upstream, downstream,
+  connect_to(io_, *upstream, target,
+             [this, upstream, downstream, ready = std::move(ready), prefix = std::move(prefix),
               entry = std::move(entry)](const boost::system::error_code& ec) mutable {
                if (ec) {
                  metrics_.upstream_connect_failures.inc();
                  entry.result = "upstream_connect_failed: " + ec.message();
                  access_log_.write(entry);
+                 if (ready) ready(*downstream, entry.result);
                  return;  // closing the downstream tells the client
                }
+               if (ready) ready(*downstream, "");
                boost::system::error_code ignored;
+               // A fresh connection's empty send buffer takes a request head at once.
+               if (!prefix.empty()) asio::write(*upstream, asio::buffer(prefix), ignored);
                upstream->set_option(tcp::no_delay(true), ignored);
                auto counters = metrics_.tcp({"destination", "", "", entry.upstream, "none"});
                auto relay = std::make_shared<SpliceRelay>(

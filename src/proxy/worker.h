@@ -3,6 +3,7 @@
 // to it (snapshots, listeners, drain); nothing here is shared or locked.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -43,6 +44,24 @@ class Worker {
   void handle_outbound(const std::string& name, boost::asio::ip::tcp::socket socket);
   void handle_inbound(boost::asio::ip::tcp::socket socket);
   void handle_l4(const std::string& name, boost::asio::ip::tcp::socket socket);
+  // Capture (src/proxy/capture): iptables-redirected connections, and SOCKS5 / HTTP proxy ones.
+  void handle_transparent(boost::asio::ip::tcp::socket socket);
+  void handle_explicit(boost::asio::ip::tcp::socket socket);
+  void explicit_socks5(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
+  void explicit_http(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
+  // Where a captured connection goes: a mesh service over HBONE, or straight out (egress).
+  // `ready(downstream, failure)` runs once the path is open (failure empty) or could not be,
+  // before bytes flow: the explicit proxy answers its client there.
+  using Ready =
+      std::function<void(boost::asio::ip::tcp::socket& downstream, const std::string& failure)>;
+  void forward_captured(SnapshotPtr snap, boost::asio::ip::tcp::socket socket,
+                        const std::string& name, const HostPort& destination, AccessLogEntry entry,
+                        Ready ready, std::string prefix = {});
+  // `prefix`: bytes that go upstream before the socket's (a rewritten request head).
+  void open_mesh(const ServiceConfig& service, boost::asio::ip::tcp::socket socket,
+                 AccessLogEntry entry, std::string prefix = {});
+  void open_egress(const HostPort& target, boost::asio::ip::tcp::socket socket,
+                   AccessLogEntry entry, Ready ready, std::string prefix = {});
   void start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::string& peer,
                             const std::string& downstream);
 

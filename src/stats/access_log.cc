@@ -43,6 +43,9 @@ void AccessLog::write(const AccessLogEntry& e) {
       {"bytes_sent", e.bytes_sent},
       {"result", e.result},
   };
+  // Captured connections: what the client asked for and what detection saw.
+  if (!e.destination.empty()) o["destination"] = e.destination;
+  if (!e.protocol.empty()) o["protocol"] = e.protocol;
   logger_->info(boost::json::serialize(o));
 }
 

@@ -21,6 +21,8 @@ struct AccessLogEntry {
   std::string local_identity;
   std::string upstream;       // address or service we forwarded to
   std::string authority;      // HBONE target
+  std::string destination;    // captured: original destination or requested host:port
+  std::string protocol;       // captured: tls, http/1.1, h2c, tcp, socks5, http-connect, ...
   std::string result = "ok";  // ok, or why it ended
   std::chrono::system_clock::time_point start = std::chrono::system_clock::now();
   uint64_t bytes_received = 0;  // from downstream

@@ -49,7 +49,18 @@ void TunnelStream::on_response(int status) {
 void TunnelStream::start_relay() {
   if (done_ || relaying_) return;
   relaying_ = true;
-  arm_tcp_read();
+  if (!prefix_.empty() && prefix_.size() <= BufferPool::kBufferSize) {
+    // Served like a first read; the socket is read once nghttp2 has taken it.
+    rbuf_ = BufferPool::local().take();
+    std::memcpy(rbuf_.get(), prefix_.data(), prefix_.size());
+    rlen_ = prefix_.size();
+    roff_ = 0;
+    from_tcp_ += rlen_;
+    prefix_.clear();
+    if (conn_) conn_->resume(stream_id_);
+  } else {
+    arm_tcp_read();
+  }
   if (!pending_.empty()) write_to_tcp();  // data that arrived before the tunnel was up
 }
 

@@ -47,6 +47,9 @@ class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
   long read_for_h2(uint8_t* buf, size_t len, uint32_t* flags);
 
   // --- called by the proxy layer ---
+  // Bytes to send through the tunnel before anything read from the socket (a request head the
+  // explicit proxy rewrote); at most BufferPool::kBufferSize. Call before start_relay.
+  void set_prefix(std::string bytes) { prefix_ = std::move(bytes); }
   // Starts moving bytes once the tunnel is established (after 200).
   void start_relay();
   // Ends the stream early with a reason for the access log; resets the h2 stream unless the
@@ -81,6 +84,7 @@ class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
   // TCP -> h2
   BufferPool::Buffer rbuf_;
   size_t rlen_ = 0, roff_ = 0;
+  std::string prefix_;
   bool reading_ = false;
   bool tcp_eof_ = false;
   bool relaying_ = false;
