@@ -140,7 +140,8 @@ struct RelayServer::Impl {
     }
   }
 
-  void drop(const std::shared_ptr<Client>& c, const std::string& why) {
+  // By value: callers pass the map's own pointer, which erase() below would destroy.
+  void drop(std::shared_ptr<Client> c, const std::string& why) {
     if (!c->open && !clients.count(c->key)) return;
     c->open = false;
     c->wake.cancel();
