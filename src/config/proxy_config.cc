@@ -311,8 +311,8 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
 
   if (auto cap = root["capture"]; cap.IsDefined()) {
     r.require_map(cap, "capture",
-                  {"transparent", "explicit", "detect_timeout", "opaque_ports", "egress", "users",
-                   "handshake_timeout"});
+                  {"transparent", "explicit", "inbound", "inbound_plaintext", "detect_timeout",
+                   "opaque_ports", "egress", "users", "handshake_timeout"});
     auto& k = c.capture;
     if (cap["transparent"].IsDefined()) {
       k.transparent = r.address(cap, "capture", "transparent", true, {}, true);
@@ -322,10 +322,19 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
       k.explicit_proxy = r.address(cap, "capture", "explicit", true, {}, true);
       check_listen(r, cap["explicit"], "capture.explicit", *k.explicit_proxy, listens);
     }
-    if (!k.transparent && !k.explicit_proxy)
+    if (cap["inbound"].IsDefined()) {
+      k.inbound = r.address(cap, "capture", "inbound", true, {}, true);
+      check_listen(r, cap["inbound"], "capture.inbound", *k.inbound, listens);
+    }
+    const std::string plain = r.string_field(cap, "capture", "inbound_plaintext", false, "deny");
+    if (plain != "allow" && plain != "deny")
+      r.fail(cap["inbound_plaintext"], "capture.inbound_plaintext",
+             "expected allow (pass plain TCP to the app, as Istio's PERMISSIVE) or deny (STRICT)");
+    k.inbound_plaintext_allowed = plain == "allow";
+    if (!k.transparent && !k.explicit_proxy && !k.inbound)
       r.fail(cap, "capture",
-             "give 'transparent' (e.g. 127.0.0.1:15001), 'explicit' (e.g. "
-             "127.0.0.1:15080) or both");
+             "give 'transparent' (e.g. 127.0.0.1:15001), 'explicit' (e.g. 127.0.0.1:15080), "
+             "'inbound' (e.g. 0.0.0.0:15006) or several");
     k.detect_timeout = r.duration(cap, "capture", "detect_timeout", k.detect_timeout);
     if (k.detect_timeout > std::chrono::seconds(1))
       r.fail(cap["detect_timeout"], "capture.detect_timeout",
@@ -398,8 +407,7 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   if (c.services_from_agent && !c.identity.from_sds())
     r.fail(root["services_from_agent"], "services_from_agent",
            "needs identity.sds: the services come from the agent's SDS socket");
-  if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty() && !c.capture.transparent &&
-      !c.capture.explicit_proxy)
+  if (c.outbound.empty() && !c.inbound.enabled && c.l4.empty() && !c.captures())
     r.fail(root, "outbound",
            "nothing to do: configure at least one of outbound, inbound, l4 or capture");
   return c;
@@ -488,6 +496,8 @@ boost::json::value ProxyConfig::to_json() const {
                     {"explicit", capture.explicit_proxy ? capture.explicit_proxy->to_string() : ""},
                     {"detect_timeout", format_duration(capture.detect_timeout)},
                     {"opaque_ports", opaque},
+                    {"inbound", capture.inbound ? capture.inbound->to_string() : ""},
+                    {"inbound_plaintext", capture.inbound_plaintext_allowed ? "allow" : "deny"},
                     {"egress", capture.egress_allowed ? "allow" : "deny"},
                     {"users", users}};
   }

@@ -54,6 +54,11 @@ struct ServiceConfig {
 struct CaptureConfig {
   std::optional<HostPort> transparent;     // e.g. 127.0.0.1:15001
   std::optional<HostPort> explicit_proxy;  // e.g. 127.0.0.1:15080 (SOCKS5 and HTTP)
+  // Inbound capture (iptables PREROUTING → 15006): plain TCP from outside the mesh to this
+  // workload. Mesh traffic arrives over HBONE (15008, never captured); plaintext is refused
+  // unless allowed, as Istio's STRICT and PERMISSIVE modes.
+  std::optional<HostPort> inbound;
+  bool inbound_plaintext_allowed = false;
   Millis detect_timeout = std::chrono::milliseconds(10);
   std::vector<uint16_t> opaque_ports;  // never sniffed: server-first protocols, databases
   bool egress_allowed = true;          // destinations that are no mesh service
@@ -112,7 +117,7 @@ struct ProxyConfig {
   // Mesh services come from the agent's SDS socket too, merged under those of this file.
   bool services_from_agent = false;
 
-  bool captures() const { return capture.transparent || capture.explicit_proxy; }
+  bool captures() const { return capture.transparent || capture.explicit_proxy || capture.inbound; }
   bool needs_identity() const {
     return inbound.enabled || !outbound.empty() || (captures() && !services.empty());
   }

@@ -286,6 +286,8 @@ std::map<std::string, std::pair<std::string, HostPort>> ProxyServer::wanted_list
     out["capture/transparent"] = {c.capture.transparent->to_string(), *c.capture.transparent};
   if (c.capture.explicit_proxy)
     out["capture/explicit"] = {c.capture.explicit_proxy->to_string(), *c.capture.explicit_proxy};
+  if (c.capture.inbound)
+    out["capture/inbound"] = {c.capture.inbound->to_string(), *c.capture.inbound};
   return out;
 }
 

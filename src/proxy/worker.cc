@@ -119,6 +119,7 @@ void Worker::on_accept(const std::string& key, tcp::socket socket) {
   if (key.rfind("l4/", 0) == 0) return handle_l4(key.substr(3), std::move(socket));
   if (key == "capture/transparent") return handle_transparent(std::move(socket));
   if (key == "capture/explicit") return handle_explicit(std::move(socket));
+  if (key == "capture/inbound") return handle_inbound_capture(std::move(socket));
 }
 
 void Worker::handle_outbound(const std::string& name, tcp::socket socket) {

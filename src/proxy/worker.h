@@ -47,6 +47,7 @@ class Worker {
   // Capture (src/proxy/capture): iptables-redirected connections, and SOCKS5 / HTTP proxy ones.
   void handle_transparent(boost::asio::ip::tcp::socket socket);
   void handle_explicit(boost::asio::ip::tcp::socket socket);
+  void handle_inbound_capture(boost::asio::ip::tcp::socket socket);
   void explicit_socks5(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
   void explicit_http(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
   // Where a captured connection goes: a mesh service over HBONE, or straight out (egress).

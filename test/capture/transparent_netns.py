@@ -28,6 +28,7 @@ import time
 
 WEFT = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else "weft"
 NS = f"wcap{os.getpid() % 100000}"
+PEER_NS = NS + "p"  # a client outside the workload, for inbound capture
 APP_IP = "192.0.2.1"
 
 BANNER = r"""
@@ -106,11 +107,14 @@ def main():
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
         sh("ip", "link", "set", "lo", "up")
-        # An address of the namespace's own (a veth pair: not every kernel has dummy links).
+        # The workload's address, on a veth whose other end is a peer namespace.
+        subprocess.run(["ip", "netns", "add", PEER_NS], check=True)
         sh("ip", "link", "add", "app0", "type", "veth", "peer", "name", "app1")
+        sh("ip", "link", "set", "app1", "netns", PEER_NS)
         sh("ip", "addr", "add", f"{APP_IP}/24", "dev", "app0")
         sh("ip", "link", "set", "app0", "up")
-        sh("ip", "link", "set", "app1", "up")
+        sh("ip", "addr", "add", "192.0.2.2/24", "dev", "app1", ns=PEER_NS)
+        sh("ip", "link", "set", "app1", "up", ns=PEER_NS)
 
         # PKI: a client identity for the capturing proxy, a server identity for the mesh peer.
         ca = os.path.join(work, "ca")
@@ -145,7 +149,8 @@ def main():
             "    authority: 'web:8080'\n"
             "    spiffe_ids: ['spiffe://capture.test/ns/default/sa/server']\n"
             "    destinations: ['web.mesh:8080']\n"
-            "capture:\n  transparent: 127.0.0.1:15001\n  opaque_ports: [2525]\n")
+            "capture:\n  transparent: 127.0.0.1:15001\n  opaque_ports: [2525]\n"
+            "  inbound: 0.0.0.0:15006\n  inbound_plaintext: allow\n")
         for name, cfg in (("server", server_cfg), ("client", client_cfg)):
             spawn([WEFT, "proxy", "-c", cfg, "--admin-address-path",
                    os.path.join(work, f"{name}.admin")], f"{name}.log")
@@ -158,7 +163,7 @@ def main():
                                                    check=False).stdout == "200")
 
         install = [WEFT, "iptables", "install", "--proxy-uid", "0", "--outbound-port", "15001",
-                   "--ipv6", "off"]
+                   "--inbound", "--inbound-port", "15006", "--ipv6", "off"]
         sh(*install)
         first = nat_rules()
         sh(*install)
@@ -204,6 +209,15 @@ def main():
             e = wait_for(f"the access log line for {port}", lambda: last_entry(f"{APP_IP}:{port}"))
             check(e.get("protocol") == proto, f"port {port} went as '{proto}': {e.get('protocol')}")
 
+        # Inbound: a client in the peer namespace reaches the workload through 15006.
+        r = sh("curl", "-s", "-m", "5", f"http://{APP_IP}:8080/hello.txt", ns=PEER_NS, check=False)
+        check(r.stdout == "hello from the origin\n", f"inbound plaintext through 15006 (got {r.stdout!r})")
+        e = wait_for("the inbound access log line",
+                     lambda: next((x for x in reversed(access_log())
+                                   if x.get("listener") == "capture/inbound"), None))
+        check(e.get("destination") == f"{APP_IP}:8080" and e.get("direction") == "inbound",
+              f"inbound capture logged with its original destination: {e}")
+
         # Dialled directly (as root: not redirected): refused, never looped to itself.
         r = sh("/usr/bin/python3", "-c", READ_BANNER, "127.0.0.1", 15001, check=False)
         e = wait_for("the direct-dial access log line",
@@ -231,6 +245,7 @@ def main():
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+        subprocess.run(["ip", "netns", "del", PEER_NS], capture_output=True)
         if failures:
             for f in ("client.log", "server.log"):
                 print(f"--- {f}\n" + "".join(open(os.path.join(work, f)).readlines()[-20:]))

@@ -195,6 +195,7 @@ TEST(CaptureConfig, ParsesAndRefusesAnOpenProxy) {
   EXPECT_EQ(c.services[0].destinations[0].to_string(), "web.mesh:80");
   EXPECT_EQ(c.capture.opaque_ports, std::vector<uint16_t>{5432});
   EXPECT_FALSE(c.capture.egress_allowed);
+  EXPECT_FALSE(c.capture.inbound_plaintext_allowed);  // STRICT unless said otherwise
   try {
     parse_proxy_config(base + "capture: {explicit: 0.0.0.0:15080}\n", "t.yaml", "/");
     FAIL() << "an unauthenticated explicit proxy on 0.0.0.0 was accepted";

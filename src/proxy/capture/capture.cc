@@ -42,6 +42,15 @@ Result<tcp::endpoint> original_destination(tcp::socket& s) {
   return make_error("original destination of unknown family " + std::to_string(ss.ss_family));
 }
 
+Result<HostPort> redirected_destination(tcp::socket& s) {
+  auto dst = original_destination(s);
+  if (!dst) return make_error(dst.error());
+  boost::system::error_code ec;
+  if (*dst == s.local_endpoint(ec))
+    return make_error("it was dialled directly, not redirected here by iptables");
+  return HostPort{dst->address().to_string(), dst->port()};
+}
+
 namespace {
 
 struct PeekState : std::enable_shared_from_this<PeekState> {

@@ -21,6 +21,9 @@ namespace weft {
 // SO_ORIGINAL_DST (IPv4) / IP6T_SO_ORIGINAL_DST (IPv6): where the application was connecting
 // before iptables REDIRECT sent it to us.
 Result<boost::asio::ip::tcp::endpoint> original_destination(boost::asio::ip::tcp::socket& s);
+// The same as host:port, refusing a connection dialled straight at the capture port: its
+// "original destination" is the port itself, and forwarding it would loop.
+Result<HostPort> redirected_destination(boost::asio::ip::tcp::socket& s);
 
 // Peeks (MSG_PEEK: nothing is consumed) at what the client sent, calling `decide(bytes,
 // final)` when bytes arrive and, with final = true, once at the deadline or end of stream; it

@@ -75,17 +75,13 @@ void Worker::handle_transparent(tcp::socket socket) {
   entry.direction = "outbound";
   entry.listener = "capture/transparent";
   entry.downstream = remote_of(socket);
-  auto dst = original_destination(socket);
-  boost::system::error_code ec;
-  const auto local = socket.local_endpoint(ec);
-  if (dst && !ec && *dst == local)  // forwarding it would connect the proxy to itself
-    dst = make_error("it was dialled directly, not redirected here by iptables");
+  auto dst = redirected_destination(socket);
   if (!dst) {
     entry.result = "no_original_destination: " + dst.error();
     access_log_.write(entry);
     return;
   }
-  const HostPort destination{dst->address().to_string(), dst->port()};
+  const HostPort destination = *dst;
   entry.destination = destination.to_string();
   const auto& cap = snap->config->capture;
   // Detection only helps when a name could match on this port; otherwise (and on opaque
@@ -117,6 +113,30 @@ void Worker::handle_transparent(tcp::socket socket) {
         forward_captured(snap, std::move(*held), name, destination, std::move(entry), nullptr);
         return true;
       });
+}
+
+void Worker::handle_inbound_capture(tcp::socket socket) {
+  AccessLogEntry entry;
+  entry.direction = "inbound";
+  entry.listener = "capture/inbound";
+  entry.downstream = remote_of(socket);
+  entry.protocol = "tcp (plaintext)";
+  auto dst = redirected_destination(socket);
+  if (!dst) {
+    entry.result = "no_original_destination: " + dst.error();
+    access_log_.write(entry);
+    return;
+  }
+  const HostPort destination = *dst;
+  entry.destination = destination.to_string();
+  if (!snapshot_->config->capture.inbound_plaintext_allowed) {
+    entry.result =
+        "plaintext_denied: mesh traffic arrives over HBONE; capture.inbound_plaintext is deny";
+    access_log_.write(entry);
+    return;
+  }
+  // To the app at the address it was meant for; the proxy's own uid is never captured.
+  open_egress(destination, std::move(socket), std::move(entry), nullptr);
 }
 
 void Worker::handle_explicit(tcp::socket socket) {
