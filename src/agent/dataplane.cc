@@ -50,6 +50,9 @@ void DataPlane::spawn() {
     // The proxy must not outlive its agent.
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(1);
+    // Nothing of the agent's may live on in the proxy: an inherited UDP or listening socket
+    // would hold the agent's ports after it died (a restarted agent could not bind them).
+    ::close_range(3, ~0U, 0);
     ::execv(argv[0], const_cast<char* const*>(argv));
     ::_exit(127);
   }

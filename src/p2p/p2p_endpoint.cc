@@ -12,6 +12,8 @@
 
 #include "identity/openssl_ptr.h"
 #include "p2p/relay_group.h"
+
+#include <openssl/hmac.h>
 #include "p2p/relay_server.h"
 #include "p2p/stun.h"
 
@@ -79,6 +81,20 @@ Result<std::unique_ptr<P2pEndpoint>> P2pEndpoint::start(asio::io_context& io, P2
   if (!e->key_ || EVP_PKEY_get_id(e->key_.get()) != EVP_PKEY_ED25519 ||
       EVP_PKEY_get_raw_public_key(e->key_.get(), e->self_key_.data(), &len) != 1)
     return make_error("P2P: the node key is not an Ed25519 private key");
+  // Derived from the node key, so the same node after a restart (no state) answers packets
+  // of its old connections with resets peers believe.
+  {
+    std::array<uint8_t, 32> secret{};
+    std::array<uint8_t, 64> raw{};
+    size_t raw_len = raw.size();
+    EVP_PKEY_get_raw_private_key(e->key_.get(), raw.data(), &raw_len);
+    static const char kLabel[] = "weft quic stateless reset v1";
+    unsigned out_len = 0;
+    HMAC(EVP_sha256(), raw.data(), static_cast<int>(raw_len),
+         reinterpret_cast<const uint8_t*>(kLabel), sizeof kLabel - 1, secret.data(), &out_len);
+    OPENSSL_cleanse(raw.data(), raw.size());
+    e->options_.quic.reset_secret = secret;
+  }
   boost::system::error_code ec;
   e->socket_.open(e->options_.listen.protocol(), ec);
   if (!ec) e->socket_.bind(e->options_.listen, ec);
@@ -289,7 +305,29 @@ void P2pEndpoint::on_quic(const relay::NodeKey& peer, const uint8_t* data, size_
   }
   if (!header->long_header || !tls_) {
     spdlog::debug("p2p: QUIC from {} for no connection we know", p->info.name);
-    return void(++counters_.udp_garbage);
+    ++counters_.udp_garbage;
+    // A stateless reset carries a random connection ID: only the connections themselves can
+    // recognise its token (QUIC then closes the one it was meant for).
+    if (!header->long_header) {
+      auto conns = p->conns;
+      for (auto& c : conns) c->on_datagram(data, len);
+    }
+    // A short-header packet for a connection we do not have: we restarted, or dropped it.
+    // Tell the peer (a few per second at most), or it waits for its idle timeout.
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_reset_window_ >= std::chrono::seconds(1)) {
+      last_reset_window_ = now;
+      resets_in_window_ = 0;
+    }
+    if (!header->long_header && options_.quic.reset_secret && resets_in_window_ < 10) {
+      auto reset = quic::stateless_reset_packet(*options_.quic.reset_secret, header->dcid, len);
+      if (!reset.empty()) {
+        ++resets_in_window_;
+        ++counters_.stateless_resets;
+        send_to_peer(peer, reset.data(), reset.size(), reset.size());
+      }
+    }
+    return;
   }
   auto conn = quic::Connection::server(
       io_, tls_, options_.quic, peer, data, len,
@@ -675,6 +713,9 @@ std::string P2pEndpoint::metrics_text() const {
   counter("unknown_source_total", "QUIC datagrams dropped from sources not proven by a probe.",
           c.unknown_source);
   counter("probes_total", "Path probes received.", c.probes_in);
+  counter("stateless_resets_total",
+          "QUIC stateless resets sent for packets of connections this node does not have.",
+          c.stateless_resets);
   counter("probes_rejected_total", "Probes dropped: bad signature, malformed or unsolicited.",
           c.probes_bad);
   counter("probes_unknown_key_total", "Probes from keys that are not mesh peers.",

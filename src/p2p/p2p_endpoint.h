@@ -155,6 +155,8 @@ class P2pEndpoint {
   RelayGroup* relay_ = nullptr;
   quic::QuicTunnel::Authorize authorize_;
   std::map<relay::NodeKey, PeerState> peers_;
+  std::chrono::steady_clock::time_point last_reset_window_{};  // stateless resets: 10 a second
+  int resets_in_window_ = 0;
   std::map<std::string, std::pair<relay::NodeKey, std::weak_ptr<quic::Connection>>> cids_;
   std::map<boost::asio::ip::udp::endpoint, relay::NodeKey> addresses_;  // verified sources
   std::map<probe::TxId, Outstanding> outstanding_;
@@ -165,7 +167,7 @@ class P2pEndpoint {
   struct Counters {
     uint64_t udp_in = 0, udp_garbage = 0, unknown_source = 0, probes_in = 0, probes_bad = 0,
              probes_unknown_key = 0, relay_in = 0, relay_out = 0, direct_out = 0, send_errors = 0,
-             no_path = 0, tunnels_opened = 0, tunnels_accepted = 0;
+             stateless_resets = 0, no_path = 0, tunnels_opened = 0, tunnels_accepted = 0;
   } counters_;
 };
 

@@ -942,9 +942,9 @@ class TwoAgentTest : public ControlTest {
                                   "--control-ca",
                                   (dir_ / "ca" / "ca.crt").string(),
                                   "--heartbeat-interval",
-                                  "200ms",
-                                  "--quic-port",
-                                  "0"};
+                                  "200ms"};
+    if (std::find(extra.begin(), extra.end(), "--quic-port") == extra.end())
+      args.insert(args.end(), {"--quic-port", "0"});
     args.insert(args.end(), extra.begin(), extra.end());
     a.proc = std::make_unique<Process>(args, dir_ / (name + ".log"));
     for (int i = 0; i < 1000 && !fs::exists(addr); ++i) {
@@ -1631,6 +1631,55 @@ TEST_F(TwoAgentTest, AgentsFailOverToAStandaloneRelayWhenTheHomeRelayGoesSilent)
   proc_->signal(SIGCONT);
   relay.signal(SIGTERM);
   EXPECT_EQ(relay.wait(), 0);
+}
+
+// West dies without a word (SIGKILL) and comes back on the same UDP port with the same node
+// key but no state. East's open tunnel over the old QUIC connection must end at once — west
+// answers its packets with a stateless reset whose token derives from the node key — instead
+// of hanging until the 60 s idle timeout; new connections work.
+TEST_F(TwoAgentTest, AnAgentThatCrashedResetsTheQuicConnectionsItForgot) {
+  start({"--heartbeat-interval", "200ms"});
+  EchoServer echo;
+  const uint16_t port = unused_port(), quic = unused_port();
+  const std::string key = create_key({"--reusable"});
+  const std::vector<std::string> west_args{
+      "--auth-key",  key,
+      "--quic-port", std::to_string(quic),
+      "--proxies",   std::to_string(port) + ":127.0.0.1:" + std::to_string(echo.port())};
+  start_agent(west_, "west", "127.0.0.2", west_args);
+  start_agent(east_, "east", "127.0.0.3", {"--auth-key", key});
+  ASSERT_EQ(op("PUT", "/v1/policies/east-to-echo",
+               R"({"service":"proxy-)" + std::to_string(port) +
+                   R"(","allow":["spiffe://mesh.test/cluster/east/*"]})")
+                .status,
+            200);
+  ASSERT_EQ(eventually_echo("127.0.0.3", port, "before"), "before") << read_file(dir_ / "east.log");
+
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket held(io);
+  held.connect({boost::asio::ip::make_address("127.0.0.3"), port});
+  boost::asio::write(held, boost::asio::buffer(std::string("1")));
+  char c = 0;
+  boost::asio::read(held, boost::asio::buffer(&c, 1));
+
+  west_.proc->signal(SIGKILL);
+  west_.proc->wait();
+  west_.proc.reset();
+  start_agent(west_, "west", "127.0.0.2", {"--quic-port", std::to_string(quic)});
+  const auto killed = std::chrono::steady_clock::now();
+  boost::system::error_code ec;
+  boost::asio::write(held, boost::asio::buffer(std::string("2")), ec);
+  size_t n = 0;
+  while (!ec && n == 0) n = held.read_some(boost::asio::buffer(&c, 1), ec);
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  std::printf("tunnel over the forgotten QUIC connection ended %.1f s after the restart (%s)\n",
+              took, ec.message().c_str());
+  EXPECT_TRUE(ec) << "the old tunnel still echoed after west forgot it";
+  // Without a reset the tunnel would end only at the 60 s idle timeout, logged as such.
+  EXPECT_TRUE(eventually_logged(dir_ / "east.log", "stateless reset"))
+      << read_file(dir_ / "east.log");
+  EXPECT_EQ(eventually_echo("127.0.0.3", port, "after"), "after") << read_file(dir_ / "east.log");
 }
 
 }  // namespace

@@ -59,10 +59,10 @@ class P2pTest : public ::testing::Test {
     return {read_file(dir_ / name / "cert.pem"), read_file(dir_ / name / "key.pem"),
             read_file(dir_ / name / "ca.crt")};
   }
-  P2pEndpoint* start(const Node& n, uint16_t target_port) {
+  P2pEndpoint* start(const Node& n, uint16_t target_port, uint16_t udp_port = 0) {
     return on_io([&]() -> P2pEndpoint* {
       P2pOptions o;
-      o.listen = udp::endpoint(asio::ip::make_address("127.0.0.1"), 0);
+      o.listen = udp::endpoint(asio::ip::make_address("127.0.0.1"), udp_port);
       o.private_pem = n.key;
       auto e = P2pEndpoint::start(io_, o);
       EXPECT_TRUE(e.ok()) << e.error();

@@ -4,6 +4,7 @@
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
 #include <ngtcp2/ngtcp2_crypto_gnutls.h>
+#include <openssl/hmac.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <spdlog/spdlog.h>
@@ -12,6 +13,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "identity/certificate_info.h"
 #include "identity/openssl_ptr.h"
@@ -243,6 +245,7 @@ Result<std::shared_ptr<Connection>> Connection::client(boost::asio::io_context& 
   cb.stream_reset = &Connection::on_stream_reset;
   cb.extend_max_stream_data = &Connection::on_extend_max_stream_data;
   cb.get_new_connection_id = &Connection::on_new_cid;
+  cb.recv_stateless_reset = &Connection::on_stateless_reset;
   cb.remove_connection_id = &Connection::on_remove_cid;
   ngtcp2_settings s;
   ngtcp2_transport_params p;
@@ -279,12 +282,18 @@ Result<std::shared_ptr<Connection>> Connection::server(boost::asio::io_context& 
   cb.stream_reset = &Connection::on_stream_reset;
   cb.extend_max_stream_data = &Connection::on_extend_max_stream_data;
   cb.get_new_connection_id = &Connection::on_new_cid;
+  cb.recv_stateless_reset = &Connection::on_stateless_reset;
   cb.remove_connection_id = &Connection::on_remove_cid;
   ngtcp2_settings s;
   ngtcp2_transport_params p;
   fill_settings(s, p, settings);
   p.original_dcid = hd.dcid;
   const ngtcp2_cid scid = random_cid();
+  if (settings.reset_secret) {
+    const auto t = stateless_reset_token(*settings.reset_secret, scid.data, scid.datalen);
+    std::memcpy(p.stateless_reset_token, t.data(), t.size());
+    p.stateless_reset_token_present = 1;
+  }
   if (int rv = ngtcp2_conn_server_new(&c->conn_, &hd.scid, &scid, virtual_path(), hd.version, &cb,
                                       &s, &p, nullptr, c.get());
       rv != 0)
@@ -355,6 +364,7 @@ void Connection::on_datagram(const uint8_t* data, size_t len) {
     std::string why = "closed by the peer";
     if (ccerr.reasonlen)
       why += ": " + std::string(reinterpret_cast<const char*>(ccerr.reason), ccerr.reasonlen);
+    if (!close_reason_.empty()) why = close_reason_;  // a stateless reset says more
     return finish_close(why);
   }
   if (rv == NGTCP2_ERR_DROP_CONN) return finish_close("dropped by QUIC");
@@ -714,8 +724,19 @@ int Connection::on_new_cid(ngtcp2_conn*, ngtcp2_cid* cid, uint8_t* token, size_t
   auto* self = static_cast<Connection*>(self_);
   cid->datalen = len;
   random_bytes(cid->data, len);
-  random_bytes(token, NGTCP2_STATELESS_RESET_TOKENLEN);
+  if (self->settings_.reset_secret) {
+    const auto t = stateless_reset_token(*self->settings_.reset_secret, cid->data, cid->datalen);
+    std::memcpy(token, t.data(), t.size());
+  } else {
+    random_bytes(token, NGTCP2_STATELESS_RESET_TOKENLEN);
+  }
   if (self->hooks_.on_cid) self->hooks_.on_cid(*self, cid_key(*cid), true);
+  return 0;
+}
+
+int Connection::on_stateless_reset(ngtcp2_conn*, const ngtcp2_pkt_stateless_reset*, void* self_) {
+  static_cast<Connection*>(self_)->close_reason_ =
+      "stateless reset: the peer no longer knows this connection (it restarted)";
   return 0;
 }
 
@@ -723,6 +744,34 @@ int Connection::on_remove_cid(ngtcp2_conn*, const ngtcp2_cid* cid, void* self_) 
   auto* self = static_cast<Connection*>(self_);
   if (self->hooks_.on_cid) self->hooks_.on_cid(*self, cid_key(*cid), false);
   return 0;
+}
+
+std::array<uint8_t, 16> stateless_reset_token(const std::array<uint8_t, 32>& secret,
+                                              const uint8_t* cid, size_t cid_len) {
+  uint8_t mac[EVP_MAX_MD_SIZE];
+  unsigned mac_len = 0;
+  HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()), cid, cid_len, mac, &mac_len);
+  std::array<uint8_t, 16> token{};
+  std::memcpy(token.data(), mac, token.size());
+  return token;
+}
+
+std::vector<uint8_t> stateless_reset_packet(const std::array<uint8_t, 32>& secret,
+                                            const std::string& dcid, size_t received_len) {
+  // RFC 9000 10.3: at least 21 bytes, and shorter than what triggered it.
+  constexpr size_t kMin = NGTCP2_MIN_STATELESS_RESET_RANDLEN + NGTCP2_STATELESS_RESET_TOKENLEN + 1;
+  if (received_len <= kMin + 1) return {};
+  const size_t len = std::min<size_t>(received_len - 1, 64);
+  const auto token =
+      stateless_reset_token(secret, reinterpret_cast<const uint8_t*>(dcid.data()), dcid.size());
+  std::vector<uint8_t> random(len - NGTCP2_STATELESS_RESET_TOKENLEN - 1);
+  random_bytes(random.data(), random.size());
+  std::vector<uint8_t> out(len);
+  const auto n = ngtcp2_pkt_write_stateless_reset(out.data(), out.size(), token.data(),
+                                                  random.data(), random.size());
+  if (n < 0) return {};
+  out.resize(static_cast<size_t>(n));
+  return out;
 }
 
 std::optional<PacketHeader> peek_header(const uint8_t* data, size_t len) {

@@ -34,6 +34,7 @@
 
 struct ngtcp2_conn;
 struct ngtcp2_cid;
+struct ngtcp2_pkt_stateless_reset;
 struct ngtcp2_crypto_conn_ref;
 struct gnutls_session_int;
 struct gnutls_certificate_credentials_st;
@@ -74,7 +75,19 @@ struct Settings {
   uint64_t conn_window = 32u << 20;
   size_t stream_send_buffer = 1u << 20;  // unacknowledged bytes a stream may hold
   uint64_t max_streams = 1000;
+  // Stateless reset (RFC 9000 10.3): tokens derived from this secret and each connection ID,
+  // so an endpoint that restarted (same secret, no state) can tell a peer its connection is
+  // gone instead of leaving it to the idle timeout. Unset: random tokens, no resets.
+  std::optional<std::array<uint8_t, 32>> reset_secret;
 };
+
+// The stateless reset token for a connection ID under `secret` (HMAC-SHA256, truncated).
+std::array<uint8_t, 16> stateless_reset_token(const std::array<uint8_t, 32>& secret,
+                                              const uint8_t* cid, size_t cid_len);
+// A Stateless Reset answering a packet of `received_len` bytes for `dcid`, shorter than it
+// (so two endpoints can never ping-pong resets); empty when the packet was too small to answer.
+std::vector<uint8_t> stateless_reset_packet(const std::array<uint8_t, 32>& secret,
+                                            const std::string& dcid, size_t received_len);
 
 // What a stream tells its user. Calls come from inside the connection; the handler may write,
 // consume or close from them.
@@ -182,6 +195,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
                              void* stream);
   static int on_extend_max_stream_data(ngtcp2_conn*, int64_t id, uint64_t max, void* self,
                                        void* stream);
+  static int on_stateless_reset(ngtcp2_conn*, const ngtcp2_pkt_stateless_reset*, void* self);
   static int on_new_cid(ngtcp2_conn*, ngtcp2_cid* cid, uint8_t* token, size_t len, void* self);
   static int on_remove_cid(ngtcp2_conn*, const ngtcp2_cid* cid, void* self);
   static ngtcp2_conn* get_conn(ngtcp2_crypto_conn_ref* ref);
