@@ -67,6 +67,9 @@ struct PeekState : std::enable_shared_from_this<PeekState> {
   PeekDecide decide;
   std::vector<char> buffer;
   bool done = false;
+  // A client that sent part of what we need is polled, 1 ms first, then less and less often:
+  // one that trickles a byte and stalls must not cost a wakeup a millisecond until the deadline.
+  std::chrono::milliseconds poll{1};
 
   void finish() {
     done = true;
@@ -100,7 +103,8 @@ struct PeekState : std::enable_shared_from_this<PeekState> {
                           self->step();
                         });
     } else {
-      timer.expires_after(std::chrono::milliseconds(1));
+      timer.expires_after(poll);
+      poll = std::min(poll * 2, std::chrono::milliseconds(32));
       timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
         if (!ec) self->step();
       });

@@ -28,7 +28,8 @@ Result<HostPort> redirected_destination(boost::asio::ip::tcp::socket& s);
 // Peeks (MSG_PEEK: nothing is consumed) at what the client sent, calling `decide(bytes,
 // final)` when bytes arrive and, with final = true, once at the deadline or end of stream; it
 // returns true when it has what it needs. The first wait is for readability; after a partial
-// answer it polls every millisecond, since a socket with unread bytes is always readable.
+// answer it polls (1 ms, backing off to 32 ms), since a socket with unread bytes is always
+// readable.
 // Runs on the socket's executor; the socket must outlive the peek.
 using PeekDecide = std::function<bool(std::string_view bytes, bool final)>;
 void peek_until(boost::asio::ip::tcp::socket& s, std::chrono::milliseconds timeout, size_t max,
