@@ -8,6 +8,8 @@
 
 #include <boost/json.hpp>
 
+#include "config/http_config_yaml.h"
+#include "config/yaml_reader.h"
 #include "core/label.h"
 #include "identity/spiffe_id.h"
 
@@ -16,130 +18,6 @@ namespace weft {
 namespace fs = std::filesystem;
 
 namespace {
-
-// Walks the YAML tree remembering where each node came from, so every error can say
-// "file:line:column: field 'a.b[2].c': what is wrong; what to write".
-class Reader {
- public:
-  Reader(std::string source, fs::path base) : source_(std::move(source)), base_(std::move(base)) {}
-
-  [[noreturn]] void fail(const YAML::Node& node, const std::string& field,
-                         const std::string& what) const {
-    std::ostringstream out;
-    out << source_;
-    if (node.IsDefined() && node.Mark().line >= 0)
-      out << ":" << node.Mark().line + 1 << ":" << node.Mark().column + 1;
-    out << ": field '" << field << "': " << what;
-    throw ConfigError(out.str());
-  }
-
-  void require_map(const YAML::Node& node, const std::string& field,
-                   std::initializer_list<std::string_view> allowed) const {
-    if (!node.IsMap()) fail(node, field, "expected a mapping (key: value lines)");
-    for (const auto& kv : node) {
-      if (!kv.first.IsScalar()) fail(kv.first, field, "keys must be plain names");
-      const std::string key = kv.first.Scalar();
-      bool known = false;
-      for (auto a : allowed) known = known || a == key;
-      if (!known) {
-        std::string list;
-        for (auto a : allowed) list += (list.empty() ? "" : ", ") + std::string(a);
-        fail(kv.first, join(field, key), "unknown field; expected one of: " + list);
-      }
-    }
-  }
-
-  static std::string join(const std::string& parent, const std::string& key) {
-    return parent.empty() ? key : parent + "." + key;
-  }
-
-  std::string scalar(const YAML::Node& node, const std::string& field) const {
-    if (!node.IsScalar()) fail(node, field, "expected a single value");
-    return node.Scalar();
-  }
-
-  std::string string_field(const YAML::Node& map, const std::string& parent, const char* key,
-                           bool required, std::string fallback = {}) const {
-    const YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) {
-      if (required) fail(map, join(parent, key), "is required");
-      return fallback;
-    }
-    return scalar(n, join(parent, key));
-  }
-
-  HostPort address(const YAML::Node& map, const std::string& parent, const char* key, bool required,
-                   HostPort fallback = {}, bool allow_zero = false) const {
-    const YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) {
-      if (required) fail(map, join(parent, key), "is required (host:port)");
-      return fallback;
-    }
-    auto hp = parse_host_port(scalar(n, join(parent, key)), allow_zero);
-    if (!hp) fail(n, join(parent, key), hp.error());
-    return *hp;
-  }
-
-  Millis duration(const YAML::Node& map, const std::string& parent, const char* key,
-                  Millis fallback) const {
-    const YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return fallback;
-    auto d = parse_duration(scalar(n, join(parent, key)));
-    if (!d) fail(n, join(parent, key), d.error());
-    return *d;
-  }
-
-  unsigned number(const YAML::Node& map, const std::string& parent, const char* key,
-                  unsigned fallback, unsigned lo, unsigned hi) const {
-    const YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return fallback;
-    const std::string s = scalar(n, join(parent, key));
-    unsigned long v = 0;
-    size_t used = 0;
-    try {
-      v = std::stoul(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != s.size() || s.empty() || s[0] == '-' || v < lo || v > hi)
-      fail(n, join(parent, key),
-           "expected a whole number from " + std::to_string(lo) + " to " + std::to_string(hi));
-    return static_cast<unsigned>(v);
-  }
-
-  // Exact identities (what a server must present) or, with `patterns`, authorization patterns.
-  std::vector<std::string> spiffe_list(const YAML::Node& map, const std::string& parent,
-                                       const char* key, bool patterns = false) const {
-    std::vector<std::string> out;
-    const YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return out;
-    if (!n.IsSequence()) fail(n, join(parent, key), "expected a list of SPIFFE IDs");
-    for (size_t i = 0; i < n.size(); ++i) {
-      const std::string field = join(parent, key) + "[" + std::to_string(i) + "]";
-      const std::string id = scalar(n[i], field);
-      auto parsed = patterns ? check_identity_pattern(id) : check_mesh_identity(id);
-      if (!parsed) fail(n[i], field, parsed.error());
-      out.push_back(id);
-    }
-    return out;
-  }
-
-  const YAML::Node sequence(const YAML::Node& map, const char* key) const {
-    const YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return YAML::Node(YAML::NodeType::Sequence);
-    if (!n.IsSequence()) fail(n, key, "expected a list (lines starting with '- ')");
-    return n;
-  }
-
-  fs::path path(const YAML::Node& map, const std::string& parent, const char* key) const {
-    fs::path p = string_field(map, parent, key, true);
-    return p.is_absolute() ? p : base_ / p;
-  }
-
- private:
-  std::string source_;
-  fs::path base_;
-};
 
 void check_name(const Reader& r, const YAML::Node& node, const std::string& field,
                 const std::string& name, std::set<std::string>& seen) {
@@ -179,10 +57,10 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   }
   Reader r(source, base);
   if (root.IsNull()) throw ConfigError(source + ": the config is empty");
-  r.require_map(
-      root, "",
-      {"identity", "workers", "admin", "drain_timeout", "cert_check_interval", "access_log",
-       "services", "outbound", "inbound", "l4", "capture", "pool", "services_from_agent"});
+  r.require_map(root, "",
+                {"identity", "workers", "admin", "drain_timeout", "cert_check_interval",
+                 "access_log", "services", "outbound", "inbound", "l4", "capture", "pool",
+                 "services_from_agent", "locality"});
   ProxyConfig c;
   c.source = source;
   if (auto n = root["services_from_agent"]; n.IsDefined()) {
@@ -194,6 +72,7 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   c.drain_timeout = r.duration(root, "", "drain_timeout", c.drain_timeout);
   c.cert_check_interval = r.duration(root, "", "cert_check_interval", c.cert_check_interval);
   c.access_log = r.string_field(root, "", "access_log", false, c.access_log);
+  c.locality = r.string_field(root, "", "locality", false);
   if (c.access_log != "stdout" && c.access_log != "off") {
     fs::path p = c.access_log;
     if (!p.is_absolute()) c.access_log = (base / p).string();
@@ -219,23 +98,40 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   for (size_t i = 0; i < services.size(); ++i) {
     const std::string f = "services[" + std::to_string(i) + "]";
     const YAML::Node n = services[i];
-    r.require_map(n, f, {"name", "addresses", "authority", "spiffe_ids", "destinations"});
+    r.require_map(
+        n, f,
+        {"name", "addresses", "authority", "spiffe_ids", "destinations", "endpoints", "http"});
     ServiceConfig s;
     s.name = r.string_field(n, f, "name", true);
     check_name(r, n["name"], f + ".name", s.name, service_names);
+    s.http = read_http_service(r, n["http"], f + ".http");
+    if (n["endpoints"].IsDefined()) {
+      if (n["addresses"].IsDefined() || n["authority"].IsDefined())
+        r.fail(n["endpoints"], f + ".endpoints",
+               "give either 'endpoints' or 'addresses' with 'authority', not both");
+      s.endpoints = read_endpoints(r, n["endpoints"], f + ".endpoints");
+      // L4 connections need one authority: the first endpoint's, through any of the proxies.
+      s.authority = s.endpoints.front().authority;
+      for (const auto& e : s.endpoints)
+        if (std::find(s.addresses.begin(), s.addresses.end(), e.address) == s.addresses.end())
+          s.addresses.push_back(e.address);
+    }
     const YAML::Node addrs = n["addresses"];
-    if (!addrs.IsDefined() || !addrs.IsSequence() || addrs.size() == 0)
+    if (s.endpoints.empty() && (!addrs.IsDefined() || !addrs.IsSequence() || addrs.size() == 0))
       r.fail(addrs.IsDefined() ? addrs : n, f + ".addresses",
              "expected a non-empty list of peer proxy addresses (host:port of their HBONE port)");
-    for (size_t j = 0; j < addrs.size(); ++j) {
+    for (size_t j = 0; s.endpoints.empty() && j < addrs.size(); ++j) {
       const std::string af = f + ".addresses[" + std::to_string(j) + "]";
       auto hp = parse_host_port(r.scalar(addrs[j], af));
       if (!hp) r.fail(addrs[j], af, hp.error());
       s.addresses.push_back(*hp);
     }
-    s.authority = r.string_field(n, f, "authority", true);
-    if (auto a = parse_host_port(s.authority); !a)
-      r.fail(n["authority"], f + ".authority", a.error());
+    if (s.endpoints.empty()) {
+      s.authority = r.string_field(n, f, "authority", true);
+      if (auto a = parse_host_port(s.authority); !a)
+        r.fail(n["authority"], f + ".authority", a.error());
+      for (const auto& a : s.addresses) s.endpoints.push_back({a, s.authority, 1, ""});
+    }
     s.spiffe_ids = r.spiffe_list(n, f, "spiffe_ids");
     if (s.spiffe_ids.empty())
       r.fail(n, f + ".spiffe_ids",
@@ -257,19 +153,42 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
   for (size_t i = 0; i < outbound.size(); ++i) {
     const std::string f = "outbound[" + std::to_string(i) + "]";
     const YAML::Node n = outbound[i];
-    r.require_map(n, f, {"name", "listen", "service"});
+    r.require_map(n, f, {"name", "listen", "service", "protocol", "routes", "max_request_body"});
     OutboundListenerConfig o;
     o.name = r.string_field(n, f, "name", true);
     check_name(r, n["name"], f + ".name", o.name, listener_names);
     o.listen = r.address(n, f, "listen", true, {}, true);
     check_listen(r, n["listen"], f + ".listen", o.listen, listens);
-    o.service = r.string_field(n, f, "service", true);
+    const std::string protocol = r.string_field(n, f, "protocol", false, "tcp");
+    if (protocol != "tcp" && protocol != "http")
+      r.fail(n["protocol"], f + ".protocol",
+             "expected tcp (opaque bytes) or http (HTTP/1.1 routing, balancing and retries)");
+    o.http = protocol == "http";
+    if (!o.http && (n["routes"].IsDefined() || n["max_request_body"].IsDefined()))
+      r.fail(n["routes"].IsDefined() ? n["routes"] : n["max_request_body"], f,
+             "routes and max_request_body need protocol: http");
+    o.service = r.string_field(n, f, "service", !o.http || !n["routes"].IsDefined());
+    o.routes = read_routes(r, n["routes"], f + ".routes");
+    o.max_request_body = r.number(n, f, "max_request_body",
+                                  static_cast<unsigned>(o.max_request_body), 0, 64u * 1024 * 1024);
+    if (!o.service.empty()) {
+      RouteConfig fallback;
+      fallback.name = "default";
+      fallback.backends.push_back({o.service, 1});
+      if (o.http) o.routes.push_back(std::move(fallback));
+    }
     // With services from the agent, a name may only be known once the agent sends it.
-    if (!c.find_service(o.service) && !c.services_from_agent)
-      r.fail(n["service"], f + ".service",
-             "no service named '" + o.service +
-                 "'; define it under 'services:' (or set services_from_agent with an sds "
-                 "identity)");
+    std::vector<std::pair<std::string, YAML::Node>> refs;
+    if (!o.service.empty()) refs.emplace_back(o.service, n["service"]);
+    for (size_t j = 0; j < o.routes.size(); ++j)
+      for (const auto& b : o.routes[j].backends)
+        refs.emplace_back(b.service, j < n["routes"].size() ? n["routes"][j] : n);
+    for (const auto& [name, node] : refs)
+      if (!c.find_service(name) && !c.services_from_agent)
+        r.fail(node, f,
+               "no service named '" + name +
+                   "'; define it under 'services:' (or set services_from_agent with an sds "
+                   "identity)");
     c.outbound.push_back(std::move(o));
   }
 
@@ -459,7 +378,15 @@ boost::json::value ProxyConfig::to_json() const {
     for (const auto& a : s.addresses) addrs.push_back(json::value(a.to_string()));
     for (const auto& i : s.spiffe_ids) ids.push_back(json::value(i));
     for (const auto& d : s.destinations) dests.push_back(json::value(d.to_string()));
+    json::array endpoints;
+    for (const auto& e : s.endpoints)
+      endpoints.push_back(json::object{{"address", e.address.to_string()},
+                                       {"authority", e.authority},
+                                       {"weight", e.weight},
+                                       {"locality", e.locality}});
     svcs.push_back(json::object{{"name", s.name},
+                                {"endpoints", endpoints},
+                                {"load_balancer", balancer_name(s.http.balancer)},
                                 {"addresses", addrs},
                                 {"authority", s.authority},
                                 {"spiffe_ids", ids},
@@ -467,9 +394,24 @@ boost::json::value ProxyConfig::to_json() const {
   }
   o["services"] = svcs;
   json::array outs;
-  for (const auto& l : outbound)
-    outs.push_back(
-        json::object{{"name", l.name}, {"listen", l.listen.to_string()}, {"service", l.service}});
+  for (const auto& l : outbound) {
+    json::array routes;
+    for (const auto& r : l.routes) {
+      json::array backends;
+      for (const auto& b : r.backends)
+        backends.push_back(json::object{{"service", b.service}, {"weight", b.weight}});
+      routes.push_back(json::object{{"name", r.name},
+                                    {"backends", backends},
+                                    {"timeout", format_duration(r.timeout)},
+                                    {"retries", r.retries.attempts}});
+    }
+    json::object out{{"name", l.name},
+                     {"listen", l.listen.to_string()},
+                     {"service", l.service},
+                     {"protocol", l.http ? "http" : "tcp"}};
+    if (l.http) out["routes"] = routes;
+    outs.push_back(std::move(out));
+  }
   o["outbound"] = outs;
   json::array targets;
   for (const auto& t : inbound.targets) {

@@ -13,6 +13,7 @@
 
 #include <boost/json/value.hpp>
 
+#include "config/http_config.h"
 #include "core/duration.h"
 #include "core/host_port.h"
 
@@ -46,6 +47,9 @@ struct ServiceConfig {
   // What applications dial that means this service, for captured traffic: "10.96.0.10:80"
   // matches an original destination, "reviews.default.svc:80" a Host, SNI or SOCKS/CONNECT name.
   std::vector<HostPort> destinations;
+  // The instances, for L7 load balancing: from `endpoints`, or one per address with `authority`.
+  std::vector<EndpointConfig> endpoints;
+  HttpServiceConfig http;  // balancing, breakers, outlier detection, health checks
 };
 
 // Capture: the transparent listener iptables REDIRECTs to, and the explicit SOCKS5 / HTTP
@@ -72,7 +76,12 @@ struct CaptureConfig {
 struct OutboundListenerConfig {
   std::string name;
   HostPort listen;
-  std::string service;
+  std::string service;  // tcp: where every connection goes; http: the default route's backend
+  // http: requests are parsed (HTTP/1.1), routed, balanced over endpoints and retried; else
+  // each connection is one opaque HBONE stream.
+  bool http = false;
+  std::vector<RouteConfig> routes;  // first match wins; a default route to `service` ends the list
+  size_t max_request_body = 1024 * 1024;  // buffered for retries and signing; larger: 413
 };
 
 struct InboundTargetConfig {
@@ -105,6 +114,7 @@ struct ProxyConfig {
   IdentityConfig identity;
   unsigned workers = 0;  // 0: one per core
   HostPort admin{"127.0.0.1", 15000};
+  std::string locality;  // this proxy's cluster: L7 prefers endpoints with the same locality
   Millis drain_timeout = std::chrono::seconds(15);
   Millis cert_check_interval = std::chrono::seconds(1);
   std::string access_log = "stdout";  // "stdout", "off" or a file path

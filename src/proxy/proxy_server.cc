@@ -70,7 +70,7 @@ ProxyServer::ProxyServer(ProxyOptions options)
     services_thread_ =
         std::thread([this] { sds_loop("services", [this] { return sds_services_step(); }); });
   }
-  current_ = std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls});
+  current_ = std::make_shared<const ProxySnapshot>(ProxySnapshot{config, tls, nullptr});
 
   const unsigned n =
       config->workers ? config->workers : std::max(1u, std::thread::hardware_concurrency());
@@ -250,7 +250,7 @@ void ProxyServer::install_agent_services(std::vector<ServiceConfig> services) {
   spdlog::info("services from the agent:{}", names.empty() ? " none" : names);
   if (!file_config_->services_from_agent) return;
   publish(std::make_shared<const ProxySnapshot>(
-      ProxySnapshot{with_agent_services(file_config_), current_->tls}));
+      ProxySnapshot{with_agent_services(file_config_), current_->tls, nullptr}));
 }
 
 void ProxyServer::install_sds_identity(const IdentityConfig& id, IdentityMaterial material,
@@ -267,7 +267,7 @@ void ProxyServer::install_sds_identity(const IdentityConfig& id, IdentityMateria
   metrics_.certificate_reloads.inc();
   spdlog::info("certificate rotated through SDS: {} serial {} expires {}", (*loaded)->spiffe_id,
                serial, format_utc((*loaded)->leaf.not_after));
-  publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{current_->config, *loaded}));
+  publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{current_->config, *loaded, nullptr}));
 }
 
 int ProxyServer::run() {
@@ -336,6 +336,15 @@ void ProxyServer::swap_listeners(std::map<std::string, BoundListener> next) {
 }
 
 void ProxyServer::publish(SnapshotPtr snapshot) {
+  if (!snapshot->http) {
+    // L7 state (breaker counts, ejections, buckets) carries over; a certificate rotation keeps
+    // the very same runtime.
+    const HttpRuntime* previous = current_ ? current_->http.get() : nullptr;
+    ProxySnapshot s = *snapshot;
+    s.http = previous && current_->config == s.config ? current_->http
+                                                      : HttpRuntime::build(s.config, previous);
+    snapshot = std::make_shared<const ProxySnapshot>(std::move(s));
+  }
   current_ = snapshot;
   for (auto& w : workers_) w->post_snapshot(snapshot);
 }
@@ -353,7 +362,8 @@ void ProxyServer::reload() {
     if (config->needs_identity() && (!tls || id_changed)) tls = load_identity(*config);
     auto next = bind_listeners(*config);
     file_config_ = config;
-    publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{with_agent_services(config), tls}));
+    publish(std::make_shared<const ProxySnapshot>(
+        ProxySnapshot{with_agent_services(config), tls, nullptr}));
     swap_listeners(std::move(next));
     if (config->services_from_agent && !services_thread_.joinable())
       services_thread_ =
@@ -378,7 +388,8 @@ void ProxyServer::check_certificates() {
       metrics_.certificate_reloads.inc();
       spdlog::info("certificate rotated: {} serial {} expires {}", (*loaded)->spiffe_id,
                    (*loaded)->leaf.serial_hex, format_utc((*loaded)->leaf.not_after));
-      publish(std::make_shared<const ProxySnapshot>(ProxySnapshot{current_->config, *loaded}));
+      publish(
+          std::make_shared<const ProxySnapshot>(ProxySnapshot{current_->config, *loaded, nullptr}));
     } else if (loaded.error() != last_cert_error_) {
       // Often a rotation caught half-written; the next check retries. Keep serving the old one.
       last_cert_error_ = loaded.error();
@@ -479,7 +490,7 @@ HttpResponse ProxyServer::handle_admin(const HttpRequest& r) {
   }
   if (r.path == "/healthz") return text(200, "ok\n");
   if (r.path == "/stats") return json_body(metrics_.to_json());
-  if (r.path == "/stats/prometheus")
+  if (r.path == "/stats/prometheus" || r.path == "/metrics")
     return {200, metrics_.prometheus(), "text/plain; version=0.0.4; charset=utf-8"};
   if (r.path == "/config_dump")
     return json_body(json::object{{"config", current_->config->to_json()},
@@ -499,9 +510,10 @@ HttpResponse ProxyServer::handle_admin(const HttpRequest& r) {
     });
     return text(200, "OK\n");
   }
-  return text(404,
-              "unknown path; try /ready /healthz /stats /stats/prometheus /config_dump /certs "
-              "/listeners, POST /drain, POST /quitquitquit\n");
+  return text(
+      404,
+      "unknown path; try /ready /healthz /stats /stats/prometheus /metrics /config_dump /certs "
+      "/listeners, POST /drain, POST /quitquitquit\n");
 }
 
 }  // namespace weft

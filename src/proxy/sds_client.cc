@@ -77,6 +77,7 @@ Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
         auto hp = parse_host_port(json::value_to<std::string>(a));
         if (!hp) throw std::runtime_error("service " + c.name + ": " + hp.error());
         c.addresses.push_back(*hp);
+        c.endpoints.push_back({*hp, c.authority, 1, ""});
       }
       for (const auto& id : s.at("spiffe_ids").as_array())
         c.spiffe_ids.push_back(json::value_to<std::string>(id));

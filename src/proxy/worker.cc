@@ -50,7 +50,19 @@ void connect_to(asio::io_context& io, tcp::socket& socket, const HostPort& targe
 }  // namespace
 
 Worker::Worker(unsigned index, Metrics& metrics, AccessLog& access_log)
-    : index_(index), metrics_(metrics), access_log_(access_log), io_(1), pool_(io_, metrics) {}
+    : index_(index),
+      metrics_(metrics),
+      access_log_(access_log),
+      io_(1),
+      pool_(io_, metrics),
+      http_pool_(io_,
+                 [this](const Cluster& c, int ep, tcp::socket tunnel_end,
+                        std::shared_ptr<UpstreamConn> conn, UpstreamPool::Opened done) {
+                   dial_http_upstream(c, ep, std::move(tunnel_end), std::move(conn),
+                                      std::move(done));
+                 }),
+      http_env_{io_, http_pool_, metrics, access_log, {}, std::mt19937_64(std::random_device{}())} {
+}
 
 Worker::~Worker() { stop_and_join(); }
 
@@ -69,6 +81,7 @@ void Worker::stop_and_join() {
   for (TlsSocket* t : pending) t->abandon_handshake();
   // A drain that hit its deadline leaves tunnels with open streams: close them now (the
   // thread is gone, so nothing else touches them).
+  http_pool_.clear();
   pool_.shutdown();
   auto inbound = std::move(inbound_);
   inbound_.clear();
@@ -105,6 +118,7 @@ void Worker::post_drain() {
     draining_ = true;
     for (auto& [key, l] : listeners_) l->close();
     listeners_.clear();
+    http_pool_.clear();
     pool_.retire_all();
     for (auto& [raw, weak] : inbound_)
       if (auto c = weak.lock()) c->retire();
@@ -128,7 +142,12 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
   for (const auto& o : cfg.outbound)
     if (o.name == name) listener = &o;
   const ServiceConfig* service = listener ? cfg.find_service(listener->service) : nullptr;
-  if (!service || !snapshot_->tls) return;  // removed by a reload a moment ago: just close
+  if (!listener || !snapshot_->tls) return;  // removed by a reload a moment ago: just close
+  if (listener->http) {
+    std::make_shared<HttpSession>(http_env_, snapshot_, *listener, std::move(socket))->start();
+    return;
+  }
+  if (!service) return;
 
   AccessLogEntry entry;
   entry.direction = "outbound";
@@ -156,6 +175,28 @@ void Worker::open_mesh(const ServiceConfig& service_ref, tcp::socket socket, Acc
       });
   stream->set_prefix(std::move(prefix));
   pool_.open(*service, std::move(stream));
+}
+
+void Worker::dial_http_upstream(const Cluster& c, int ep, tcp::socket tunnel_end,
+                                std::shared_ptr<UpstreamConn> conn, UpstreamPool::Opened done) {
+  const EndpointConfig& e = c.endpoints()[ep].config;
+  // One pool entry per (service, proxy address): tunnels to a proxy carry streams for all of
+  // the service's endpoints behind it, each CONNECT naming its own target.
+  ServiceConfig s = c.service();
+  s.name += "@" + e.address.to_string();
+  s.addresses = {e.address};
+  s.authority = e.authority;
+  auto stream =
+      std::make_shared<TunnelStream>(std::move(tunnel_end), std::make_shared<TcpCounters>(), true,
+                                     metrics_, [](const TunnelStream&, const std::string&) {});
+  std::weak_ptr<TunnelStream> weak = stream;
+  stream->set_on_open(
+      [conn = std::move(conn), done = std::move(done), weak](const std::string& failure) mutable {
+        if (!failure.empty()) return done(nullptr, failure);
+        if (auto s = weak.lock()) conn->peer_identity = s->peer_identity();
+        done(std::move(conn), "");
+      });
+  pool_.open(s, std::move(stream));
 }
 
 void Worker::handle_inbound(tcp::socket socket) {

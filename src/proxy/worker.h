@@ -13,6 +13,8 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include "proxy/http/http_session.h"
+#include "proxy/http/upstream_pool.h"
 #include "proxy/listener/listener.h"
 #include "proxy/snapshot.h"
 #include "stats/access_log.h"
@@ -63,6 +65,9 @@ class Worker {
                  AccessLogEntry entry, std::string prefix = {});
   void open_egress(const HostPort& target, boost::asio::ip::tcp::socket socket,
                    AccessLogEntry entry, Ready ready, std::string prefix = {});
+  // L7: a new upstream HTTP connection to endpoint `ep` of `c`, through an HBONE stream.
+  void dial_http_upstream(const Cluster& c, int ep, boost::asio::ip::tcp::socket tunnel_end,
+                          std::shared_ptr<UpstreamConn> conn, UpstreamPool::Opened done);
   void start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::string& peer,
                             const std::string& downstream);
 
@@ -73,6 +78,8 @@ class Worker {
   std::thread thread_;
   SnapshotPtr snapshot_;
   HboneClientPool pool_;
+  UpstreamPool http_pool_;  // L7 upstream connections, each an HBONE stream from pool_
+  HttpWorkerEnv http_env_;
   std::map<std::string, std::shared_ptr<Listener>> listeners_;
   std::map<H2Connection*, std::weak_ptr<H2Connection>> inbound_;
   std::set<TlsSocket*> handshaking_;  // inbound handshakes in flight, dropped at shutdown

@@ -46,6 +46,16 @@ void AccessLog::write(const AccessLogEntry& e) {
   // Captured connections: what the client asked for and what detection saw.
   if (!e.destination.empty()) o["destination"] = e.destination;
   if (!e.protocol.empty()) o["protocol"] = e.protocol;
+  if (!e.method.empty()) {
+    o["method"] = e.method;
+    o["path"] = e.path;
+    o["host"] = e.host;
+    o["route"] = e.route;
+    o["status"] = e.status;
+    o["response_flags"] = e.response_flags;
+    o["attempts"] = e.attempts;
+    o["trace_id"] = e.trace_id;
+  }
   logger_->info(boost::json::serialize(o));
 }
 

@@ -24,6 +24,10 @@ struct AccessLogEntry {
   std::string destination;    // captured: original destination or requested host:port
   std::string protocol;       // captured: tls, http/1.1, h2c, tcp, socks5, http-connect, ...
   std::string result = "ok";  // ok, or why it ended
+  // L7: one entry per request.
+  std::string method, path, host, route, trace_id, response_flags;
+  unsigned status = 0;
+  unsigned attempts = 0;
   std::chrono::system_clock::time_point start = std::chrono::system_clock::now();
   uint64_t bytes_received = 0;  // from downstream
   uint64_t bytes_sent = 0;      // to downstream

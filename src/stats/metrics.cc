@@ -11,6 +11,32 @@ std::shared_ptr<TcpCounters> Metrics::tcp(const TcpLabels& labels) {
   return slot;
 }
 
+std::shared_ptr<HttpCounters> Metrics::http(const HttpLabels& labels) {
+  std::lock_guard lock(mutex_);
+  auto& slot = http_[labels];
+  if (!slot) slot = std::make_shared<HttpCounters>();
+  return slot;
+}
+
+Histogram::Histogram(std::initializer_list<double> b) {
+  for (double v : b)
+    if (size < kMaxBuckets) bounds[size++] = v;
+}
+
+void Histogram::observe(double v) {
+  size_t i = 0;
+  while (i < size && v > bounds[i]) ++i;
+  counts[i].fetch_add(1, std::memory_order_relaxed);
+  sum_micros.fetch_add(static_cast<uint64_t>(v * 1e6), std::memory_order_relaxed);
+}
+
+// Istio's default buckets.
+HttpCounters::HttpCounters()
+    : duration_ms({0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                   300000, 600000, 1800000, 3600000}),
+      request_bytes({1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000}),
+      response_bytes({1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000}) {}
+
 namespace {
 
 std::string escape_label(const std::string& v) {
@@ -85,6 +111,49 @@ std::string Metrics::prometheus() const {
           << escape_label(l.destination_service) << "\",connection_security_policy=\""
           << escape_label(l.security_policy) << "\",request_protocol=\"tcp\"} "
           << ((*c).*(f.field)).load(std::memory_order_relaxed) << "\n";
+    }
+  }
+  auto http_labels = [](const HttpLabels& l) {
+    std::ostringstream o;
+    o << "reporter=\"" << escape_label(l.reporter) << "\",source_principal=\""
+      << escape_label(l.source_principal) << "\",destination_principal=\""
+      << escape_label(l.destination_principal) << "\",destination_service=\""
+      << escape_label(l.destination_service) << "\",connection_security_policy=\""
+      << escape_label(l.security_policy) << "\",request_protocol=\"http\",response_code=\""
+      << l.response_code << "\",response_flags=\"" << escape_label(l.response_flags) << "\"";
+    return o.str();
+  };
+  out << "# HELP istio_requests_total Total requests\n# TYPE istio_requests_total counter\n";
+  for (const auto& [l, c] : http_)
+    out << "istio_requests_total{" << http_labels(l) << "} " << c->requests.load() << "\n";
+  struct HistogramFamily {
+    const char* name;
+    const char* help;
+    Histogram HttpCounters::*field;
+  };
+  const HistogramFamily histograms[] = {
+      {"istio_request_duration_milliseconds", "Request duration", &HttpCounters::duration_ms},
+      {"istio_request_bytes", "Request sizes (headers and body)", &HttpCounters::request_bytes},
+      {"istio_response_bytes", "Response sizes (headers and body)", &HttpCounters::response_bytes},
+  };
+  for (const auto& f : histograms) {
+    out << "# HELP " << f.name << " " << f.help << "\n# TYPE " << f.name << " histogram\n";
+    for (const auto& [l, c] : http_) {
+      const Histogram& h = (*c).*(f.field);
+      const std::string labels = http_labels(l);
+      uint64_t cumulative = 0;
+      for (size_t i = 0; i <= h.size; ++i) {
+        cumulative += h.counts[i].load(std::memory_order_relaxed);
+        out << f.name << "_bucket{" << labels << ",le=\"";
+        if (i == h.size)
+          out << "+Inf";
+        else
+          out << h.bounds[i];
+        out << "\"} " << cumulative << "\n";
+      }
+      out << f.name << "_sum{" << labels << "} "
+          << static_cast<double>(h.sum_micros.load(std::memory_order_relaxed)) / 1e6 << "\n";
+      out << f.name << "_count{" << labels << "} " << cumulative << "\n";
     }
   }
   return out.str();

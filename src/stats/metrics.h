@@ -37,6 +37,43 @@ struct TcpCounters {
   std::atomic<uint64_t> received_bytes{0};  // from the client that opened the connection
 };
 
+// Istio's request metric labels (L7). response_flags follows Envoy: "-" none, UO overflow
+// (a circuit breaker), UF connect failure, UR reset, UT timeout, NR no route, RL rate limited,
+// FI fault injected, UH no healthy endpoint.
+struct HttpLabels {
+  std::string reporter;
+  std::string source_principal;
+  std::string destination_principal;
+  std::string destination_service;
+  std::string security_policy;
+  unsigned response_code = 0;
+  std::string response_flags;
+
+  auto tie() const {
+    return std::tie(reporter, source_principal, destination_principal, destination_service,
+                    security_policy, response_code, response_flags);
+  }
+  bool operator<(const HttpLabels& o) const { return tie() < o.tie(); }
+};
+
+// A Prometheus histogram with fixed buckets; observe() is two relaxed atomic adds.
+struct Histogram {
+  static constexpr size_t kMaxBuckets = 20;
+  explicit Histogram(std::initializer_list<double> bounds);
+  void observe(double v);
+
+  size_t size = 0;
+  double bounds[kMaxBuckets] = {};
+  std::atomic<uint64_t> counts[kMaxBuckets + 1] = {};  // the last is +Inf
+  std::atomic<uint64_t> sum_micros{0};                 // sum ×1e6, so integers add atomically
+};
+
+struct HttpCounters {
+  HttpCounters();
+  std::atomic<uint64_t> requests{0};
+  Histogram duration_ms, request_bytes, response_bytes;
+};
+
 struct Counter {
   std::atomic<uint64_t> value{0};
   void inc(uint64_t n = 1) { value.fetch_add(n, std::memory_order_relaxed); }
@@ -47,6 +84,7 @@ struct Counter {
 class Metrics {
  public:
   std::shared_ptr<TcpCounters> tcp(const TcpLabels& labels);
+  std::shared_ptr<HttpCounters> http(const HttpLabels& labels);
 
   // weft_ counters and gauges; names are the Prometheus names without the prefix.
   Counter downstream_connections_active;
@@ -67,6 +105,7 @@ class Metrics {
  private:
   mutable std::mutex mutex_;
   std::map<TcpLabels, std::shared_ptr<TcpCounters>> tcp_;
+  std::map<HttpLabels, std::shared_ptr<HttpCounters>> http_;
 };
 
 }  // namespace weft

@@ -2,6 +2,7 @@
 
 #include <nghttp2/nghttp2.h>
 #include <spdlog/spdlog.h>
+#include <utility>
 
 #include <boost/asio/write.hpp>
 
@@ -49,6 +50,7 @@ void TunnelStream::on_response(int status) {
 void TunnelStream::start_relay() {
   if (done_ || relaying_) return;
   relaying_ = true;
+  if (on_open_) std::exchange(on_open_, nullptr)("");
   if (!prefix_.empty() && prefix_.size() <= BufferPool::kBufferSize) {
     // Served like a first read; the socket is read once nghttp2 has taken it.
     rbuf_ = BufferPool::local().take();
@@ -201,6 +203,7 @@ void TunnelStream::finish(const std::string& result) {
   boost::system::error_code ignored;
   socket_.close(ignored);
   rbuf_.reset();
+  if (on_open_) std::exchange(on_open_, nullptr)(result);
   auto conn = std::move(conn_);
   if (finished_) {
     auto f = std::move(finished_);

@@ -50,6 +50,9 @@ class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
   // Bytes to send through the tunnel before anything read from the socket (a request head the
   // explicit proxy rewrote); at most BufferPool::kBufferSize. Call before start_relay.
   void set_prefix(std::string bytes) { prefix_ = std::move(bytes); }
+  // Called once: with "" when the tunnel is established (before bytes flow), or with the
+  // reason it could not be. L7 waits for it to tell a connect failure from a reset.
+  void set_on_open(std::function<void(const std::string& failure)> f) { on_open_ = std::move(f); }
   // Starts moving bytes once the tunnel is established (after 200).
   void start_relay();
   // Ends the stream early with a reason for the access log; resets the h2 stream unless the
@@ -76,6 +79,7 @@ class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
   bool tcp_is_downstream_;
   Metrics& metrics_;
   Finished finished_;
+  std::function<void(const std::string&)> on_open_;
 
   std::shared_ptr<H2Connection> conn_;
   int32_t stream_id_ = -1;

@@ -1,0 +1,630 @@
+#include "proxy/http/http_session.h"
+
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/write.hpp>
+#include <boost/beast/http/error.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/rfc7230.hpp>
+#include <boost/beast/http/write.hpp>
+
+#include "proxy/http/router.h"
+
+namespace weft {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+constexpr auto kDownstreamIdle = std::chrono::minutes(5);
+
+bool idempotent(http::verb v) {
+  switch (v) {
+    case http::verb::get:
+    case http::verb::head:
+    case http::verb::options:
+    case http::verb::put:
+    case http::verb::delete_:
+    case http::verb::trace:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool is_lower_hex(std::string_view s) {
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+std::string hex(uint64_t v, int digits) {
+  static const char* d = "0123456789abcdef";
+  std::string out(static_cast<size_t>(digits), '0');
+  for (int i = digits - 1; i >= 0; --i, v >>= 4) out[static_cast<size_t>(i)] = d[v & 15];
+  return out;
+}
+
+// Hop-by-hop headers (RFC 9110 7.6.1) are the connection's, not the message's.
+template <class Fields>
+void strip_hop_by_hop(Fields& f) {
+  std::vector<std::string> named;
+  for (const auto& token : http::token_list(f[http::field::connection])) named.emplace_back(token);
+  for (const auto& n : named) f.erase(n);
+  f.erase(http::field::connection);
+  f.erase(http::field::keep_alive);
+  f.erase(http::field::proxy_connection);
+  f.erase(http::field::te);
+  f.erase(http::field::upgrade);
+}
+
+template <class Fields>
+void rewrite(Fields& f, const HeaderRewrite& r) {
+  for (const auto& name : r.remove) f.erase(name);
+  for (const auto& [name, value] : r.add) f.set(name, value);
+}
+
+std::string ip_of(const tcp::socket& s) {
+  boost::system::error_code ec;
+  const auto ep = s.remote_endpoint(ec);
+  return ec ? std::string() : ep.address().to_string();
+}
+
+}  // namespace
+
+std::string next_traceparent(std::string_view in, uint64_t r1, uint64_t r2, uint64_t r3,
+                             std::string* trace_id) {
+  // version "00": 00-<32 hex trace>-<16 hex parent>-<2 hex flags>; all-zero IDs are invalid.
+  const bool valid = in.size() == 55 && in.substr(0, 3) == "00-" && in[35] == '-' &&
+                     in[52] == '-' && is_lower_hex(in.substr(3, 32)) &&
+                     is_lower_hex(in.substr(36, 16)) && is_lower_hex(in.substr(53, 2)) &&
+                     in.substr(3, 32) != std::string(32, '0') &&
+                     in.substr(36, 16) != std::string(16, '0');
+  std::string trace = valid ? std::string(in.substr(3, 32)) : hex(r1, 16) + hex(r2 | 1, 16);
+  const std::string flags = valid ? std::string(in.substr(53, 2)) : "01";
+  if (trace_id) *trace_id = trace;
+  return "00-" + trace + "-" + hex(r3 | 1, 16) + "-" + flags;
+}
+
+HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot,
+                         const OutboundListenerConfig& listener, tcp::socket downstream)
+    : env_(env),
+      snap_(std::move(snapshot)),
+      listener_(listener),
+      down_(std::move(downstream)),
+      timer_(env.io),
+      backoff_(env.io) {
+  source_ip_ = ip_of(down_);
+  boost::system::error_code ignored;
+  down_.set_option(tcp::no_delay(true), ignored);
+}
+
+void HttpSession::read_request() {
+  ++generation_;
+  parser_.emplace();
+  parser_->header_limit(64 * 1024);
+  parser_->body_limit(listener_.max_request_body);
+  route_ = nullptr;
+  cluster_ = nullptr;
+  attempts_ = 0;
+  endpoint_ = last_endpoint_ = -1;
+  response_started_ = false;
+  timed_out_ = false;
+  resp_bytes_ = 0;
+  req_bytes_ = 0;
+  resp_.reset();
+  ser_.reset();
+  entry_ = AccessLogEntry{};
+  entry_.direction = "outbound";
+  entry_.listener = listener_.name;
+  entry_.downstream = source_ip_;
+  entry_.protocol = "http/1.1";
+  started_ = std::chrono::steady_clock::now();
+  // A keep-alive connection that stays quiet is closed; so is one that trickles a header.
+  timer_.expires_after(kDownstreamIdle);
+  timer_.async_wait(
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
+        if (!ec && g == self->generation_) self->close();
+      });
+  http::async_read_header(down_, down_buf_, *parser_,
+                          [self = shared_from_this()](const boost::system::error_code& ec,
+                                                      size_t n) { self->on_header(ec, n); });
+}
+
+void HttpSession::on_header(const boost::system::error_code& ec, size_t n) {
+  if (ec) return on_parse_error(ec);
+  req_bytes_ += n;
+  started_ = std::chrono::steady_clock::now();
+  auto& msg = parser_->get();
+  entry_.method = std::string(msg.method_string());
+  entry_.path = std::string(msg.target());
+  entry_.host = normalize_host(msg[http::field::host]);
+  if (auto len = parser_->content_length(); len && *len > listener_.max_request_body)
+    return local_reply(413,
+                       "request body of " + std::to_string(*len) +
+                           " bytes is over this listener's "
+                           "max_request_body (" +
+                           std::to_string(listener_.max_request_body) + ")\n",
+                       "-", {}, true);
+  if (beast::iequals(msg[http::field::expect], "100-continue")) {
+    msg.erase(http::field::expect);
+    static const char kContinue[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    boost::system::error_code wec;
+    asio::write(down_, asio::buffer(kContinue, sizeof kContinue - 1), wec);
+    if (wec) return close();
+  }
+  if (parser_->is_done()) return on_body({}, 0);
+  http::async_read(down_, down_buf_, *parser_,
+                   [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+                     self->on_body(ec, n);
+                   });
+}
+
+void HttpSession::on_parse_error(const boost::system::error_code& ec) {
+  if (ec == http::error::end_of_stream || ec == asio::error::eof ||
+      ec == asio::error::operation_aborted || ec == asio::error::connection_reset ||
+      ec.category() != make_error_code(http::error::end_of_stream).category())
+    return close();
+  if (ec == http::error::body_limit)
+    return local_reply(413,
+                       "request body is over this listener's max_request_body (" +
+                           std::to_string(listener_.max_request_body) + " bytes)\n",
+                       "-", {}, true);
+  if (ec == http::error::header_limit)
+    return local_reply(431, "request header over 64 KiB\n", "-", {}, true);
+  local_reply(400, "bad request: " + ec.message() + "\n", "-", {}, true);
+}
+
+void HttpSession::on_body(const boost::system::error_code& ec, size_t n) {
+  if (ec) return on_parse_error(ec);
+  req_bytes_ += n;
+  req_ = parser_->release();
+  handle_request();
+}
+
+void HttpSession::handle_request() {
+  const std::string_view target = req_.target();
+  const std::string_view path = target.substr(0, target.find('?'));
+  down_keep_alive_ = req_.keep_alive();
+  if (snap_->tls) entry_.local_identity = snap_->tls->spiffe_id;
+
+  std::string traceparent =
+      next_traceparent(req_["traceparent"], env_.rng(), env_.rng(), env_.rng(), &entry_.trace_id);
+  if (req_.find(http::field::upgrade) != req_.end())
+    return local_reply(501,
+                       "protocol upgrade (WebSocket) is not supported on an http listener yet; "
+                       "use protocol: tcp for this port\n",
+                       "-", {}, true);
+
+  RequestView view;
+  view.host = entry_.host;
+  view.path = path;
+  view.method = req_.method_string();
+  view.ctx = &req_;
+  view.header = [](const void* ctx, std::string_view name, std::string_view& value) {
+    const auto& r = *static_cast<const Request*>(ctx);
+    auto it = r.find(name);
+    if (it == r.end()) return false;
+    value = it->value();
+    return true;
+  };
+  route_ = match_route(listener_.routes, view);
+  if (!route_)
+    return local_reply(404,
+                       "no route for host '" + entry_.host + "' path '" + std::string(path) +
+                           "' on listener " + listener_.name + "\n",
+                       "NR");
+  entry_.route = route_->name;
+
+  const SteadyMillis now = steady_now_ms();
+  if (RateLimiter* limiter = snap_->http->limiter(listener_.name, route_->name))
+    if (!limiter->allow(source_ip_, now))
+      return local_reply(429,
+                         "rate limited: route " + route_->name + " allows " +
+                             std::to_string(route_->rate_limit.per_second) + " requests a second" +
+                             (route_->rate_limit.per_source ? " per source" : "") + "\n",
+                         "RL");
+
+  const auto& fault = route_->fault;
+  auto roll = [this](double percent) {
+    return percent > 0 && static_cast<double>(env_.rng() % 1000000) < percent * 10000.0;
+  };
+  if (roll(fault.abort_percent))
+    return local_reply(fault.abort_status, "fault injected: abort\n", "FI");
+
+  const WeightedBackend& backend = pick_backend(*route_, env_.rng());
+  cluster_ = snap_->http->cluster(backend.service);
+  entry_.upstream = backend.service;
+  if (!cluster_ || cluster_->endpoints().empty())
+    return local_reply(503, "service '" + backend.service + "' has no endpoints\n", "UH");
+  auto& breakers = cluster_->breakers();
+  if (breakers.requests.load(std::memory_order_relaxed) >=
+      cluster_->service().http.breakers.max_requests) {
+    breakers.overflows.fetch_add(1, std::memory_order_relaxed);
+    return local_reply(503,
+                       "circuit breaker max_requests of service '" + backend.service +
+                           "' is open (" +
+                           std::to_string(cluster_->service().http.breakers.max_requests) +
+                           " requests in flight)\n",
+                       "UO", "max_requests");
+  }
+  breakers.requests.fetch_add(1, std::memory_order_relaxed);
+  counted_request_ = true;
+
+  const auto& hash_header = cluster_->service().http.hash_header;
+  hash_key_ = hash_header.empty() ? source_ip_ : std::string(req_[hash_header]);
+
+  strip_hop_by_hop(req_);
+  rewrite(req_, route_->request_headers);
+  req_.set("traceparent", traceparent);
+  req_.keep_alive(true);
+  if (req_.body().size() || req_.has_content_length()) req_.prepare_payload();
+
+  // The route timeout covers the whole exchange, fault delay and retries included.
+  timer_.expires_after(route_->timeout);
+  timer_.async_wait(
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
+        if (!ec && g == self->generation_) self->on_timeout();
+      });
+  if (roll(fault.delay_percent)) {
+    backoff_.expires_after(fault.delay);
+    backoff_.async_wait(
+        [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
+          if (!ec && g == self->generation_) self->attempt();
+        });
+    entry_.response_flags = "DI";
+    return;
+  }
+  attempt();
+}
+
+void HttpSession::attempt() {
+  ++attempts_;
+  const SteadyMillis now = steady_now_ms();
+  endpoint_ = cluster_->pick(hash_key_, last_endpoint_, env_.rng(), now);
+  if (endpoint_ < 0) return local_reply(503, "no endpoint\n", "UH");
+  cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
+  endpoint_counted_ = true;
+  if (auto conn = env_.pool.take_idle(*cluster_, endpoint_)) {
+    up_ = std::move(conn);
+    return send_request();
+  }
+  const auto& limits = cluster_->service().http.breakers;
+  auto& b = cluster_->breakers();
+  const char* tripped = nullptr;
+  if (b.connections.load(std::memory_order_relaxed) >= limits.max_connections)
+    tripped = "max_connections";
+  else if (b.pending.load(std::memory_order_relaxed) >= limits.max_pending)
+    tripped = "max_pending";
+  if (tripped) {
+    b.overflows.fetch_add(1, std::memory_order_relaxed);
+    end_attempt();
+    return local_reply(503,
+                       std::string("circuit breaker ") + tripped + " of service '" +
+                           cluster_->service().name + "' is open\n",
+                       "UO", tripped);
+  }
+  b.pending.fetch_add(1, std::memory_order_relaxed);
+  env_.pool.open(*cluster_, endpoint_,
+                 [self = shared_from_this(), g = generation_, breakers = cluster_->breakers_ptr()](
+                     std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
+                   breakers->pending.fetch_sub(1, std::memory_order_relaxed);
+                   if (g != self->generation_ || self->timed_out_) return;
+                   self->on_connected(std::move(conn), failure);
+                 });
+}
+
+void HttpSession::on_connected(std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
+  if (!conn || !failure.empty())
+    return attempt_failed(Failure::connect, failure, may_retry(Failure::connect));
+  up_ = std::move(conn);
+  send_request();
+}
+
+void HttpSession::send_request() {
+  entry_.peer_identity = up_->peer_identity;
+  entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
+  http::async_write(up_->socket, req_,
+                    [self = shared_from_this(), g = generation_, conn = up_](
+                        const boost::system::error_code& ec, size_t) {
+                      if (g != self->generation_ || self->timed_out_) return;
+                      if (ec)
+                        return self->attempt_failed(Failure::reset, "write: " + ec.message(),
+                                                    self->may_retry(Failure::reset));
+                      self->resp_.emplace();
+                      self->resp_->body_limit(boost::none);
+                      if (self->req_.method() == http::verb::head) self->resp_->skip(true);
+                      http::async_read_header(
+                          conn->socket, conn->buffer, *self->resp_,
+                          [self, g, conn](const boost::system::error_code& ec, size_t) {
+                            if (g != self->generation_ || self->timed_out_) return;
+                            self->on_response_header(ec);
+                          });
+                    });
+}
+
+void HttpSession::on_response_header(const boost::system::error_code& ec) {
+  if (ec) {
+    // Nothing of a response arrived: the connection broke under the request.
+    const std::string why = ec == http::error::end_of_stream || ec == asio::error::eof
+                                ? std::string("upstream closed the connection")
+                                : ec.message();
+    return attempt_failed(Failure::reset, why, may_retry(Failure::reset));
+  }
+  const unsigned status = resp_->get().result_int();
+  if (status >= 500 && may_retry(Failure::status_5xx)) {
+    up_.reset();  // its body is unread: not reusable
+    return attempt_failed(Failure::status_5xx, std::to_string(status), true);
+  }
+  cluster_->record(endpoint_, status >= 500, steady_now_ms());
+  auto& msg = resp_->get();
+  strip_hop_by_hop(msg);
+  rewrite(msg, route_->response_headers);
+  // The downstream connection stays open only if the body's end is not marked by a close.
+  if (resp_->need_eof()) down_keep_alive_ = false;
+  msg.keep_alive(down_keep_alive_);
+  response_started_ = true;
+  entry_.status = status;
+  ser_.emplace(msg);
+  msg.body().data = nullptr;
+  msg.body().size = 0;
+  msg.body().more = !resp_->is_done();
+  if (!resp_->is_done()) {
+    // Read the first piece before writing the header with it: one write, usually.
+    msg.body().data = body_chunk_;
+    msg.body().size = sizeof body_chunk_;
+    http::async_read_some(up_->socket, up_->buffer, *resp_,
+                          [self = shared_from_this(), g = generation_, conn = up_](
+                              const boost::system::error_code& ec, size_t) {
+                            if (g != self->generation_ || self->timed_out_) return;
+                            auto& body = self->resp_->get().body();
+                            if (ec && ec != http::error::need_buffer) {
+                              self->up_.reset();
+                              self->finish_request(self->entry_.status, "UR",
+                                                   "upstream_reset_during_body: " + ec.message());
+                              return self->close();
+                            }
+                            body.size = sizeof self->body_chunk_ - body.size;
+                            body.data = self->body_chunk_;
+                            body.more = !self->resp_->is_done();
+                            self->relay_body();
+                          });
+    return;
+  }
+  relay_body();
+}
+
+// Writes what the serializer holds (header and/or a body piece), then reads the next piece.
+void HttpSession::relay_body() {
+  http::async_write(
+      down_, *ser_,
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec, size_t n) {
+        if (g != self->generation_) return;
+        self->resp_bytes_ += n;
+        if (ec && ec != http::error::need_buffer) {
+          self->up_.reset();
+          self->finish_request(self->entry_.status, "DC", "downstream_closed: " + ec.message());
+          return self->close();
+        }
+        if (self->ser_->is_done()) {
+          const bool reusable = self->resp_->keep_alive() && !self->resp_->need_eof() &&
+                                self->up_ && self->up_->buffer.size() == 0;
+          if (reusable) self->env_.pool.put_idle(std::move(self->up_));
+          self->up_.reset();
+          self->finish_request(self->entry_.status, "-", "ok");
+          if (self->down_keep_alive_) return self->read_request();
+          return self->close();
+        }
+        auto& body = self->resp_->get().body();
+        if (self->resp_->is_done()) {
+          body.data = nullptr;
+          body.size = 0;
+          body.more = false;
+          return self->relay_body();
+        }
+        body.data = self->body_chunk_;
+        body.size = sizeof self->body_chunk_;
+        auto conn = self->up_;
+        http::async_read(conn->socket, conn->buffer, *self->resp_,
+                         [self, g, conn](const boost::system::error_code& ec, size_t) {
+                           if (g != self->generation_ || self->timed_out_) return;
+                           auto& body = self->resp_->get().body();
+                           if (ec && ec != http::error::need_buffer) {
+                             self->up_.reset();
+                             self->finish_request(self->entry_.status, "UR",
+                                                  "upstream_reset_during_body: " + ec.message());
+                             return self->close();
+                           }
+                           body.size = sizeof self->body_chunk_ - body.size;
+                           body.data = self->body_chunk_;
+                           body.more = !self->resp_->is_done();
+                           self->relay_body();
+                         });
+      });
+}
+
+bool HttpSession::may_retry(Failure kind) const {
+  const auto& p = route_->retries;
+  if (!idempotent(req_.method())) return false;
+  // A pooled connection the app closed just as we wrote: the request never reached it, so one
+  // more try on a fresh connection is always safe (not counted against the policy).
+  const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;
+  if (stale_pooled) return true;
+  if (attempts_ > p.attempts) return false;
+  const bool wanted = (kind == Failure::connect && p.on_connect_failure) ||
+                      (kind == Failure::reset && p.on_reset) ||
+                      (kind == Failure::status_5xx && p.on_5xx);
+  return wanted && cluster_->retry_allowed();
+}
+
+void HttpSession::attempt_failed(Failure kind, const std::string& why, bool retry) {
+  cluster_->record(endpoint_, true, steady_now_ms());
+  up_.reset();
+  last_endpoint_ = endpoint_;
+  end_attempt();
+  auto& b = cluster_->breakers();
+  if (!retry) {
+    const char* flags = kind == Failure::connect ? "UF" : "UR";
+    return local_reply(503,
+                       std::string("upstream ") +
+                           (kind == Failure::connect ? "connect error" : "reset before headers") +
+                           " (service '" + cluster_->service().name + "', " +
+                           std::to_string(attempts_) + " attempt" + (attempts_ > 1 ? "s" : "") +
+                           "): " + why + "\n",
+                       flags);
+  }
+  if (!in_retry_) {
+    b.retries.fetch_add(1, std::memory_order_relaxed);
+    in_retry_ = true;
+  }
+  // Exponential backoff with full jitter: base × 2^(n-1), capped, times a random in [0.5, 1].
+  const auto& p = route_->retries;
+  int64_t ms = p.backoff.count() << std::min(attempts_ - 1, 10u);
+  ms = std::min<int64_t>(ms, p.max_backoff.count());
+  ms = ms / 2 + static_cast<int64_t>(env_.rng() % static_cast<uint64_t>(ms / 2 + 1));
+  backoff_.expires_after(std::chrono::milliseconds(ms));
+  backoff_.async_wait(
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
+        if (!ec && g == self->generation_ && !self->timed_out_) self->attempt();
+      });
+}
+
+void HttpSession::end_attempt() {
+  if (endpoint_counted_ && cluster_ && endpoint_ >= 0)
+    cluster_->endpoints()[endpoint_].state->active_requests.fetch_sub(1, std::memory_order_relaxed);
+  endpoint_counted_ = false;
+}
+
+void HttpSession::on_timeout() {
+  timed_out_ = true;
+  backoff_.cancel();
+  up_.reset();
+  if (cluster_) cluster_->record(endpoint_, true, steady_now_ms());
+  end_attempt();
+  if (!response_started_)
+    return local_reply(504,
+                       "upstream request timeout: route " +
+                           (route_ ? route_->name : std::string()) + " allows " +
+                           format_duration(route_->timeout) + "\n",
+                       "UT");
+  finish_request(entry_.status, "UT", "timeout_during_body");
+  close();
+}
+
+void HttpSession::local_reply(unsigned status, const std::string& body, const std::string& flags,
+                              const std::string& overloaded, bool close_after) {
+  if (close_after) down_keep_alive_ = false;
+  http::response<http::string_body> res{static_cast<http::status>(status), 11};
+  res.set(http::field::content_type, "text/plain");
+  res.set(http::field::server, "weft");
+  if (!overloaded.empty()) res.set("x-weft-overloaded", overloaded);
+  if (status == 429 || overloaded.size()) res.set(http::field::retry_after, "1");
+  res.body() = body;
+  res.keep_alive(down_keep_alive_);
+  res.prepare_payload();
+  entry_.status = status;
+  auto msg = std::make_shared<http::response<http::string_body>>(std::move(res));
+  const std::string result = body.substr(0, body.size() - 1);
+  http::async_write(down_, *msg,
+                    [self = shared_from_this(), msg, g = generation_, status, flags, result](
+                        const boost::system::error_code& ec, size_t n) {
+                      if (g != self->generation_) return;
+                      self->resp_bytes_ += n;
+                      self->finish_request(status, flags, result);
+                      if (ec) return self->close();
+                      if (!self->down_keep_alive_) return self->linger_close();
+                      self->read_request();
+                    });
+}
+
+void HttpSession::finish_request(unsigned status, const std::string& flags,
+                                 const std::string& result) {
+  timer_.cancel();
+  backoff_.cancel();
+  end_attempt();
+  if (cluster_) {
+    auto& b = cluster_->breakers();
+    if (counted_request_) b.requests.fetch_sub(1, std::memory_order_relaxed);
+    if (in_retry_) b.retries.fetch_sub(1, std::memory_order_relaxed);
+  }
+  counted_request_ = false;
+  in_retry_ = false;
+  if (entry_.method.empty()) return;  // nothing was parsed: no request to account for
+  entry_.status = status;
+  entry_.attempts = attempts_;
+  if (entry_.response_flags.empty() || flags != "-") entry_.response_flags = flags;
+  entry_.result = result;
+  entry_.bytes_received = req_bytes_;
+  entry_.bytes_sent = resp_bytes_;
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
+          .count();
+  HttpLabels labels;
+  labels.reporter = "source";
+  labels.source_principal = entry_.local_identity;
+  labels.destination_service = cluster_ ? cluster_->service().name : "unknown";
+  if (cluster_ && cluster_->service().spiffe_ids.size() == 1)
+    labels.destination_principal = cluster_->service().spiffe_ids.front();
+  else
+    labels.destination_principal = entry_.peer_identity.empty() ? "unknown" : entry_.peer_identity;
+  labels.security_policy = "mutual_tls";
+  labels.response_code = status;
+  labels.response_flags = entry_.response_flags;
+  auto& slot = env_.metric_cache[labels];
+  if (!slot) slot = env_.metrics.http(labels);
+  slot->requests.fetch_add(1, std::memory_order_relaxed);
+  slot->duration_ms.observe(ms);
+  slot->request_bytes.observe(static_cast<double>(req_bytes_));
+  slot->response_bytes.observe(static_cast<double>(resp_bytes_));
+  env_.access_log.write(entry_);
+  entry_.method.clear();
+}
+
+// A client may still be sending the body we refused: closing with unread bytes would reset the
+// connection and destroy our answer before it reads it. Stop sending, read and discard for a
+// moment (as nginx's lingering_close), then close.
+void HttpSession::linger_close() {
+  ++generation_;
+  boost::system::error_code ignored;
+  down_.shutdown(tcp::socket::shutdown_send, ignored);
+  timer_.expires_after(std::chrono::seconds(2));
+  timer_.async_wait(
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
+        if (!ec && g == self->generation_) self->close();
+      });
+  drain_downstream();
+}
+
+void HttpSession::drain_downstream() {
+  down_.async_read_some(
+      asio::buffer(body_chunk_),
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec, size_t) {
+        if (g != self->generation_) return;
+        if (ec) return self->close();
+        self->drain_downstream();
+      });
+}
+
+void HttpSession::close() {
+  ++generation_;
+  timer_.cancel();
+  backoff_.cancel();
+  end_attempt();
+  if (counted_request_ && cluster_) {
+    cluster_->breakers().requests.fetch_sub(1, std::memory_order_relaxed);
+    counted_request_ = false;
+  }
+  if (in_retry_ && cluster_) {
+    cluster_->breakers().retries.fetch_sub(1, std::memory_order_relaxed);
+    in_retry_ = false;
+  }
+  up_.reset();
+  boost::system::error_code ignored;
+  down_.shutdown(tcp::socket::shutdown_both, ignored);
+  down_.close(ignored);
+}
+
+}  // namespace weft

@@ -1,0 +1,113 @@
+// One downstream HTTP/1.1 connection on an L7 listener: requests are read one at a time,
+// routed, balanced over the chosen service's endpoints and sent through pooled upstream
+// connections; responses stream back (the body is never buffered whole). Around each request:
+// rate limit, fault injection, circuit breakers, retries with backoff and a budget, outlier
+// detection, the route timeout, Istio request metrics, an access log line and traceparent.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/buffer_body.hpp>
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/serializer.hpp>
+#include <boost/beast/http/string_body.hpp>
+
+#include "proxy/http/cluster.h"
+#include "proxy/http/upstream_pool.h"
+#include "proxy/snapshot.h"
+#include "stats/access_log.h"
+#include "stats/metrics.h"
+
+namespace weft {
+
+// What a worker lends its HTTP sessions.
+struct HttpWorkerEnv {
+  boost::asio::io_context& io;
+  UpstreamPool& pool;
+  Metrics& metrics;
+  AccessLog& access_log;
+  std::map<HttpLabels, std::shared_ptr<HttpCounters>> metric_cache;  // no lock per request
+  std::mt19937_64 rng{std::random_device{}()};
+};
+
+class HttpSession : public std::enable_shared_from_this<HttpSession> {
+ public:
+  HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, const OutboundListenerConfig& listener,
+              boost::asio::ip::tcp::socket downstream);
+  void start() { read_request(); }
+
+ private:
+  using Request = boost::beast::http::request<boost::beast::http::string_body>;
+  using ResponseParser = boost::beast::http::response_parser<boost::beast::http::buffer_body>;
+  enum class Failure { connect, reset, status_5xx };
+
+  void read_request();
+  void on_header(const boost::system::error_code& ec, size_t n);
+  void on_body(const boost::system::error_code& ec, size_t n);
+  void on_parse_error(const boost::system::error_code& ec);
+  void handle_request();
+  void attempt();
+  void on_connected(std::shared_ptr<UpstreamConn> conn, const std::string& failure);
+  void send_request();
+  void on_response_header(const boost::system::error_code& ec);
+  void attempt_failed(Failure kind, const std::string& why, bool retry);
+  bool may_retry(Failure kind) const;
+  void relay_body();
+  void on_timeout();
+  void local_reply(unsigned status, const std::string& body, const std::string& flags,
+                   const std::string& extra_header_value = {}, bool close_after = false);
+  void finish_request(unsigned status, const std::string& flags, const std::string& result);
+  void end_attempt();
+  void close();
+  void linger_close();
+  void drain_downstream();
+
+  HttpWorkerEnv& env_;
+  SnapshotPtr snap_;
+  const OutboundListenerConfig& listener_;
+  boost::asio::ip::tcp::socket down_;
+  boost::beast::flat_buffer down_buf_;
+  std::string source_ip_;
+
+  // The request in flight.
+  std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
+  Request req_;
+  size_t req_bytes_ = 0;
+  uint64_t generation_ = 0;  // bumps per request; late callbacks of an old one are ignored
+  const RouteConfig* route_ = nullptr;
+  const Cluster* cluster_ = nullptr;
+  bool counted_request_ = false;
+  bool in_retry_ = false;
+  unsigned attempts_ = 0;
+  int endpoint_ = -1, last_endpoint_ = -1;
+  bool endpoint_counted_ = false;
+  std::shared_ptr<UpstreamConn> up_;
+  std::optional<ResponseParser> resp_;
+  std::optional<boost::beast::http::response_serializer<boost::beast::http::buffer_body>> ser_;
+  char body_chunk_[16 * 1024];
+  bool response_started_ = false;
+  bool down_keep_alive_ = true;
+  bool timed_out_ = false;
+  size_t resp_bytes_ = 0;
+  std::chrono::steady_clock::time_point started_;
+  boost::asio::steady_timer timer_;    // route timeout, or the downstream idle timeout
+  boost::asio::steady_timer backoff_;  // retry backoff and fault delay
+  AccessLogEntry entry_;
+  std::string hash_key_;
+};
+
+// W3C trace context: keeps a valid incoming trace ID, else starts a trace; returns the new
+// traceparent value with our own span ID.
+std::string next_traceparent(std::string_view incoming, uint64_t r1, uint64_t r2, uint64_t r3,
+                             std::string* trace_id);
+
+}  // namespace weft

@@ -1,0 +1,95 @@
+#include "proxy/http/upstream_pool.h"
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace weft {
+
+namespace asio = boost::asio;
+
+UpstreamPool::UpstreamPool(asio::io_context& io, Dial dial)
+    : io_(io), dial_(std::move(dial)), sweep_(io) {}
+
+UpstreamPool::~UpstreamPool() { clear(); }
+
+std::string UpstreamPool::key(const Cluster& c, int endpoint) {
+  return c.service().name + "|" + c.endpoints()[endpoint].config.key();
+}
+
+namespace {
+
+// Still usable: open, and nothing unread (an HTTP/1.1 server says nothing unasked, so bytes or
+// EOF here mean it closed or is misbehaving).
+bool still_open(UpstreamConn& c) {
+  if (c.buffer.size() != 0) return false;
+  char byte;
+  const ssize_t n = ::recv(c.socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
+}  // namespace
+
+std::shared_ptr<UpstreamConn> UpstreamPool::take_idle(const Cluster& c, int endpoint) {
+  auto it = idle_.find(key(c, endpoint));
+  if (it == idle_.end()) return nullptr;
+  auto& list = it->second;
+  const SteadyMillis now = steady_now_ms();
+  while (!list.empty()) {
+    auto conn = std::move(list.back());  // most recently used: warmest, least likely closed
+    list.pop_back();
+    if (now - conn->idle_since < conn->idle_timeout.count() && still_open(*conn)) {
+      conn->reused = true;
+      return conn;
+    }
+  }
+  idle_.erase(it);
+  return nullptr;
+}
+
+void UpstreamPool::open(const Cluster& c, int endpoint, Opened done) {
+  // A socket pair: our end speaks HTTP, the tunnel's end is spliced into the HBONE stream.
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0) {
+    done(nullptr, std::string("socketpair failed: ") + std::strerror(errno));
+    return;
+  }
+  asio::ip::tcp::socket ours(io_, asio::ip::tcp::v4(), fds[0]);
+  auto conn = std::make_shared<UpstreamConn>(std::move(ours), key(c, endpoint), c.breakers_ptr());
+  conn->idle_timeout = c.service().http.idle_timeout;
+  dial_(c, endpoint, asio::ip::tcp::socket(io_, asio::ip::tcp::v4(), fds[1]), std::move(conn),
+        std::move(done));
+}
+
+void UpstreamPool::put_idle(std::shared_ptr<UpstreamConn> conn) {
+  conn->idle_since = steady_now_ms();
+  idle_[conn->key].push_back(std::move(conn));
+  arm_sweep();
+}
+
+void UpstreamPool::arm_sweep() {
+  if (sweeping_) return;
+  sweeping_ = true;
+  sweep_.expires_after(std::chrono::seconds(1));
+  sweep_.async_wait([this](const boost::system::error_code& ec) {
+    sweeping_ = false;
+    if (ec) return;
+    const SteadyMillis now = steady_now_ms();
+    for (auto it = idle_.begin(); it != idle_.end();) {
+      std::erase_if(it->second, [now](const std::shared_ptr<UpstreamConn>& c) {
+        return now - c->idle_since >= c->idle_timeout.count();
+      });
+      it = it->second.empty() ? idle_.erase(it) : std::next(it);
+    }
+    if (!idle_.empty()) arm_sweep();
+  });
+}
+
+void UpstreamPool::clear() {
+  idle_.clear();
+  sweep_.cancel();
+}
+
+}  // namespace weft

@@ -1,0 +1,76 @@
+// Per-worker pool of upstream HTTP/1.1 connections, one set per (service, endpoint). Each
+// connection is an HBONE CONNECT stream to the endpoint's proxy; the HTTP side sees it as a
+// plain socket (one end of a socket pair, the tunnel holds the other), so the L7 code is the
+// same whatever carries the bytes.
+//
+// Idle connections close after the service's idle_timeout, chosen below the app's keep-alive,
+// and one the app closed anyway is noticed (a peek) before it is reused: a request is never
+// written into a connection that is already gone, the 503 race Envoy users meet.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+
+#include "proxy/http/cluster.h"
+
+namespace weft {
+
+struct UpstreamConn {
+  UpstreamConn(boost::asio::ip::tcp::socket s, std::string k, std::shared_ptr<BreakerState> b)
+      : socket(std::move(s)), key(std::move(k)), breakers(std::move(b)) {
+    breakers->connections.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~UpstreamConn() { breakers->connections.fetch_sub(1, std::memory_order_relaxed); }
+  UpstreamConn(const UpstreamConn&) = delete;
+  UpstreamConn& operator=(const UpstreamConn&) = delete;
+
+  boost::asio::ip::tcp::socket socket;
+  boost::beast::flat_buffer buffer;
+  std::string key;  // service|endpoint
+  std::shared_ptr<BreakerState> breakers;
+  std::string peer_identity;  // the endpoint proxy's SPIFFE ID
+  SteadyMillis idle_since = 0;
+  Millis idle_timeout{0};
+  bool reused = false;
+};
+
+class UpstreamPool {
+ public:
+  using Opened = std::function<void(std::shared_ptr<UpstreamConn>, const std::string& failure)>;
+  // Makes a new connection: `tunnel_end` goes into the HBONE stream, `conn` holds our end;
+  // `done` gets `conn` back once the tunnel is up, or a failure.
+  using Dial =
+      std::function<void(const Cluster&, int endpoint, boost::asio::ip::tcp::socket tunnel_end,
+                         std::shared_ptr<UpstreamConn> conn, Opened done)>;
+
+  UpstreamPool(boost::asio::io_context& io, Dial dial);
+  ~UpstreamPool();
+
+  static std::string key(const Cluster& c, int endpoint);
+
+  // An idle connection that is still open, or null.
+  std::shared_ptr<UpstreamConn> take_idle(const Cluster& c, int endpoint);
+  // A new connection (counts against max_connections from now).
+  void open(const Cluster& c, int endpoint, Opened done);
+  void put_idle(std::shared_ptr<UpstreamConn> conn);
+  void clear();
+
+ private:
+  void arm_sweep();
+
+  boost::asio::io_context& io_;
+  Dial dial_;
+  std::map<std::string, std::vector<std::shared_ptr<UpstreamConn>>> idle_;
+  boost::asio::steady_timer sweep_;
+  bool sweeping_ = false;
+};
+
+}  // namespace weft

@@ -1,0 +1,346 @@
+#!/usr/bin/python3
+"""L7 HTTP through two Weft proxies on loopback: routes, splits, header rewrite, balancing,
+retries, circuit breakers, outlier detection, timeouts, rate limits, fault injection, request
+metrics, access log and traceparent.
+
+client --HTTP/1.1--> weft (outbound, protocol: http) --HBONE/mTLS--> weft (inbound) --> origins
+usage: http_l7.py path/to/weft
+"""
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+WEFT = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else "weft"
+HERE = os.path.dirname(os.path.abspath(__file__))
+TD = "l7.test"
+
+
+def wait_for(what, fn, timeout=20.0):
+    end = time.time() + timeout
+    last = None
+    while time.time() < end:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.05)  # polling interval
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="weft-l7-")
+    procs, failures = [], []
+
+    def spawn(args, log):
+        p = subprocess.Popen([str(a) for a in args], stdout=open(os.path.join(work, log), "w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    def check(cond, what):
+        print(("ok   " if cond else "FAIL ") + what, flush=True)
+        if not cond:
+            failures.append(what)
+
+    def start_proxy(name, yaml):
+        cfg = os.path.join(work, f"{name}.yaml")
+        open(cfg, "w").write(yaml)
+        admin_file = os.path.join(work, f"{name}.admin")
+        spawn([WEFT, "proxy", "-c", cfg, "--admin-address-path", admin_file], f"{name}.log")
+        wait_for(f"{name}'s admin address", lambda: os.path.exists(admin_file))
+        admin = open(admin_file).read().strip()
+
+        def listeners():
+            try:
+                c = http.client.HTTPConnection(admin, timeout=2)
+                c.request("GET", "/listeners")
+                return json.loads(c.getresponse().read())
+            except (OSError, ValueError):
+                return None
+        return admin, wait_for(f"{name}'s listeners", listeners)
+
+    try:
+        ca = os.path.join(work, "ca")
+        subprocess.run([WEFT, "ca", "init", "--trust-domain", TD, "--out", ca], check=True,
+                       capture_output=True)
+        for who in ("client", "server"):
+            subprocess.run([WEFT, "cert", "issue", "--ca", ca, "--spiffe-id",
+                            f"spiffe://{TD}/ns/default/sa/{who}", "--out", os.path.join(work, who)],
+                           check=True, capture_output=True)
+        names = ["a", "b", "c", "flaky:flaky", "bad:bad", "short:short"]
+        spawn(["/usr/bin/python3", os.path.join(HERE, "origins.py"), *names], "origins.log")
+        lines = wait_for("the origins", lambda: (lambda l: "ready\n" in l and l)(
+            open(os.path.join(work, "origins.log")).readlines()))
+        port = {l.split()[0]: int(l.split()[1]) for l in lines if l.strip() != "ready"}
+
+        def identity(who):
+            d = os.path.join(work, who)
+            return f"identity: {{cert: {d}/cert.pem, key: {d}/key.pem, ca: {d}/ca.crt}}\n"
+
+        targets = "".join(f"    - {{authority: '{n}:80', address: '127.0.0.1:{p}'}}\n"
+                          for n, p in port.items())
+        _, server = start_proxy("server", identity("server") + "admin: {listen: 127.0.0.1:0}\n"
+                                "inbound:\n  listen: 127.0.0.1:0\n  targets:\n" + targets)
+        hbone = server["inbound"]
+        sid = f"spiffe://{TD}/ns/default/sa/server"
+
+        def service(name, origins, http_block=""):
+            eps = "".join(f"      - {{address: '{hbone}', authority: '{o}:80'}}\n" for o in origins)
+            return (f"  - name: {name}\n    spiffe_ids: ['{sid}']\n    endpoints:\n{eps}"
+                    + http_block)
+
+        services = "services:\n" + "".join([
+            service("echo", ["a", "b", "c"]),
+            service("echo-a", ["a"]), service("echo-b", ["b"]),
+            service("flaky", ["flaky"]),
+            service("sticky", ["a", "b", "c"],
+                    "    http: {load_balancer: ring_hash, hash_on: 'header:x-user'}\n"),
+            service("outlier", ["a", "bad"],
+                    "    http:\n      outlier_detection: {consecutive_errors: 2, base_ejection: 1s,"
+                    " max_ejection_percent: 50}\n"),
+            service("narrow", ["a"], "    http:\n      circuit_breakers: {max_requests: 2}\n"),
+            service("short", ["short"]),
+            service("p2c", ["a", "b"], "    http: {load_balancer: least_request}\n"),
+        ])
+        routes = """\
+      - name: canary
+        match: {headers: [{name: x-canary, value: '1'}]}
+        backends: [{service: echo-a, weight: 80}, {service: echo-b, weight: 20}]
+      - name: flaky-retried
+        match: {path: {prefix: /flaky/retried}}
+        service: flaky
+        retries: {attempts: 3, on: [5xx, reset, connect-failure], backoff: 5ms}
+      - name: flaky-bare
+        match: {path: {prefix: /flaky}}
+        service: flaky
+      - name: sticky
+        match: {path: {prefix: /sticky}}
+        service: sticky
+      - name: outlier
+        match: {path: {exact: /outlier}}
+        service: outlier
+      - name: narrow
+        match: {path: {prefix: /narrow}}
+        service: narrow
+      - name: timeout
+        match: {path: {prefix: /slow}}
+        service: echo-a
+        timeout: 300ms
+      - name: limited
+        match: {path: {prefix: /limited}}
+        service: echo-a
+        rate_limit: {per_second: 1, burst: 3}
+      - name: fault
+        match: {path: {regex: '/fault/[0-9]+'}, method: GET}
+        service: echo-a
+        fault: {abort: {percent: 100, status: 418}}
+      - name: short
+        match: {path: {prefix: /short}}
+        service: short
+      - name: p2c
+        match: {path: {prefix: /p2c}}
+        service: p2c
+      - name: mesh
+        match: {host: '*.mesh'}
+        service: echo
+        request_headers: {add: {x-weft-test: 'yes'}, remove: [x-secret]}
+        response_headers: {add: {x-served-by: weft}}
+"""
+        admin, client = start_proxy(
+            "client", identity("client") + "admin: {listen: 127.0.0.1:0}\n" + services +
+            "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n"
+            "    max_request_body: 1048576\n    routes:\n" + routes)
+        front = client["outbound/web"]
+        host, p = front.rsplit(":", 1)
+
+        conn = [http.client.HTTPConnection(host, int(p), timeout=10)]
+
+        def get(path, headers=None, method="GET", body=None, fresh=False):
+            h = {"host": "web.mesh"}
+            h.update(headers or {})
+            for attempt in range(2):
+                try:
+                    c = http.client.HTTPConnection(host, int(p), timeout=10) if fresh else conn[0]
+                    c.request(method, path, body=body, headers=h)
+                    r = c.getresponse()
+                    data = r.read()
+                    if fresh or r.getheader("connection", "").lower() == "close":
+                        c.close()
+                        if not fresh:
+                            conn[0] = http.client.HTTPConnection(host, int(p), timeout=10)
+                    return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
+                except (http.client.HTTPException, ConnectionError):
+                    conn[0] = http.client.HTTPConnection(host, int(p), timeout=10)
+                    if attempt == 1:
+                        raise
+
+        # Routing, header rewrite, trace context.
+        status, headers, body = get("/hello", {"x-secret": "s3cret"})
+        seen = json.loads(body) if status == 200 else {}
+        check(status == 200 and seen.get("origin") in ("a", "b", "c"),
+              f"GET through two proxies: {status} from origin {seen.get('origin')}")
+        fwd = seen.get("headers", {})
+        check(fwd.get("x-weft-test") == "yes" and "x-secret" not in fwd,
+              "request headers added and removed by the route")
+        check(headers.get("x-served-by") == "weft", "response header added by the route")
+        check(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", fwd.get("traceparent", "")) is not None,
+              f"a traceparent is started when none came: {fwd.get('traceparent')}")
+        incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        _, _, body = get("/hello", {"traceparent": incoming})
+        tp = json.loads(body)["headers"].get("traceparent", "")
+        check(tp.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and
+              not tp.endswith("00f067aa0ba902b7-01"),
+              f"an incoming trace ID is kept, with our span ID: {tp}")
+
+        # Round robin over three endpoints.
+        origins = [json.loads(get("/rr")[2])["origin"] for _ in range(30)]
+        counts = {o: origins.count(o) for o in "abc"}
+        check(all(8 <= n <= 12 for n in counts.values()), f"round robin spreads evenly: {counts}")
+
+        # Weighted split by header match.
+        picks = [json.loads(get("/split", {"x-canary": "1"})[2])["origin"] for _ in range(200)]
+        share_a = picks.count("a") / len(picks)
+        check(0.70 <= share_a <= 0.90 and picks.count("b") > 0,
+              f"80/20 weighted split: {share_a:.0%} to a, {picks.count('b')} to b")
+
+        # Retries recover from an upstream that fails half of its requests.
+        bare = [get("/flaky/bare")[0] for _ in range(20)]
+        check(bare.count(503) >= 8, f"without retries the flaky origin fails: {bare.count(503)}/20 503s")
+        retried = [get("/flaky/retried")[0] for _ in range(40)]
+        check(retried.count(200) == 40, f"with retries every request succeeds: {retried.count(200)}/40")
+
+        # Ring hash: the same user sticks to one endpoint; users spread.
+        sticky = {}
+        for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            sticky[user] = {json.loads(get("/sticky", {"x-user": user})[2])["origin"] for _ in range(10)}
+        check(all(len(v) == 1 for v in sticky.values()),
+              f"ring hash: each user always lands on one endpoint: {sticky}")
+        check(len(set().union(*sticky.values())) >= 2, "ring hash: users spread over endpoints")
+
+        # Outlier detection: two 500s in a row eject `bad` for 1 s; then it comes back.
+        results = [get("/outlier")[0] for _ in range(20)]
+        check(results.count(500) <= 3 and results[-10:].count(200) == 10,
+              f"outlier ejected after consecutive 5xx: {results.count(500)} 500s of 20")
+        t0 = time.time()
+        wait_for("the ejected endpoint to return", lambda: get("/outlier")[0] == 500, timeout=10)
+        check(True, f"the ejected endpoint returned after {time.time() - t0:.1f}s (base ejection 1 s)")
+
+        # Route timeout.
+        status, _, body = get("/slow?sleep=1000")
+        check(status == 504 and b"timeout" in body, f"route timeout 300ms: {status} {body[:60]!r}")
+        status, _, _ = get("/slow?sleep=10")
+        check(status == 200, "a fast request on the same route succeeds")
+
+        # Circuit breaker: max_requests 2, six concurrent slow requests.
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futs = [pool.submit(get, "/narrow?sleep=400", None, "GET", None, True) for _ in range(6)]
+            got = [f.result() for f in futs]
+        tripped = [g for g in got if g[0] == 503]
+        check(len(tripped) >= 3 and all(g[1].get("x-weft-overloaded") == "max_requests" and
+                                        b"max_requests" in g[2] for g in tripped),
+              f"circuit breaker trips with 503 naming max_requests: {[g[0] for g in got]}")
+        check(get("/narrow")[0] == 200, "the breaker closes again when requests finish")
+
+        # Rate limit: burst 3 at 1/s.
+        codes = [get("/limited")[0] for _ in range(6)]
+        check(codes[:3] == [200] * 3 and 429 in codes[3:], f"local rate limit answers 429: {codes}")
+
+        # Fault injection and 404.
+        status, _, body = get("/fault/7")
+        check(status == 418 and b"fault" in body, f"fault abort 100% -> 418: {status}")
+        status, _, _ = get("/fault/7", method="POST")
+        check(status == 200, "the fault route matches GET only (method match)")
+        status, _, body = get("/nothing", {"host": "elsewhere.example"})
+        check(status == 404 and b"no route" in body, f"no route -> 404: {status}")
+
+        # Bodies: a request body is forwarded, an oversized one refused, a large response streams.
+        status, _, body = get("/post", method="POST", body=b"x" * 300000)
+        check(status == 200 and json.loads(body)["body_bytes"] == 300000, "300 kB request body")
+        status, _, body = get("/post", method="POST", body=b"x" * 2000000, fresh=True)
+        check(status == 413, f"a body over max_request_body -> 413: {status}")
+        status, headers, body = get("/big?size=5000000")
+        expected = hashlib.sha256((bytes(range(256)) * 256 * 77)[:5000000]).hexdigest()
+        check(status == 200 and hashlib.sha256(body).hexdigest() == expected,
+              f"a 5 MB response streams through intact ({len(body)} bytes)")
+        status, headers, body = get("/hello", method="HEAD")
+        check(status == 200 and body == b"", "HEAD")
+
+        # The origin closes idle keep-alive connections after 0.3 s: pooled connections it
+        # closed are never reused into a 503.
+        codes = []
+        for _ in range(5):
+            codes.append(get("/short")[0])
+            time.sleep(0.5)  # longer than the origin's keep-alive, on purpose
+        check(codes == [200] * 5, f"no 503 when the app's keep-alive is shorter than ours: {codes}")
+
+        # Least request (P2C): with one endpoint held busy, new requests go to the other.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            slow = [pool.submit(get, "/p2c?sleep=600", None, "GET", None, True) for _ in range(2)]
+            time.sleep(0.15)  # let the slow ones start
+            quick = [json.loads(get("/p2c")[2])["origin"] for _ in range(10)]
+            [f.result() for f in slow]
+        check(len(quick) == 10, f"least request keeps serving while endpoints are busy: {quick}")
+
+        # Garbage on the listener: 400, and the listener carries on.
+        import socket
+        with socket.create_connection((host, int(p)), timeout=5) as s:
+            s.sendall(b"\x16\x03\x01 this is no http\r\n\r\n")
+            answer = s.recv(200)
+        check(answer.startswith(b"HTTP/1.1 400"), f"garbage gets a 400: {answer[:30]!r}")
+
+        # Metrics and access log.
+        c = http.client.HTTPConnection(admin, timeout=5)
+        c.request("GET", "/metrics")
+        metrics = c.getresponse().read().decode()
+        open(os.path.join(work, "metrics.txt"), "w").write(metrics)
+        check(re.search(r'istio_requests_total\{reporter="source",source_principal="spiffe://l7.test/ns/default/sa/client",'
+                        r'destination_principal="spiffe://l7.test/ns/default/sa/server",destination_service="echo",'
+                        r'connection_security_policy="mutual_tls",request_protocol="http",response_code="200",'
+                        r'response_flags="-"\} \d+', metrics) is not None, "istio_requests_total with labels")
+        check('response_code="429",response_flags="RL"' in metrics and
+              'response_code="503",response_flags="UO"' in metrics,
+              "429 and breaker 503s counted with their response flags")
+        check(re.search(r'istio_request_duration_milliseconds_bucket\{[^}]*destination_service="echo"[^}]*le="\+Inf"\} \d+',
+                        metrics) is not None and "istio_request_bytes_sum" in metrics and
+              "istio_response_bytes_count" in metrics, "duration and size histograms")
+        log = [json.loads(l) for l in open(os.path.join(work, "client.log")) if l.startswith("{")]
+        reqs = [l for l in log if l.get("method")]
+        check(len(reqs) > 300 and all(l.get("trace_id") and l.get("status") for l in reqs),
+              f"one access log line per request with status and trace_id: {len(reqs)}")
+        retried_lines = [l for l in reqs if l.get("route") == "flaky-retried" and l.get("attempts", 0) > 1]
+        check(len(retried_lines) >= 10, f"retried requests log their attempts: {len(retried_lines)}")
+    finally:
+        for pr in procs:
+            try:
+                os.killpg(pr.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pr in procs:
+            try:
+                pr.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(pr.pid, signal.SIGKILL)
+        if failures:
+            for f in ("client.log", "server.log"):
+                path = os.path.join(work, f)
+                if os.path.exists(path):
+                    print(f"--- {f}\n" + "".join(open(path).readlines()[-20:]))
+        if not os.environ.get("WEFT_KEEP_TEST_DIRS"):
+            shutil.rmtree(work, ignore_errors=True)
+    if failures:
+        print(f"\nFAIL: {len(failures)} check(s)")
+        return 1
+    print("\nPASS: L7 HTTP")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

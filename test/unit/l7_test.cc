@@ -1,0 +1,220 @@
+// L7 pieces without processes: config errors, route matching, balancing, outlier detection,
+// retry budget, token buckets and trace context.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <set>
+
+#include "config/proxy_config.h"
+#include "proxy/http/cluster.h"
+#include "proxy/http/http_session.h"
+#include "proxy/http/router.h"
+
+namespace weft {
+namespace {
+
+std::string with_service(const std::string& http_block, const std::string& routes,
+                         int endpoints = 3) {
+  std::string eps;
+  for (int i = 0; i < endpoints; ++i)
+    eps += "      - {address: '127.0.0.1:15008', authority: 'e" + std::to_string(i) + ":80'}\n";
+  return "identity: {cert: c.pem, key: k.pem, ca: ca.pem}\n"
+         "services:\n  - name: s\n    spiffe_ids: ['spiffe://td/ns/a/sa/b']\n    endpoints:\n" +
+         eps + http_block +
+         "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n" +
+         routes;
+}
+
+std::shared_ptr<const ProxyConfig> parse(const std::string& yaml) {
+  return std::make_shared<const ProxyConfig>(parse_proxy_config(yaml, "t.yaml", "/"));
+}
+
+std::string config_error(const std::string& yaml) {
+  try {
+    parse_proxy_config(yaml, "t.yaml", "/");
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(L7Config, ErrorsNameTheFieldAndWhatToWrite) {
+  EXPECT_NE(
+      config_error(with_service("", "      - {service: nope}\n")).find("no service named 'nope'"),
+      std::string::npos);
+  EXPECT_NE(config_error(with_service("", "      - {service: s, backends: [{service: s}]}\n"))
+                .find("not both"),
+            std::string::npos);
+  EXPECT_NE(config_error(with_service("", "      - {service: s, match: {path: {prefix: x}}}\n"))
+                .find("routes[0].match.path.prefix': a path starts with '/'"),
+            std::string::npos);
+  EXPECT_NE(config_error(with_service("    http: {hash_on: source}\n", "      - {service: s}\n"))
+                .find("only with load_balancer: ring_hash"),
+            std::string::npos);
+  EXPECT_NE(config_error(with_service("", "      - {service: s, retries: {on: [timeout]}}\n"))
+                .find("'timeout' is no retry condition"),
+            std::string::npos);
+  EXPECT_NE(config_error(with_service("", "      - {service: s, match: {host: 'a.b:80'}}\n"))
+                .find("without a port"),
+            std::string::npos);
+  // routes need protocol: http
+  EXPECT_NE(
+      config_error("identity: {cert: c.pem, key: k.pem, ca: ca.pem}\nservices:\n  - {name: s, "
+                   "addresses: ['127.0.0.1:1'], authority: 'a:1', spiffe_ids: "
+                   "['spiffe://td/ns/a/sa/b']}\noutbound:\n  - {name: w, listen: "
+                   "'127.0.0.1:0', service: s, routes: []}\n")
+          .find("need protocol: http"),
+      std::string::npos);
+}
+
+TEST(L7Routes, FirstMatchWinsOnHostPathMethodAndHeaders) {
+  auto c = parse(
+      with_service("",
+                   "      - {name: r1, match: {host: '*.example.com', path: {regex: "
+                   "'/v[0-9]+/.*'}}, service: s}\n"
+                   "      - {name: r2, match: {path: {exact: /x}, method: POST}, service: s}\n"
+                   "      - {name: r3, match: {headers: [{name: x-a, value: '1'}]}, service: s}\n"
+                   "      - {name: r4, match: {path: {prefix: /p}}, service: s}\n"));
+  const auto& routes = c->outbound[0].routes;
+  std::map<std::string, std::string> headers;
+  auto find = [&](std::string host, std::string path, std::string method) {
+    RequestView v;
+    v.host = host;
+    v.path = path;
+    v.method = method;
+    v.ctx = &headers;
+    v.header = [](const void* ctx, std::string_view n, std::string_view& out) {
+      const auto& h = *static_cast<const std::map<std::string, std::string>*>(ctx);
+      auto it = h.find(std::string(n));
+      if (it == h.end()) return false;
+      out = it->second;
+      return true;
+    };
+    const RouteConfig* r = match_route(routes, v);
+    return r ? r->name : std::string("none");
+  };
+  EXPECT_EQ(find("api.example.com", "/v2/users", "GET"), "r1");
+  EXPECT_EQ(find("example.com", "/v2/users", "GET"), "none");  // *. needs a label before
+  EXPECT_EQ(find("api.example.com", "/v2", "GET"), "none");
+  EXPECT_EQ(find("h", "/x", "POST"), "r2");
+  EXPECT_EQ(find("h", "/x", "GET"), "none");
+  EXPECT_EQ(find("h", "/px", "GET"), "r4");
+  headers["x-a"] = "1";
+  EXPECT_EQ(find("h", "/px", "GET"), "r3");
+  headers["x-a"] = "2";
+  EXPECT_EQ(find("h", "/px", "GET"), "r4");
+  EXPECT_EQ(normalize_host("API.Example.com:8443"), "api.example.com");
+  EXPECT_EQ(normalize_host("[::1]:80"), "[::1]");
+}
+
+TEST(L7Balancing, RoundRobinAndWeightsAndRingHashStickiness) {
+  auto c = parse(with_service("", "      - {service: s}\n"));
+  auto rt = HttpRuntime::build(c, nullptr);
+  const Cluster* cl = rt->cluster("s");
+  ASSERT_NE(cl, nullptr);
+  std::map<int, int> counts;
+  for (int i = 0; i < 300; ++i) counts[cl->pick("", -1, 0, 1000)]++;
+  EXPECT_EQ(counts[0], 100);
+  EXPECT_EQ(counts[1], 100);
+  EXPECT_EQ(counts[2], 100);
+  EXPECT_NE(cl->pick("", 1, 0, 1000), 1);  // a retry avoids the endpoint that failed
+
+  auto h = parse(with_service("    http: {load_balancer: ring_hash, hash_on: 'header:x-user'}\n",
+                              "      - {service: s}\n"));
+  auto hrt = HttpRuntime::build(h, nullptr);
+  const Cluster* ring = hrt->cluster("s");
+  std::set<int> used;
+  for (int u = 0; u < 50; ++u) {
+    const std::string key = "user-" + std::to_string(u);
+    const int first = ring->pick(key, -1, 0, 1000);
+    for (int k = 0; k < 5; ++k) EXPECT_EQ(ring->pick(key, -1, uint64_t(k) * 7919, 1000), first);
+    used.insert(first);
+  }
+  EXPECT_EQ(used.size(), 3u);
+  // Ejecting an endpoint moves only its keys; they come back when it returns.
+  const int home = ring->pick("user-7", -1, 0, 1000);
+  ring->endpoints()[home].state->ejected_until = 5000;
+  EXPECT_NE(ring->pick("user-7", -1, 0, 1000), home);
+  EXPECT_EQ(ring->pick("user-7", -1, 0, 6000), home);
+}
+
+TEST(L7Outliers, ConsecutiveFailuresEjectWithGrowingTimeAndACap) {
+  auto c = parse(with_service(
+      "    http:\n      outlier_detection: {consecutive_errors: 3, base_ejection: 10s, "
+      "max_ejection_percent: 34}\n",
+      "      - {service: s}\n"));
+  auto rt = HttpRuntime::build(c, nullptr);
+  const Cluster* cl = rt->cluster("s");
+  auto& e0 = *cl->endpoints()[0].state;
+  cl->record(0, true, 1000);
+  cl->record(0, true, 1000);
+  cl->record(0, false, 1000);  // a success resets the count
+  cl->record(0, true, 1000);
+  cl->record(0, true, 1000);
+  EXPECT_EQ(e0.ejected_until.load(), 0);
+  cl->record(0, true, 1000);
+  EXPECT_EQ(e0.ejected_until.load(), 11000);
+  for (int i = 0; i < 3; ++i) EXPECT_NE(cl->pick("", -1, 0, 2000), 0);
+  // The second endpoint may not go too: 2 of 3 would be over 34%.
+  for (int i = 0; i < 3; ++i) cl->record(1, true, 2000);
+  EXPECT_EQ(cl->endpoints()[1].state->ejected_until.load(), 0);
+  // Back after the ejection; the next ejection lasts twice as long.
+  for (int i = 0; i < 4; ++i) EXPECT_NE(cl->pick("", 1, 0, 12000), 1) << i;
+  for (int i = 0; i < 3; ++i) cl->record(0, true, 20000);
+  EXPECT_EQ(e0.ejected_until.load(), 40000);
+  // A reload keeps the state of endpoints that stay.
+  auto rt2 = HttpRuntime::build(c, rt.get());
+  EXPECT_EQ(rt2->cluster("s")->endpoints()[0].state->ejected_until.load(), 40000);
+}
+
+TEST(L7Budget, RetriesAreBoundedByTheBudget) {
+  auto c = parse(
+      with_service("    http: {retry_budget: {percent: 20, min: 2}}\n", "      - {service: s}\n"));
+  auto rt = HttpRuntime::build(c, nullptr);
+  const Cluster* cl = rt->cluster("s");
+  auto& b = cl->breakers();
+  b.requests = 100;
+  b.retries = 19;
+  EXPECT_TRUE(cl->retry_allowed());
+  b.retries = 20;
+  EXPECT_FALSE(cl->retry_allowed());
+  b.requests = 1;
+  b.retries = 1;
+  EXPECT_TRUE(cl->retry_allowed());  // the minimum
+  b.retries = 2;
+  EXPECT_FALSE(cl->retry_allowed());
+}
+
+TEST(L7RateLimit, TokenBucketRefillsAtItsRate) {
+  TokenBucket bucket(10, 3);
+  EXPECT_TRUE(bucket.take(1000));
+  EXPECT_TRUE(bucket.take(1000));
+  EXPECT_TRUE(bucket.take(1000));
+  EXPECT_FALSE(bucket.take(1000));
+  EXPECT_FALSE(bucket.take(1050));  // half a token
+  EXPECT_TRUE(bucket.take(1100));
+  RateLimiter per_source({1, 1, true});
+  EXPECT_TRUE(per_source.allow("10.0.0.1", 1000));
+  EXPECT_FALSE(per_source.allow("10.0.0.1", 1000));
+  EXPECT_TRUE(per_source.allow("10.0.0.2", 1000));
+}
+
+TEST(L7Trace, TraceparentIsKeptWhenValidAndStartedWhenNot) {
+  std::string trace;
+  const std::string in = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const std::string out = next_traceparent(in, 1, 2, 3, &trace);
+  EXPECT_EQ(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+  EXPECT_EQ(out.substr(0, 36), in.substr(0, 36));
+  EXPECT_NE(out.substr(36, 16), in.substr(36, 16));
+  for (const std::string bad :
+       {"", "garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"}) {
+    const std::string fresh = next_traceparent(bad, 0xabc, 0xdef, 0x123, &trace);
+    EXPECT_EQ(fresh.size(), 55u) << bad;
+    EXPECT_NE(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    EXPECT_EQ(fresh.substr(53), "01");
+  }
+}
+
+}  // namespace
+}  // namespace weft
