@@ -202,6 +202,93 @@ outbound:
     return [pa, pb], {"http": port_of(la["outbound/http"]), "iperf": port_of(la["outbound/iperf"])}
 
 
+def haproxy_http_mtls(ng, ip):
+    """HAProxy in HTTP mode on both sides (parses every request), mTLS between them."""
+    port, inner = free_port(), free_port()
+    head = ("global\n  nbthread 1\n  maxconn 7500\n  ulimit-n 20000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n"
+            "  ssl-default-server-options ssl-min-ver TLSv1.3\n"
+            "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  timeout connect 5s\n"
+            "  timeout client 600s\n  timeout server 600s\n  timeout http-keep-alive 600s\n")
+    client = head + (f"frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n"
+                     f"backend b\n  server s 127.0.0.1:{inner} ssl crt {work}/client/combined.pem ca-file {work}/ca/ca.crt verify required\n")
+    server = head + (f"frontend f\n  bind 127.0.0.1:{inner} ssl crt {work}/server/combined.pem ca-file {work}/ca/ca.crt verify required\n"
+                     f"  default_backend b\nbackend b\n  server s 127.0.0.1:{ng}\n")
+    open(f"{work}/haproxy-hc.cfg", "w").write(client)
+    open(f"{work}/haproxy-hs.cfg", "w").write(server)
+    ps = start("haproxy-hs", ["haproxy", "-db", "-f", f"{work}/haproxy-hs.cfg"])
+    pc = start("haproxy-hc", ["haproxy", "-db", "-f", f"{work}/haproxy-hc.cfg"])
+    wait_port(inner, ps); wait_port(port, pc)
+    return [pc, ps], {"http": port}
+
+
+def weft_l7_mtls(ng, ip):
+    """Weft with an HTTP listener: requests parsed, routed and balanced; HBONE (mTLS) between."""
+    pb, lb = weft_ready("weft-l7b", f"""identity: {{cert: {work}/server/cert.pem, key: {work}/server/key.pem, ca: {work}/ca/ca.crt}}
+workers: 1
+admin: {{listen: 127.0.0.1:0}}
+access_log: off
+inbound:
+  listen: 127.0.0.1:0
+  targets:
+    - {{address: 127.0.0.1:{ng}, allow: [spiffe://bench.local/ns/b/sa/client]}}
+""")
+    b = lb["inbound"]
+    pa, la = weft_ready("weft-l7a", f"""identity: {{cert: {work}/client/cert.pem, key: {work}/client/key.pem, ca: {work}/ca/ca.crt}}
+workers: 1
+admin: {{listen: 127.0.0.1:0}}
+access_log: off
+pool: {{max_streams: 1000}}
+services:
+  - name: http
+    spiffe_ids: [spiffe://bench.local/ns/b/sa/server]
+    endpoints: [{{address: "{b}", authority: "127.0.0.1:{ng}"}}]
+    http: {{idle_timeout: 60s}}
+outbound:
+  - {{name: http, listen: 127.0.0.1:0, service: http, protocol: http}}
+""")
+    return [pa, pb], {"http": port_of(la["outbound/http"])}
+
+
+def l7_rows(ng):
+    rows = {}
+    for name, make in (("HAProxy HTTP-mode mTLS chain", lambda: haproxy_http_mtls(ng, None)),
+                       ("Weft L7 (HTTP) mTLS chain", lambda: weft_l7_mtls(ng, None))):
+        log(f"{name}: starting")
+        ps, ports = make()
+        pids = [p.pid for p in ps]
+        log(f"{name}: wrk 1 connection {DURATION}s")
+        c1 = wrk(ports["http"], 1, pids)
+        log(f"{name}: wrk 64 connections {DURATION}s")
+        c64 = wrk(ports["http"], 64, pids)
+        rows[name] = {"p50": c1["p50"], "p99": c1["p99"], "p99_64": c64["p99"], "rps": c64["rps"],
+                      "rps_1": c1["rps"], "cpu_per_1k": c64["cpu_per_1k"]}
+        for p in ps:
+            p.terminate()
+        for p in ps:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return rows
+
+
+def l7_report(rows):
+    lines = ["", "### L7 HTTP: two proxies parsing HTTP/1.1, mTLS between (wrk, nginx origin, 1 worker each)", "",
+             "| path | req/s (1 conn) | p50 ms (1 conn) | p99 ms (1 conn) | req/s (64 conns) | p99 ms (64 conns) | vCPU per 1k req/s (both proxies) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {fmt(r['rps_1'], '{:,.0f}')} | {fmt(r['p50'], '{:.3f}')} | {fmt(r['p99'], '{:.3f}')} | "
+                     f"{fmt(r['rps'], '{:,.0f}')} | {fmt(r['p99_64'], '{:.3f}')} | {fmt(r['cpu_per_1k'], '{:.3f}')} |")
+    w, h = rows.get("Weft L7 (HTTP) mTLS chain"), rows.get("HAProxy HTTP-mode mTLS chain")
+    if w and h and w["rps"] and h["rps"]:
+        lines += ["", "| target | measured | met |", "|---|---|---|",
+                  f"| ≥ 1.3× HAProxy req/s at 64 conns | {w['rps'] / h['rps']:.2f}× | {'yes' if w['rps'] >= 1.3 * h['rps'] else 'NO'} |",
+                  f"| p99 below HAProxy's (1 conn) | {w['p99']:.3f} vs {h['p99']:.3f} ms | {'yes' if w['p99'] < h['p99'] else 'NO'} |",
+                  f"| p99 below HAProxy's (64 conns) | {w['p99_64']:.3f} vs {h['p99_64']:.3f} ms | {'yes' if w['p99_64'] < h['p99_64'] else 'NO'} |",
+                  f"| ≤ 0.05 vCPU per 1,000 req/s (both proxies) | {w['cpu_per_1k']:.3f} | {'yes' if w['cpu_per_1k'] <= 0.05 else 'NO'} |"]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- measures
 def iperf(port):
     r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(DURATION), "-J"],
@@ -401,9 +488,15 @@ def report(rows):
 
 
 try:
+    if os.environ.get("BENCH_ONLY") == "l7":
+        setup_pki()
+        NGINX, _ = start_backends()
+        print(l7_report(l7_rows(NGINX)))
+        raise SystemExit(0)
     rows = main()
+    l7 = l7_rows(NGINX)
     rows["control"] = control_bench()
-    text = report(rows)
+    text = report(rows) + l7_report(l7)
     # Cross-site P2P in network namespaces (root): direct vs Nebula vs Weft direct and relayed.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import p2p_netsim_bench

@@ -81,6 +81,7 @@ void Worker::stop_and_join() {
   for (TlsSocket* t : pending) t->abandon_handshake();
   // A drain that hit its deadline leaves tunnels with open streams: close them now (the
   // thread is gone, so nothing else touches them).
+  if (health_) health_->stop();
   http_pool_.clear();
   pool_.shutdown();
   auto inbound = std::move(inbound_);
@@ -93,6 +94,11 @@ void Worker::post_snapshot(SnapshotPtr snapshot) {
   asio::post(io_, [this, snapshot = std::move(snapshot)] {
     snapshot_ = snapshot;
     pool_.update(snapshot_->tls, snapshot_->config->pool);
+    // Health checks run once per process, on the first worker.
+    if (index_ == 0 && !draining_) {
+      if (!health_) health_ = std::make_shared<HealthChecker>(io_, http_pool_);
+      health_->update(snapshot_->http);
+    }
   });
 }
 
@@ -118,6 +124,7 @@ void Worker::post_drain() {
     draining_ = true;
     for (auto& [key, l] : listeners_) l->close();
     listeners_.clear();
+    if (health_) health_->stop();
     http_pool_.clear();
     pool_.retire_all();
     for (auto& [raw, weak] : inbound_)

@@ -13,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include "proxy/http/health_checker.h"
 #include "proxy/http/http_session.h"
 #include "proxy/http/upstream_pool.h"
 #include "proxy/listener/listener.h"
@@ -80,6 +81,7 @@ class Worker {
   HboneClientPool pool_;
   UpstreamPool http_pool_;  // L7 upstream connections, each an HBONE stream from pool_
   HttpWorkerEnv http_env_;
+  std::shared_ptr<HealthChecker> health_;  // worker 0 only
   std::map<std::string, std::shared_ptr<Listener>> listeners_;
   std::map<H2Connection*, std::weak_ptr<H2Connection>> inbound_;
   std::set<TlsSocket*> handshaking_;  // inbound handshakes in flight, dropped at shutdown

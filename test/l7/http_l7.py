@@ -109,6 +109,10 @@ def main():
             service("narrow", ["a"], "    http:\n      circuit_breakers: {max_requests: 2}\n"),
             service("short", ["short"]),
             service("p2c", ["a", "b"], "    http: {load_balancer: least_request}\n"),
+            service("checked", ["a", "bad"],
+                    "    http:\n      outlier_detection: {consecutive_errors: 0}\n"
+                    "      health_check: {type: http, path: /healthz, interval: 100ms, timeout: 1s,"
+                    " unhealthy_threshold: 2}\n"),
         ])
         routes = """\
       - name: canary
@@ -148,6 +152,9 @@ def main():
       - name: p2c
         match: {path: {prefix: /p2c}}
         service: p2c
+      - name: checked
+        match: {path: {prefix: /checked}}
+        service: checked
       - name: mesh
         match: {host: '*.mesh'}
         service: echo
@@ -288,6 +295,12 @@ def main():
             quick = [json.loads(get("/p2c")[2])["origin"] for _ in range(10)]
             [f.result() for f in slow]
         check(len(quick) == 10, f"least request keeps serving while endpoints are busy: {quick}")
+
+        # Active health checks: `bad` fails GET /healthz, so balancing leaves it out.
+        wait_for("the failing endpoint to be marked unhealthy",
+                 lambda: all(get("/checked")[0] == 200 for _ in range(6)), timeout=10)
+        codes = [get("/checked")[0] for _ in range(20)]
+        check(codes.count(200) == 20, f"active health checks keep an unhealthy endpoint out: {codes.count(200)}/20")
 
         # Garbage on the listener: 400, and the listener carries on.
         import socket
