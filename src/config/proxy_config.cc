@@ -180,9 +180,11 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
     // With services from the agent, a name may only be known once the agent sends it.
     std::vector<std::pair<std::string, YAML::Node>> refs;
     if (!o.service.empty()) refs.emplace_back(o.service, n["service"]);
+    const YAML::Node route_nodes = n["routes"];
+    const size_t declared = route_nodes.IsDefined() ? route_nodes.size() : 0;
     for (size_t j = 0; j < o.routes.size(); ++j)
       for (const auto& b : o.routes[j].backends)
-        refs.emplace_back(b.service, j < n["routes"].size() ? n["routes"][j] : n);
+        refs.emplace_back(b.service, j < declared ? route_nodes[j] : n);
     for (const auto& [name, node] : refs)
       if (!c.find_service(name) && !c.services_from_agent)
         r.fail(node, f,
