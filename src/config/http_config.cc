@@ -1,7 +1,11 @@
 #include "config/http_config_yaml.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <fstream>
 #include <set>
+#include <sstream>
 
 namespace weft {
 
@@ -54,6 +58,42 @@ std::string header_value(const Reader& r, const YAML::Node& n, const std::string
 
 double percent(const Reader& r, const YAML::Node& map, const std::string& parent, const char* key) {
   return r.decimal(map, parent, key, 0, 0, 100);
+}
+
+// A shared secret from a file: private (no group or other access, as ssh insists) and long
+// enough to be a key. The bytes are the key; a trailing newline is dropped.
+std::string read_key_file(const Reader& r, const YAML::Node& map, const std::string& parent,
+                          const char* key) {
+  const std::filesystem::path path = r.path(map, parent, key);
+  const std::string field = Reader::join(parent, key);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) r.fail(map[key], field, "cannot read " + path.string());
+  if (st.st_mode & 077)
+    r.fail(map[key], field,
+           path.string() + " is readable by group or others; chmod 600 it (it holds a key)");
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string k = ss.str();
+  while (!k.empty() && (k.back() == '\n' || k.back() == '\r')) k.pop_back();
+  if (k.size() < 16 || k.size() > 4096)
+    r.fail(map[key], field,
+           path.string() +
+               " must hold 16 to 4096 bytes of key (e.g. head -c 32 /dev/urandom | "
+               "base64 > key; chmod 600 key)");
+  return k;
+}
+
+std::vector<std::string> header_names(const Reader& r, const YAML::Node& map,
+                                      const std::string& parent, const char* key,
+                                      std::vector<std::string> fallback) {
+  if (!map[key].IsDefined()) return fallback;
+  std::vector<std::string> out;
+  const auto list = r.sequence(map, parent, key);
+  for (size_t i = 0; i < list.size(); ++i)
+    out.push_back(
+        header_name(r, list[i], Reader::join(parent, key) + "[" + std::to_string(i) + "]"));
+  return out;
 }
 
 PathMatch read_path(const Reader& r, const YAML::Node& n, const std::string& f) {
@@ -156,6 +196,8 @@ RetryPolicy read_retries(const Reader& r, const YAML::Node& n, const std::string
   return p;
 }
 
+}  // namespace
+
 RateLimitPolicy read_rate_limit(const Reader& r, const YAML::Node& n, const std::string& f) {
   RateLimitPolicy p;
   if (!n.IsDefined() || n.IsNull()) return p;
@@ -170,6 +212,8 @@ RateLimitPolicy read_rate_limit(const Reader& r, const YAML::Node& n, const std:
   p.per_source = per == "source";
   return p;
 }
+
+namespace {
 
 FaultPolicy read_fault(const Reader& r, const YAML::Node& n, const std::string& f) {
   FaultPolicy p;
@@ -243,7 +287,13 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
   if (!n.IsDefined() || n.IsNull()) return c;
   r.require_map(n, f,
                 {"load_balancer", "hash_on", "circuit_breakers", "outlier_detection",
-                 "health_check", "idle_timeout", "retry_budget"});
+                 "health_check", "idle_timeout", "retry_budget", "hmac"});
+  if (auto h = n["hmac"]; h.IsDefined()) {
+    const std::string hf = f + ".hmac";
+    r.require_map(h, hf, {"key_file", "signed_headers"});
+    c.hmac.key = read_key_file(r, h, hf, "key_file");
+    c.hmac.signed_headers = header_names(r, h, hf, "signed_headers", c.hmac.signed_headers);
+  }
   const std::string lb = r.string_field(n, f, "load_balancer", false, "round_robin");
   if (lb == "round_robin")
     c.balancer = HttpServiceConfig::Balancer::round_robin;
@@ -315,6 +365,61 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
     c.retry_budget_min = r.number(b, bf, "min", c.retry_budget_min, 0, 100000);
   }
   return c;
+}
+
+HmacVerifyConfig read_hmac_verify(const Reader& r, const YAML::Node& n, const std::string& f) {
+  HmacVerifyConfig c;
+  if (!n.IsDefined() || n.IsNull()) return c;
+  r.require_map(n, f, {"keys", "max_skew"});
+  const auto keys = r.sequence(n, f, "keys");
+  if (keys.size() == 0)
+    r.fail(n, f + ".keys", "list {source: <SPIFFE ID pattern>, key_file: <path>}");
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const std::string kf = f + ".keys[" + std::to_string(i) + "]";
+    r.require_map(keys[i], kf, {"source", "key_file"});
+    HmacVerifyConfig::Key k;
+    k.source = r.string_field(keys[i], kf, "source", true);
+    if (auto ok = check_identity_pattern(k.source); !ok)
+      r.fail(keys[i]["source"], kf + ".source", ok.error());
+    k.key = read_key_file(r, keys[i], kf, "key_file");
+    c.keys.push_back(std::move(k));
+  }
+  c.max_skew = r.duration(n, f, "max_skew", c.max_skew);
+  if (c.max_skew.count() <= 0) r.fail(n["max_skew"], f + ".max_skew", "must be positive");
+  return c;
+}
+
+std::vector<AuthzRule> read_authz(const Reader& r, const YAML::Node& list,
+                                  const std::string& field) {
+  std::vector<AuthzRule> out;
+  if (!list.IsDefined() || list.IsNull()) return out;
+  if (!list.IsSequence()) r.fail(list, field, "expected a list of rules");
+  for (size_t i = 0; i < list.size(); ++i) {
+    const std::string f = field + "[" + std::to_string(i) + "]";
+    r.require_map(list[i], f, {"action", "sources", "methods", "paths"});
+    AuthzRule rule;
+    const std::string action = r.string_field(list[i], f, "action", true);
+    if (action != "allow" && action != "deny")
+      r.fail(list[i]["action"], f + ".action", "expected allow or deny");
+    rule.allow = action == "allow";
+    rule.sources = r.spiffe_list(list[i], f, "sources", true);
+    const auto methods = r.sequence(list[i], f, "methods");
+    for (size_t j = 0; j < methods.size(); ++j) {
+      const std::string m = r.scalar(methods[j], f + ".methods[" + std::to_string(j) + "]");
+      if (!is_token(m))
+        r.fail(methods[j], f + ".methods[" + std::to_string(j) + "]", "not an HTTP method");
+      rule.methods.push_back(m);
+    }
+    const auto paths = r.sequence(list[i], f, "paths");
+    for (size_t j = 0; j < paths.size(); ++j) {
+      const std::string pth = r.scalar(paths[j], f + ".paths[" + std::to_string(j) + "]");
+      if (pth.empty() || pth[0] != '/')
+        r.fail(paths[j], f + ".paths[" + std::to_string(j) + "]", "a path prefix starts with '/'");
+      rule.paths.push_back(pth);
+    }
+    out.push_back(std::move(rule));
+  }
+  return out;
 }
 
 std::vector<EndpointConfig> read_endpoints(const Reader& r, const YAML::Node& list,

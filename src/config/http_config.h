@@ -88,6 +88,7 @@ struct EndpointConfig {
   std::string authority;
   unsigned weight = 1;
   std::string locality;  // e.g. the cluster name; "" is none
+  bool direct = false;   // a plain TCP connection to `address` (an inbound proxy's local app)
 
   std::string key() const { return address.to_string() + "/" + authority; }
 };
@@ -115,6 +116,31 @@ struct HealthCheckConfig {
   unsigned healthy_threshold = 1;
 };
 
+// HMAC request signing (Kiro's model): the outbound proxy signs, the inbound proxy verifies,
+// with a key per (source, destination) pair. Keys are read from files (0600) when the config
+// is read and never printed.
+struct HmacSignConfig {
+  std::string key;  // empty: no signing
+  std::vector<std::string> signed_headers{"host", "content-type"};
+};
+
+struct HmacVerifyConfig {
+  struct Key {
+    std::string source;  // SPIFFE ID pattern of the calling proxy
+    std::string key;
+  };
+  std::vector<Key> keys;  // empty: no verification
+  Millis max_skew = std::chrono::minutes(5);
+};
+
+// Authorization of requests (inbound, after mTLS): deny rules first, then, if any allow rule
+// exists, the request must match one. A rule matches when each of its lists is empty or
+// matches (sources: SPIFFE ID patterns; methods: exact; paths: prefixes).
+struct AuthzRule {
+  bool allow = true;
+  std::vector<std::string> sources, methods, paths;
+};
+
 struct HttpServiceConfig {
   enum class Balancer { round_robin, least_request, ring_hash };
   Balancer balancer = Balancer::round_robin;
@@ -127,6 +153,7 @@ struct HttpServiceConfig {
   Millis idle_timeout = std::chrono::seconds(4);
   unsigned retry_budget_percent = 20;  // retries in flight ≤ this share of active requests...
   unsigned retry_budget_min = 3;       // ...but this many are always allowed
+  HmacSignConfig hmac;                 // sign requests to this service
 };
 
 const char* balancer_name(HttpServiceConfig::Balancer b);

@@ -204,7 +204,9 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
     for (size_t i = 0; i < targets.size(); ++i) {
       const std::string f = "inbound.targets[" + std::to_string(i) + "]";
       const YAML::Node n = targets[i];
-      r.require_map(n, f, {"authority", "address", "allow", "deny"});
+      r.require_map(n, f,
+                    {"authority", "address", "allow", "deny", "protocol", "hmac", "authorization",
+                     "rate_limit", "max_request_body"});
       InboundTargetConfig t;
       t.address = r.address(n, f, "address", true);
       t.authority = r.string_field(n, f, "authority", false, t.address.to_string());
@@ -212,6 +214,18 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
         r.fail(n, f + ".authority", "duplicate target '" + t.authority + "'");
       t.allow = r.spiffe_list(n, f, "allow", true);
       t.deny = r.spiffe_list(n, f, "deny", true);
+      const std::string protocol = r.string_field(n, f, "protocol", false, "tcp");
+      if (protocol != "tcp" && protocol != "http")
+        r.fail(n["protocol"], f + ".protocol", "expected tcp or http");
+      t.http = protocol == "http";
+      if (!t.http)
+        for (const char* k : {"hmac", "authorization", "rate_limit", "max_request_body"})
+          if (n[k].IsDefined()) r.fail(n[k], f + "." + k, "needs protocol: http");
+      t.hmac = read_hmac_verify(r, n["hmac"], f + ".hmac");
+      t.authz = read_authz(r, n["authorization"], f + ".authorization");
+      t.rate_limit = read_rate_limit(r, n["rate_limit"], f + ".rate_limit");
+      if (n["rate_limit"].IsDefined()) t.rate_limit.per_source = true;
+      t.max_request_body = r.number(n, f, "max_request_body", 1024 * 1024, 0, 64u * 1024 * 1024);
       c.inbound.targets.push_back(std::move(t));
     }
   }

@@ -89,6 +89,13 @@ struct InboundTargetConfig {
   HostPort address;                // the local address it maps to
   std::vector<std::string> allow;  // SPIFFE IDs; empty means any ID of our trust domain
   std::vector<std::string> deny;   // checked first
+  // protocol: http — requests are parsed here too: HMAC verified, authorized by method and
+  // path, rate limited per calling identity, counted with reporter="destination".
+  bool http = false;
+  HmacVerifyConfig hmac;
+  std::vector<AuthzRule> authz;
+  RateLimitPolicy rate_limit;  // per source identity
+  size_t max_request_body = 1024 * 1024;
 };
 
 struct InboundConfig {

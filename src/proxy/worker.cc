@@ -1,6 +1,10 @@
 #include "proxy/worker.h"
 
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/post.hpp>
@@ -56,10 +60,9 @@ Worker::Worker(unsigned index, Metrics& metrics, AccessLog& access_log)
       io_(1),
       pool_(io_, metrics),
       http_pool_(io_,
-                 [this](const Cluster& c, int ep, tcp::socket tunnel_end,
-                        std::shared_ptr<UpstreamConn> conn, UpstreamPool::Opened done) {
-                   dial_http_upstream(c, ep, std::move(tunnel_end), std::move(conn),
-                                      std::move(done));
+                 [this](const Cluster& c, int ep, std::shared_ptr<UpstreamConn> conn,
+                        UpstreamPool::Opened done) {
+                   dial_http_upstream(c, ep, std::move(conn), std::move(done));
                  }),
       http_env_{io_, http_pool_, metrics, access_log, {}, std::mt19937_64(std::random_device{}())} {
 }
@@ -151,7 +154,9 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
   const ServiceConfig* service = listener ? cfg.find_service(listener->service) : nullptr;
   if (!listener || !snapshot_->tls) return;  // removed by a reload a moment ago: just close
   if (listener->http) {
-    std::make_shared<HttpSession>(http_env_, snapshot_, *listener, std::move(socket))->start();
+    std::make_shared<HttpSession>(http_env_, snapshot_, HttpListenerView::outbound(*listener),
+                                  std::move(socket))
+        ->start();
     return;
   }
   if (!service) return;
@@ -184,9 +189,30 @@ void Worker::open_mesh(const ServiceConfig& service_ref, tcp::socket socket, Acc
   pool_.open(*service, std::move(stream));
 }
 
-void Worker::dial_http_upstream(const Cluster& c, int ep, tcp::socket tunnel_end,
-                                std::shared_ptr<UpstreamConn> conn, UpstreamPool::Opened done) {
+void Worker::dial_http_upstream(const Cluster& c, int ep, std::shared_ptr<UpstreamConn> conn,
+                                UpstreamPool::Opened done) {
   const EndpointConfig& e = c.endpoints()[ep].config;
+  if (e.direct) {
+    auto* socket = &conn->socket;
+    connect_to(io_, *socket, e.address,
+               [this, conn = std::move(conn),
+                done = std::move(done)](const boost::system::error_code& ec) mutable {
+                 if (ec) {
+                   metrics_.upstream_connect_failures.inc();
+                   return done(nullptr, "connect: " + ec.message());
+                 }
+                 boost::system::error_code ignored;
+                 conn->socket.set_option(tcp::no_delay(true), ignored);
+                 done(std::move(conn), "");
+               });
+    return;
+  }
+  // A socket pair: our end speaks HTTP, the tunnel's end is spliced into the HBONE stream.
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0)
+    return done(nullptr, std::string("socketpair: ") + std::strerror(errno));
+  conn->socket = tcp::socket(io_, tcp::v4(), fds[0]);
+  tcp::socket tunnel_end(io_, tcp::v4(), fds[1]);
   // One pool entry per (service, proxy address): tunnels to a proxy carry streams for all of
   // the service's endpoints behind it, each CONNECT naming its own target.
   ServiceConfig s = c.service();
@@ -273,6 +299,8 @@ void Worker::start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::str
       access_log_.write(entry);
       return H2Connection::ConnectDecision{verdict.status, nullptr};
     }
+    if (verdict.target->http)
+      return accept_http_stream(snap, *verdict.target, peer, std::move(entry));
     const HostPort target = verdict.target->address;
     entry.upstream = target.to_string();
     auto counters =
@@ -310,6 +338,47 @@ void Worker::start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::str
   inbound_[conn.get()] = conn;
   if (draining_) conn->retire();
   conn->start();
+}
+
+// An inbound CONNECT to a `protocol: http` target: the stream is accepted at once and its bytes
+// go through a socket pair to an HttpSession, which checks each request (HMAC, authorization,
+// rate limit) and forwards it to the app over pooled plain connections.
+H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap,
+                                                         const InboundTargetConfig& target,
+                                                         const std::string& peer,
+                                                         AccessLogEntry entry) {
+  const InboundHttp* state = snap->http->inbound(target.authority);
+  int fds[2];
+  if (!state || ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0) {
+    entry.result = "internal_error: no http state for the target";
+    access_log_.write(entry);
+    return H2Connection::ConnectDecision{503, nullptr};
+  }
+  entry.upstream = target.address.to_string();
+  entry.protocol = "http";
+  auto counters =
+      metrics_.tcp({"destination", peer, snap->tls->spiffe_id, target.authority, "mutual_tls"});
+  auto stream = std::make_shared<TunnelStream>(
+      tcp::socket(io_, tcp::v4(), fds[0]), std::move(counters), false, metrics_,
+      [this, entry = std::move(entry)](const TunnelStream& s, const std::string& result) mutable {
+        entry.bytes_received = s.bytes_to_tcp();
+        entry.bytes_sent = s.bytes_from_tcp();
+        entry.result = result;
+        access_log_.write(entry);
+      });
+  HttpListenerView view{target.authority, &state->routes, target.max_request_body,
+                        &target,          state,          peer};
+  std::make_shared<HttpSession>(http_env_, snap, std::move(view),
+                                tcp::socket(io_, tcp::v4(), fds[1]))
+      ->start();
+  // Answered after this returns, once the stream is attached.
+  asio::post(io_, [stream] {
+    if (auto c = stream->connection()) {
+      c->accept_stream(stream->stream_id());
+      stream->start_relay();
+    }
+  });
+  return H2Connection::ConnectDecision{0, stream};
 }
 
 void Worker::handle_l4(const std::string& name, tcp::socket socket) {

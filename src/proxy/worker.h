@@ -20,6 +20,7 @@
 #include "proxy/snapshot.h"
 #include "stats/access_log.h"
 #include "stats/metrics.h"
+#include "transport/hbone/h2_connection.h"
 #include "transport/hbone/hbone_client_pool.h"
 
 namespace weft {
@@ -67,8 +68,11 @@ class Worker {
   void open_egress(const HostPort& target, boost::asio::ip::tcp::socket socket,
                    AccessLogEntry entry, Ready ready, std::string prefix = {});
   // L7: a new upstream HTTP connection to endpoint `ep` of `c`, through an HBONE stream.
-  void dial_http_upstream(const Cluster& c, int ep, boost::asio::ip::tcp::socket tunnel_end,
-                          std::shared_ptr<UpstreamConn> conn, UpstreamPool::Opened done);
+  void dial_http_upstream(const Cluster& c, int ep, std::shared_ptr<UpstreamConn> conn,
+                          UpstreamPool::Opened done);
+  H2Connection::ConnectDecision accept_http_stream(const SnapshotPtr& snap,
+                                                   const InboundTargetConfig& target,
+                                                   const std::string& peer, AccessLogEntry entry);
   void start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::string& peer,
                             const std::string& downstream);
 

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "proxy/http/hmac_signing.h"
+
 namespace weft {
 
 SteadyMillis steady_now_ms() {
@@ -158,7 +160,36 @@ std::shared_ptr<const HttpRuntime> HttpRuntime::build(std::shared_ptr<const Prox
                                                       const HttpRuntime* previous) {
   auto rt = std::make_shared<HttpRuntime>();
   rt->config_ = config;
-  for (const auto& s : config->services) {
+  // Inbound http targets: a service of one direct endpoint (the local app) per target.
+  std::vector<ServiceConfig> services = config->services;
+  for (const auto& t : config->inbound.targets) {
+    if (!t.http) continue;
+    ServiceConfig s;
+    s.name = "inbound|" + t.authority;
+    EndpointConfig e;
+    e.address = t.address;
+    e.authority = t.authority;
+    e.direct = true;
+    s.endpoints.push_back(e);
+    services.push_back(s);
+    auto in = std::make_shared<InboundHttp>();
+    RouteConfig route;
+    route.name = "inbound";
+    route.backends.push_back({s.name, 1});
+    in->routes.push_back(route);
+    const InboundHttp* old = previous ? previous->inbound(t.authority) : nullptr;
+    if (t.rate_limit.per_second > 0) {
+      const bool same = old && old->limiter &&
+                        old->limiter->policy().per_second == t.rate_limit.per_second &&
+                        old->limiter->policy().burst == t.rate_limit.burst;
+      in->limiter = same ? old->limiter : std::make_shared<RateLimiter>(t.rate_limit);
+    }
+    in->nonces = old ? old->nonces
+                     : std::make_shared<NonceCache>(
+                           std::chrono::duration_cast<std::chrono::seconds>(2 * t.hmac.max_skew));
+    rt->inbound_[t.authority] = std::move(in);
+  }
+  for (const auto& s : services) {
     auto c = std::make_shared<Cluster>();
     c->service_ = s;
     c->locality_ = config->locality;
@@ -201,6 +232,11 @@ std::shared_ptr<const HttpRuntime> HttpRuntime::build(std::shared_ptr<const Prox
 const Cluster* HttpRuntime::cluster(const std::string& service) const {
   auto it = clusters_.find(service);
   return it == clusters_.end() ? nullptr : it->second.get();
+}
+
+const InboundHttp* HttpRuntime::inbound(const std::string& authority) const {
+  auto it = inbound_.find(authority);
+  return it == inbound_.end() ? nullptr : it->second.get();
 }
 
 RateLimiter* HttpRuntime::limiter(const std::string& listener, const std::string& route) const {

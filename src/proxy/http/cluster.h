@@ -106,6 +106,15 @@ class RateLimiter {
   std::shared_ptr<TokenBucket> route_bucket_;
 };
 
+class NonceCache;
+
+// An inbound target with protocol: http: its one route to the local app, and its state.
+struct InboundHttp {
+  std::vector<RouteConfig> routes;
+  std::shared_ptr<RateLimiter> limiter;  // per source identity; null when none
+  std::shared_ptr<NonceCache> nonces;    // HMAC replay protection
+};
+
 class HttpRuntime {
  public:
   // Builds the runtime for `config`, carrying state over from `previous` (may be null).
@@ -116,11 +125,13 @@ class HttpRuntime {
   // Rate limiter of route `route` on listener `listener`, or null when none is configured.
   RateLimiter* limiter(const std::string& listener, const std::string& route) const;
   const std::map<std::string, std::shared_ptr<Cluster>>& clusters() const { return clusters_; }
+  const InboundHttp* inbound(const std::string& authority) const;
 
  private:
   std::shared_ptr<const ProxyConfig> config_;
   std::map<std::string, std::shared_ptr<Cluster>> clusters_;
   std::map<std::string, std::shared_ptr<RateLimiter>> limiters_;
+  std::map<std::string, std::shared_ptr<InboundHttp>> inbound_;
 };
 
 uint64_t hash64(std::string_view s);

@@ -8,6 +8,8 @@
 #include <boost/beast/http/rfc7230.hpp>
 #include <boost/beast/http/write.hpp>
 
+#include "identity/spiffe_id.h"
+#include "proxy/http/hmac_signing.h"
 #include "proxy/http/router.h"
 
 namespace weft {
@@ -89,11 +91,11 @@ std::string next_traceparent(std::string_view in, uint64_t r1, uint64_t r2, uint
   return "00-" + trace + "-" + hex(r3 | 1, 16) + "-" + flags;
 }
 
-HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot,
-                         const OutboundListenerConfig& listener, tcp::socket downstream)
+HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView listener,
+                         tcp::socket downstream)
     : env_(env),
       snap_(std::move(snapshot)),
-      listener_(listener),
+      listener_(std::move(listener)),
       down_(std::move(downstream)),
       timer_(env.io),
       backoff_(env.io) {
@@ -118,10 +120,11 @@ void HttpSession::read_request() {
   resp_.reset();
   ser_.reset();
   entry_ = AccessLogEntry{};
-  entry_.direction = "outbound";
+  entry_.direction = listener_.inbound ? "inbound" : "outbound";
   entry_.listener = listener_.name;
   entry_.downstream = source_ip_;
   entry_.protocol = "http/1.1";
+  if (listener_.inbound) entry_.peer_identity = listener_.peer_identity;
   started_ = std::chrono::steady_clock::now();
   // A keep-alive connection that stays quiet is closed; so is one that trickles a header.
   timer_.expires_after(kDownstreamIdle);
@@ -211,7 +214,8 @@ void HttpSession::handle_request() {
     value = it->value();
     return true;
   };
-  route_ = match_route(listener_.routes, view);
+  if (listener_.inbound && !admit_inbound(path)) return;
+  route_ = match_route(*listener_.routes, view);
   if (!route_)
     return local_reply(404,
                        "no route for host '" + entry_.host + "' path '" + std::string(path) +
@@ -325,8 +329,9 @@ void HttpSession::on_connected(std::shared_ptr<UpstreamConn> conn, const std::st
 }
 
 void HttpSession::send_request() {
-  entry_.peer_identity = up_->peer_identity;
+  if (!listener_.inbound) entry_.peer_identity = up_->peer_identity;
   entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
+  sign_request();
   http::async_write(up_->socket, req_,
                     [self = shared_from_this(), g = generation_, conn = up_](
                         const boost::system::error_code& ec, size_t) {
@@ -344,6 +349,86 @@ void HttpSession::send_request() {
                             self->on_response_header(ec);
                           });
                     });
+}
+
+// Each attempt is signed afresh: a retry with the first attempt's nonce would be a replay.
+void HttpSession::sign_request() {
+  const auto& hmac = cluster_->service().http.hmac;
+  if (hmac.key.empty()) return;
+  SignedRequest s{req_.method_string(), req_.target(), req_.body(), {}};
+  for (const auto& name : hmac.signed_headers)
+    s.headers.emplace_back(name, std::string(req_[name]));
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  req_.set("x-weft-signature",
+           weft::sign_request(hmac.key, s, now, hex(env_.rng(), 16) + hex(env_.rng(), 16)));
+}
+
+bool HttpSession::admit_inbound(std::string_view path) {
+  const InboundTargetConfig& t = *listener_.inbound;
+  const std::string& peer = listener_.peer_identity;
+  if (listener_.inbound_state->limiter &&
+      !listener_.inbound_state->limiter->allow(peer, steady_now_ms())) {
+    local_reply(429,
+                "rate limited: " + t.authority + " allows " +
+                    std::to_string(t.rate_limit.per_second) + " requests a second per caller\n",
+                "RL");
+    return false;
+  }
+  if (!t.hmac.keys.empty()) {
+    const HmacVerifyConfig::Key* key = nullptr;
+    for (const auto& k : t.hmac.keys)
+      if (spiffe_pattern_matches(k.source, peer)) {
+        key = &k;
+        break;
+      }
+    const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+    const std::string verdict =
+        key ? verify_request(
+                  key->key, req_["x-weft-signature"], req_.method_string(), req_.target(),
+                  req_.body(), [this](const std::string& name) { return std::string(req_[name]); },
+                  now, std::chrono::duration_cast<std::chrono::seconds>(t.hmac.max_skew),
+                  *listener_.inbound_state->nonces)
+            : "no HMAC key for caller " + peer;
+    if (!verdict.empty()) {
+      local_reply(401, "request signature refused: " + verdict + "\n", "UAEX");
+      return false;
+    }
+    req_.erase("x-weft-signature");
+  }
+  // Authorization: deny rules first; then, if there are allow rules, one must match.
+  auto matches = [&](const AuthzRule& r) {
+    auto any = [](const auto& list, auto pred) {
+      return list.empty() || std::any_of(list.begin(), list.end(), pred);
+    };
+    return any(r.sources, [&](const std::string& p) { return spiffe_pattern_matches(p, peer); }) &&
+           any(r.methods, [&](const std::string& m) { return m == req_.method_string(); }) &&
+           any(r.paths, [&](const std::string& p) { return path.substr(0, p.size()) == p; });
+  };
+  bool has_allow = false, allowed = false;
+  for (size_t i = 0; i < t.authz.size(); ++i) {
+    const auto& r = t.authz[i];
+    if (!r.allow && matches(r)) {
+      local_reply(
+          403,
+          "RBAC: access denied (authorization[" + std::to_string(i) + "] denies " + peer + ")\n",
+          "RBAC");
+      return false;
+    }
+    has_allow = has_allow || r.allow;
+    allowed = allowed || (r.allow && matches(r));
+  }
+  if (has_allow && !allowed) {
+    local_reply(403,
+                "RBAC: access denied (no allow rule matches " + peer + " " +
+                    std::string(req_.method_string()) + " " + std::string(path) + ")\n",
+                "RBAC");
+    return false;
+  }
+  return true;
 }
 
 void HttpSession::on_response_header(const boost::system::error_code& ec) {
@@ -563,13 +648,21 @@ void HttpSession::finish_request(unsigned status, const std::string& flags,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
           .count();
   HttpLabels labels;
-  labels.reporter = "source";
-  labels.source_principal = entry_.local_identity;
-  labels.destination_service = cluster_ ? cluster_->service().name : "unknown";
-  if (cluster_ && cluster_->service().spiffe_ids.size() == 1)
-    labels.destination_principal = cluster_->service().spiffe_ids.front();
-  else
-    labels.destination_principal = entry_.peer_identity.empty() ? "unknown" : entry_.peer_identity;
+  if (listener_.inbound) {
+    labels.reporter = "destination";
+    labels.source_principal = listener_.peer_identity;
+    labels.destination_principal = entry_.local_identity;
+    labels.destination_service = listener_.inbound->authority;
+  } else {
+    labels.reporter = "source";
+    labels.source_principal = entry_.local_identity;
+    labels.destination_service = cluster_ ? cluster_->service().name : "unknown";
+    if (cluster_ && cluster_->service().spiffe_ids.size() == 1)
+      labels.destination_principal = cluster_->service().spiffe_ids.front();
+    else
+      labels.destination_principal =
+          entry_.peer_identity.empty() ? "unknown" : entry_.peer_identity;
+  }
   labels.security_policy = "mutual_tls";
   labels.response_code = status;
   labels.response_flags = entry_.response_flags;

@@ -39,9 +39,25 @@ struct HttpWorkerEnv {
   std::mt19937_64 rng{std::random_device{}()};
 };
 
+// Where a session's requests come from. Outbound: an app on an http listener. Inbound: a peer
+// proxy's HBONE stream to a `protocol: http` target, whose identity mTLS proved.
+struct HttpListenerView {
+  std::string name;
+  const std::vector<RouteConfig>* routes = nullptr;
+  size_t max_request_body = 0;
+  const InboundTargetConfig* inbound = nullptr;  // inbound only
+  const InboundHttp* inbound_state = nullptr;
+  std::string peer_identity;
+
+  static HttpListenerView outbound(const OutboundListenerConfig& l) {
+    return {l.name, &l.routes, l.max_request_body, nullptr, nullptr, {}};
+  }
+};
+
 class HttpSession : public std::enable_shared_from_this<HttpSession> {
  public:
-  HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, const OutboundListenerConfig& listener,
+  // The snapshot keeps everything `view` points to alive.
+  HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
               boost::asio::ip::tcp::socket downstream);
   void start() { read_request(); }
 
@@ -65,6 +81,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void on_timeout();
   void local_reply(unsigned status, const std::string& body, const std::string& flags,
                    const std::string& extra_header_value = {}, bool close_after = false);
+  // Inbound checks (HMAC, authorization, per-identity rate limit); false when it answered.
+  bool admit_inbound(std::string_view path);
+  void sign_request();
   void finish_request(unsigned status, const std::string& flags, const std::string& result);
   void end_attempt();
   void close();
@@ -73,7 +92,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
 
   HttpWorkerEnv& env_;
   SnapshotPtr snap_;
-  const OutboundListenerConfig& listener_;
+  const HttpListenerView listener_;
   boost::asio::ip::tcp::socket down_;
   boost::beast::flat_buffer down_buf_;
   std::string source_ip_;

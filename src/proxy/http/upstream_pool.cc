@@ -50,17 +50,10 @@ std::shared_ptr<UpstreamConn> UpstreamPool::take_idle(const Cluster& c, int endp
 }
 
 void UpstreamPool::open(const Cluster& c, int endpoint, Opened done) {
-  // A socket pair: our end speaks HTTP, the tunnel's end is spliced into the HBONE stream.
-  int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0) {
-    done(nullptr, std::string("socketpair failed: ") + std::strerror(errno));
-    return;
-  }
-  asio::ip::tcp::socket ours(io_, asio::ip::tcp::v4(), fds[0]);
-  auto conn = std::make_shared<UpstreamConn>(std::move(ours), key(c, endpoint), c.breakers_ptr());
+  auto conn = std::make_shared<UpstreamConn>(asio::ip::tcp::socket(io_), key(c, endpoint),
+                                             c.breakers_ptr());
   conn->idle_timeout = c.service().http.idle_timeout;
-  dial_(c, endpoint, asio::ip::tcp::socket(io_, asio::ip::tcp::v4(), fds[1]), std::move(conn),
-        std::move(done));
+  dial_(c, endpoint, std::move(conn), std::move(done));
 }
 
 void UpstreamPool::put_idle(std::shared_ptr<UpstreamConn> conn) {

@@ -1,7 +1,7 @@
-// Per-worker pool of upstream HTTP/1.1 connections, one set per (service, endpoint). Each
-// connection is an HBONE CONNECT stream to the endpoint's proxy; the HTTP side sees it as a
-// plain socket (one end of a socket pair, the tunnel holds the other), so the L7 code is the
-// same whatever carries the bytes.
+// Per-worker pool of upstream HTTP/1.1 connections, one set per (service, endpoint). A mesh
+// endpoint's connection is an HBONE CONNECT stream to the endpoint's proxy, which the HTTP side
+// sees as a plain socket (one end of a socket pair, the tunnel holds the other); an inbound
+// proxy's local app is a plain TCP connection. The L7 code is the same either way.
 //
 // Idle connections close after the service's idle_timeout, chosen below the app's keep-alive,
 // and one the app closed anyway is noticed (a peek) before it is reused: a request is never
@@ -45,11 +45,10 @@ struct UpstreamConn {
 class UpstreamPool {
  public:
   using Opened = std::function<void(std::shared_ptr<UpstreamConn>, const std::string& failure)>;
-  // Makes a new connection: `tunnel_end` goes into the HBONE stream, `conn` holds our end;
-  // `done` gets `conn` back once the tunnel is up, or a failure.
-  using Dial =
-      std::function<void(const Cluster&, int endpoint, boost::asio::ip::tcp::socket tunnel_end,
-                         std::shared_ptr<UpstreamConn> conn, Opened done)>;
+  // Connects `conn` (a fresh, unopened socket) to the endpoint: over an HBONE stream, or
+  // directly for a `direct` endpoint; `done` gets `conn` back when it is usable, or a failure.
+  using Dial = std::function<void(const Cluster&, int endpoint, std::shared_ptr<UpstreamConn> conn,
+                                  Opened done)>;
 
   UpstreamPool(boost::asio::io_context& io, Dial dial);
   ~UpstreamPool();

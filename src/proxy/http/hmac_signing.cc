@@ -1,0 +1,147 @@
+#include "proxy/http/hmac_signing.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/sha.h>
+
+namespace weft {
+
+namespace {
+
+std::string to_hex(const unsigned char* p, size_t n) {
+  static const char* d = "0123456789abcdef";
+  std::string out(n * 2, '0');
+  for (size_t i = 0; i < n; ++i) {
+    out[2 * i] = d[p[i] >> 4];
+    out[2 * i + 1] = d[p[i] & 15];
+  }
+  return out;
+}
+
+bool is_hex(std::string_view s) {
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+}  // namespace
+
+std::string sha256_hex(std::string_view data) {
+  unsigned char md[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), md);
+  return to_hex(md, sizeof md);
+}
+
+std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(data.data()), data.size(), md, &len);
+  return to_hex(md, len);
+}
+
+std::string sign_request(std::string_view key, const SignedRequest& req, int64_t ts,
+                         std::string_view nonce) {
+  std::string canonical = "v1\n";
+  canonical.append(req.method).append("\n").append(req.target).append("\n");
+  canonical.append(std::to_string(ts)).append("\n").append(nonce).append("\n");
+  std::string names;
+  for (const auto& [name, value] : req.headers) {
+    canonical.append(name).append(":").append(value).append("\n");
+    names += (names.empty() ? "" : ",") + name;
+  }
+  canonical.append(sha256_hex(req.body));
+  return "v1;ts=" + std::to_string(ts) + ";nonce=" + std::string(nonce) + ";headers=" + names +
+         ";sig=" + hmac_sha256_hex(key, canonical);
+}
+
+Result<ParsedSignature> parse_signature(std::string_view h) {
+  ParsedSignature p;
+  if (h.empty()) return make_error("missing: no x-weft-signature header");
+  if (h.size() > 4096) return make_error("malformed signature: over 4 KiB");
+  if (h.substr(0, 3) != "v1;") return make_error("malformed signature: expected version v1");
+  h.remove_prefix(3);
+  bool have_ts = false, have_nonce = false, have_sig = false, have_headers = false;
+  while (!h.empty()) {
+    const auto semi = h.find(';');
+    const std::string_view field = h.substr(0, semi);
+    h = semi == std::string_view::npos ? std::string_view() : h.substr(semi + 1);
+    const auto eq = field.find('=');
+    if (eq == std::string_view::npos) return make_error("malformed signature: a field without '='");
+    const std::string_view k = field.substr(0, eq), v = field.substr(eq + 1);
+    if (k == "ts") {
+      if (v.empty() || v.size() > 12) return make_error("malformed signature: bad ts");
+      int64_t ts = 0;
+      for (char c : v) {
+        if (c < '0' || c > '9') return make_error("malformed signature: bad ts");
+        ts = ts * 10 + (c - '0');
+      }
+      p.ts = ts;
+      have_ts = true;
+    } else if (k == "nonce") {
+      if (v.size() < 16 || v.size() > 64 || !is_hex(v))
+        return make_error("malformed signature: the nonce must be 16-64 lower-case hex digits");
+      p.nonce = std::string(v);
+      have_nonce = true;
+    } else if (k == "headers") {
+      std::string_view rest = v;
+      while (!rest.empty()) {
+        const auto comma = rest.find(',');
+        const std::string_view name = rest.substr(0, comma);
+        if (name.empty() || name.size() > 64)
+          return make_error("malformed signature: bad header list");
+        p.headers.emplace_back(name);
+        rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+        if (p.headers.size() > 32) return make_error("malformed signature: over 32 headers");
+      }
+      have_headers = true;
+    } else if (k == "sig") {
+      if (v.size() != 64 || !is_hex(v))
+        return make_error("malformed signature: sig must be 64 hex");
+      p.sig = std::string(v);
+      have_sig = true;
+    } else {
+      return make_error("malformed signature: unknown field '" + std::string(k) + "'");
+    }
+  }
+  if (!have_ts || !have_nonce || !have_sig || !have_headers)
+    return make_error("malformed signature: needs ts, nonce, headers and sig");
+  return p;
+}
+
+bool NonceCache::insert(const std::string& nonce, int64_t now) {
+  std::lock_guard lock(mutex_);
+  const int64_t window = window_.count();
+  if (now - last_sweep_ >= window / 4 + 1 || seen_.size() >= max_) {
+    std::erase_if(seen_, [&](const auto& kv) { return now - kv.second > window; });
+    last_sweep_ = now;
+    // Still full of fresh entries: under a flood, refuse rather than forget (a forgotten
+    // nonce would let a replay through).
+    if (seen_.size() >= max_) return false;
+  }
+  return seen_.emplace(nonce, now).second;
+}
+
+std::string verify_request(std::string_view key, std::string_view header, std::string_view method,
+                           std::string_view target, std::string_view body,
+                           const std::function<std::string(const std::string&)>& headers_of,
+                           int64_t now, std::chrono::seconds max_skew, NonceCache& nonces) {
+  auto parsed = parse_signature(header);
+  if (!parsed) return parsed.error();
+  const int64_t skew = parsed->ts > now ? parsed->ts - now : now - parsed->ts;
+  if (skew > max_skew.count())
+    return "stale: signed " + std::to_string(skew) + " s away from now (at most " +
+           std::to_string(max_skew.count()) + " s)";
+  SignedRequest req{method, target, body, {}};
+  for (const auto& name : parsed->headers) req.headers.emplace_back(name, headers_of(name));
+  const std::string expected = sign_request(key, req, parsed->ts, parsed->nonce);
+  const std::string_view want = std::string_view(expected).substr(expected.size() - 64);
+  if (CRYPTO_memcmp(parsed->sig.data(), want.data(), 64) != 0)
+    return "tampered: the signature does not match the request";
+  // Only a valid signature takes a nonce slot: garbage cannot flush the cache.
+  if (!nonces.insert(parsed->nonce, now)) return "replayed: nonce seen before";
+  return "";
+}
+
+}  // namespace weft
