@@ -150,9 +150,18 @@ inbound:
 TEST(ConnectPolicy, AnswersLikeZtunnel) {
   ProxyConfig c;
   c.inbound.enabled = true;
-  c.inbound.targets.push_back(
-      {"127.0.0.1:80", {"127.0.0.1", 80}, {"spiffe://td/ns/a/sa/ok"}, {"spiffe://td/ns/a/sa/bad"}});
-  c.inbound.targets.push_back({"open:1", {"127.0.0.1", 1}, {}, {"spiffe://td/ns/a/sa/bad"}});
+  auto target = [](std::string authority, HostPort address, std::vector<std::string> allow,
+                   std::vector<std::string> deny) {
+    InboundTargetConfig t;
+    t.authority = std::move(authority);
+    t.address = std::move(address);
+    t.allow = std::move(allow);
+    t.deny = std::move(deny);
+    return t;
+  };
+  c.inbound.targets.push_back(target("127.0.0.1:80", {"127.0.0.1", 80}, {"spiffe://td/ns/a/sa/ok"},
+                                     {"spiffe://td/ns/a/sa/bad"}));
+  c.inbound.targets.push_back(target("open:1", {"127.0.0.1", 1}, {}, {"spiffe://td/ns/a/sa/bad"}));
   EXPECT_EQ(authorize_connect(c, "td", "127.0.0.1:80", "spiffe://td/ns/a/sa/ok").status, 0);
   EXPECT_EQ(authorize_connect(c, "td", "127.0.0.1:81", "spiffe://td/ns/a/sa/ok").status, 400);
   EXPECT_EQ(authorize_connect(c, "td", "127.0.0.1:80", "spiffe://td/ns/a/sa/other").status, 401);
