@@ -7,6 +7,7 @@
 
 #include "config/proxy_config.h"
 #include "proxy/http/cluster.h"
+#include "proxy/http/hmac_signing.h"
 #include "proxy/http/http_session.h"
 #include "proxy/http/router.h"
 
@@ -214,6 +215,57 @@ TEST(L7Trace, TraceparentIsKeptWhenValidAndStartedWhenNot) {
     EXPECT_NE(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
     EXPECT_EQ(fresh.substr(53), "01");
   }
+}
+
+}  // namespace
+}  // namespace weft
+
+namespace weft {
+namespace {
+
+TEST(L7Hmac, SignedRequestsVerifyOnceAndOnlyUnchangedAndFresh) {
+  const std::string key = "0123456789abcdef0123456789abcdef";
+  SignedRequest req{"POST",
+                    "/api/pay?x=1",
+                    "{\"amount\":5}",
+                    {{"host", "pay:80"}, {"content-type", "application/json"}}};
+  const std::string header = sign_request(key, req, 1700000000, "00112233445566778899aabbccddeeff");
+  std::map<std::string, std::string> h{{"host", "pay:80"}, {"content-type", "application/json"}};
+  auto lookup = [&](const std::string& n) { return h.count(n) ? h[n] : std::string(); };
+  NonceCache nonces(std::chrono::seconds(600));
+  const auto verify = [&](std::string_view method, std::string_view target, std::string_view body,
+                          int64_t now, const std::string& hdr) {
+    return verify_request(key, hdr, method, target, body, lookup, now, std::chrono::seconds(300),
+                          nonces);
+  };
+  EXPECT_EQ(verify("POST", "/api/pay?x=1", "{\"amount\":5}", 1700000100, header), "");
+  EXPECT_NE(verify("POST", "/api/pay?x=1", "{\"amount\":5}", 1700000100, header).find("replayed"),
+            std::string::npos);
+  const std::string h2 = sign_request(key, req, 1700000000, "ffeeddccbbaa99887766554433221100");
+  EXPECT_NE(verify("POST", "/api/pay?x=1", "{\"amount\":500}", 1700000100, h2).find("tampered"),
+            std::string::npos);
+  EXPECT_NE(verify("GET", "/api/pay?x=1", "{\"amount\":5}", 1700000100, h2).find("tampered"),
+            std::string::npos);
+  h["host"] = "evil:80";
+  EXPECT_NE(verify("POST", "/api/pay?x=1", "{\"amount\":5}", 1700000100, h2).find("tampered"),
+            std::string::npos);
+  h["host"] = "pay:80";
+  EXPECT_NE(verify("POST", "/api/pay?x=1", "{\"amount\":5}", 1700000301, h2).find("stale"),
+            std::string::npos);
+  EXPECT_EQ(verify("POST", "/api/pay?x=1", "{\"amount\":5}", 1700000300, h2), "");  // 5 min is fine
+  for (const char* bad : {"", "v2;ts=1", "v1;ts=1;nonce=zz;headers=host;sig=00",
+                          "v1;ts=-1;nonce=00112233445566778899aabbccddeeff;headers=host;sig=00"})
+    EXPECT_NE(verify("POST", "/", "", 1, bad), "") << bad;
+}
+
+TEST(L7Hmac, TheNonceCacheForgetsOnlyOutsideTheWindowAndRefusesWhenFull) {
+  NonceCache c(std::chrono::seconds(10), 3);
+  EXPECT_TRUE(c.insert("a", 100));
+  EXPECT_FALSE(c.insert("a", 105));
+  EXPECT_TRUE(c.insert("b", 105));
+  EXPECT_TRUE(c.insert("c", 105));
+  EXPECT_FALSE(c.insert("d", 106));  // full of fresh nonces: refuse rather than forget one
+  EXPECT_TRUE(c.insert("d", 112));   // "a" aged out
 }
 
 }  // namespace
