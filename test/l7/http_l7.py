@@ -14,78 +14,22 @@ import http.client
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 WEFT = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else "weft"
 HERE = os.path.dirname(os.path.abspath(__file__))
 TD = "l7.test"
-
-
-def wait_for(what, fn, timeout=20.0):
-    end = time.time() + timeout
-    last = None
-    while time.time() < end:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)  # polling interval
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+sys.path.insert(0, HERE)
+from harness import Harness, wait_for  # noqa: E402
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="weft-l7-")
-    procs, failures = [], []
-
-    def spawn(args, log):
-        p = subprocess.Popen([str(a) for a in args], stdout=open(os.path.join(work, log), "w"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
-    def check(cond, what):
-        print(("ok   " if cond else "FAIL ") + what, flush=True)
-        if not cond:
-            failures.append(what)
-
-    def start_proxy(name, yaml):
-        cfg = os.path.join(work, f"{name}.yaml")
-        open(cfg, "w").write(yaml)
-        admin_file = os.path.join(work, f"{name}.admin")
-        spawn([WEFT, "proxy", "-c", cfg, "--admin-address-path", admin_file], f"{name}.log")
-        wait_for(f"{name}'s admin address", lambda: os.path.exists(admin_file))
-        admin = open(admin_file).read().strip()
-
-        def listeners():
-            try:
-                c = http.client.HTTPConnection(admin, timeout=2)
-                c.request("GET", "/listeners")
-                return json.loads(c.getresponse().read())
-            except (OSError, ValueError):
-                return None
-        return admin, wait_for(f"{name}'s listeners", listeners)
-
+    h = Harness(WEFT, "weft-l7-", TD)
+    work, check, start_proxy, identity = h.work, h.check, h.proxy, h.identity
     try:
-        ca = os.path.join(work, "ca")
-        subprocess.run([WEFT, "ca", "init", "--trust-domain", TD, "--out", ca], check=True,
-                       capture_output=True)
-        for who in ("client", "server"):
-            subprocess.run([WEFT, "cert", "issue", "--ca", ca, "--spiffe-id",
-                            f"spiffe://{TD}/ns/default/sa/{who}", "--out", os.path.join(work, who)],
-                           check=True, capture_output=True)
-        names = ["a", "b", "c", "flaky:flaky", "bad:bad", "short:short"]
-        spawn(["/usr/bin/python3", os.path.join(HERE, "origins.py"), *names], "origins.log")
-        lines = wait_for("the origins", lambda: (lambda l: "ready\n" in l and l)(
-            open(os.path.join(work, "origins.log")).readlines()))
-        port = {l.split()[0]: int(l.split()[1]) for l in lines if l.strip() != "ready"}
-
-        def identity(who):
-            d = os.path.join(work, who)
-            return f"identity: {{cert: {d}/cert.pem, key: {d}/key.pem, ca: {d}/ca.crt}}\n"
+        h.pki("client", "server")
+        port = h.origins(HERE, "a", "b", "c", "flaky:flaky", "bad:bad", "short:short")
 
         targets = "".join(f"    - {{authority: '{n}:80', address: '127.0.0.1:{p}'}}\n"
                           for n, p in port.items())
@@ -415,28 +359,8 @@ def main():
         retried_lines = [l for l in reqs if l.get("route") == "flaky-retried" and l.get("attempts", 0) > 1]
         check(len(retried_lines) >= 10, f"retried requests log their attempts: {len(retried_lines)}")
     finally:
-        for pr in procs:
-            try:
-                os.killpg(pr.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pr in procs:
-            try:
-                pr.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(pr.pid, signal.SIGKILL)
-        if failures:
-            for f in ("client.log", "server.log"):
-                path = os.path.join(work, f)
-                if os.path.exists(path):
-                    print(f"--- {f}\n" + "".join(open(path).readlines()[-20:]))
-        if not os.environ.get("WEFT_KEEP_TEST_DIRS"):
-            shutil.rmtree(work, ignore_errors=True)
-    if failures:
-        print(f"\nFAIL: {len(failures)} check(s)")
-        return 1
-    print("\nPASS: L7 HTTP")
-    return 0
+        rc = h.finish(["client.log", "server.log", "guard.log"], "L7 HTTP")
+    return rc
 
 
 if __name__ == "__main__":
