@@ -330,8 +330,30 @@ def main():
                         r'destination_principal="spiffe://l7.test/ns/default/sa/server",destination_service="guarded:80",'
                         r'[^}]*response_code="401"', gm) is not None, "the inbound proxy reports requests as destination")
 
-        # Garbage on the listener: 400, and the listener carries on.
+        # WebSocket: the upgrade goes through, then bytes flow both ways on the same connection.
         import socket
+        with socket.create_connection((host, int(p)), timeout=5) as s:
+            s.sendall(b"GET /ws HTTP/1.1\r\nHost: web.mesh\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            rest = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
+            check(head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head,
+                  f"WebSocket upgrade answered 101 with the origin's accept key: {head[:40]!r}")
+            s.sendall(b"hello over the upgraded connection")
+            echoed = rest
+            while len(echoed) < 34:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                echoed += chunk
+            check(echoed == b"HELLO OVER THE UPGRADED CONNECTION", f"bytes flow after the upgrade: {echoed!r}")
+
+        # Garbage on the listener: 400, and the listener carries on.
         with socket.create_connection((host, int(p)), timeout=5) as s:
             s.sendall(b"\x16\x03\x01 this is no http\r\n\r\n")
             answer = s.recv(200)

@@ -7,6 +7,8 @@ modes: echo (default) answers JSON with its name, the request line, headers and 
 Any origin honours ?sleep=<ms> (answer late), ?status=<code> and ?size=<bytes> (a body of that
 many bytes, streamed in chunks).
 """
+import base64
+import hashlib
 import http.server
 import json
 import socketserver
@@ -26,7 +28,27 @@ def make_handler(name, mode):
         def log_message(self, *args):
             pass
 
+        def upgrade(self):
+            # Enough of RFC 6455's handshake for a proxy to see an upgrade; then raw echo.
+            key = self.headers.get("sec-websocket-key", "")
+            accept = base64.b64encode(hashlib.sha1(
+                (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+            self.send_response(101)
+            self.send_header("upgrade", "websocket")
+            self.send_header("connection", "Upgrade")
+            self.send_header("sec-websocket-accept", accept)
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data.upper())
+
         def answer(self):
+            if self.headers.get("upgrade", "").lower() == "websocket":
+                return self.upgrade()
             q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
             length = int(self.headers.get("content-length") or 0)
             body_in = self.rfile.read(length) if length else b""

@@ -196,11 +196,15 @@ void HttpSession::handle_request() {
 
   std::string traceparent =
       next_traceparent(req_["traceparent"], env_.rng(), env_.rng(), env_.rng(), &entry_.trace_id);
-  if (req_.find(http::field::upgrade) != req_.end())
-    return local_reply(501,
-                       "protocol upgrade (WebSocket) is not supported on an http listener yet; "
-                       "use protocol: tcp for this port\n",
-                       "-", {}, true);
+  // An upgrade (WebSocket): forwarded with its Upgrade header; a 101 turns the connection
+  // into a byte tunnel. Only GET upgrades (RFC 6455); h2c upgrades are not passed on.
+  upgrade_.clear();
+  if (auto u = req_.find(http::field::upgrade); u != req_.end()) {
+    if (req_.method() != http::verb::get || beast::iequals(u->value(), "h2c"))
+      req_.erase(http::field::upgrade);
+    else
+      upgrade_ = std::string(u->value());
+  }
 
   RequestView view;
   view.host = entry_.host;
@@ -265,6 +269,10 @@ void HttpSession::handle_request() {
   rewrite(req_, route_->request_headers);
   req_.set("traceparent", traceparent);
   req_.keep_alive(true);
+  if (!upgrade_.empty()) {
+    req_.set(http::field::upgrade, upgrade_);
+    req_.set(http::field::connection, "Upgrade");
+  }
   if (req_.body().size() || req_.has_content_length()) req_.prepare_payload();
 
   // The route timeout covers the whole exchange, fault delay and retries included.
@@ -349,6 +357,75 @@ void HttpSession::send_request() {
                             self->on_response_header(ec);
                           });
                     });
+}
+
+// After a 101: both directions copy bytes until each side has closed its sending half; bytes
+// already read past the request or the 101 go first. One access-log line when both are done.
+void HttpSession::start_tunnel() {
+  struct Direction {
+    tcp::socket* from;
+    tcp::socket* to;
+    std::vector<char> buf = std::vector<char>(16 * 1024);
+    std::string pending;
+    uint64_t bytes = 0;
+  };
+  struct Tunnel {
+    Direction up, down;  // client -> app, app -> client
+    int open = 2;
+  };
+  auto t = std::make_shared<Tunnel>();
+  t->up.from = &down_;
+  t->up.to = &up_->socket;
+  t->down.from = &up_->socket;
+  t->down.to = &down_;
+  t->up.pending.assign(static_cast<const char*>(down_buf_.data().data()), down_buf_.size());
+  down_buf_.consume(down_buf_.size());
+  t->down.pending.assign(static_cast<const char*>(up_->buffer.data().data()), up_->buffer.size());
+  up_->buffer.consume(up_->buffer.size());
+  auto self = shared_from_this();
+  auto conn = up_;
+  // EOF passes the half-close on; an error (a reset) ends both directions.
+  auto done_one = [self, t, conn](Direction& d, const boost::system::error_code& ec) {
+    boost::system::error_code ignored;
+    d.to->shutdown(tcp::socket::shutdown_send, ignored);
+    if (ec && ec != asio::error::eof) {
+      self->down_.cancel(ignored);
+      conn->socket.cancel(ignored);
+    }
+    if (--t->open == 0) {
+      self->req_bytes_ += t->up.bytes;
+      self->resp_bytes_ += t->down.bytes;
+      self->finish_request(101, "-", "upgraded_connection_closed");
+      self->close();
+    }
+  };
+  // Each direction: write what is pending, read more, repeat; EOF or an error ends it.
+  // The pump holds itself only through pending handlers, so it is freed when both end.
+  auto pump = std::make_shared<std::function<void(Direction*)>>();
+  *pump = [self, t, conn, done_one,
+           weak = std::weak_ptr<std::function<void(Direction*)>>(pump)](Direction* d) {
+    auto run = weak.lock();
+    if (!d->pending.empty()) {
+      asio::async_write(
+          *d->to, asio::buffer(d->pending),
+          [self, t, conn, done_one, run, d](const boost::system::error_code& ec, size_t n) {
+            d->bytes += n;
+            d->pending.clear();
+            if (ec) return done_one(*d, ec);
+            (*run)(d);
+          });
+      return;
+    }
+    d->from->async_read_some(
+        asio::buffer(d->buf),
+        [self, t, conn, done_one, run, d](const boost::system::error_code& ec, size_t n) {
+          if (ec) return done_one(*d, ec);
+          d->pending.assign(d->buf.data(), n);
+          (*run)(d);
+        });
+  };
+  (*pump)(&t->up);
+  (*pump)(&t->down);
 }
 
 // Each attempt is signed afresh: a retry with the first attempt's nonce would be a replay.
@@ -446,6 +523,28 @@ void HttpSession::on_response_header(const boost::system::error_code& ec) {
   }
   cluster_->record(endpoint_, status >= 500, steady_now_ms());
   auto& msg = resp_->get();
+  if (status == 101 && !upgrade_.empty()) {
+    // Switching protocols: the 101 goes out as the app sent it, then bytes flow both ways.
+    timer_.cancel();  // a WebSocket outlives the route timeout
+    response_started_ = true;
+    entry_.status = 101;
+    auto head = std::make_shared<http::response<http::empty_body>>(static_cast<http::status>(101),
+                                                                   msg.version());
+    for (const auto& f : msg) head->insert(f.name_string(), f.value());
+    rewrite(*head, route_->response_headers);
+    http::async_write(down_, *head,
+                      [self = shared_from_this(), head, g = generation_](
+                          const boost::system::error_code& ec, size_t n) {
+                        if (g != self->generation_) return;
+                        self->resp_bytes_ += n;
+                        if (ec) {
+                          self->finish_request(101, "DC", "downstream_closed: " + ec.message());
+                          return self->close();
+                        }
+                        self->start_tunnel();
+                      });
+    return;
+  }
   strip_hop_by_hop(msg);
   rewrite(msg, route_->response_headers);
   // The downstream connection stays open only if the body's end is not marked by a close.

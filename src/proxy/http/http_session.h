@@ -16,6 +16,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http/buffer_body.hpp>
+#include <boost/beast/http/empty_body.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/serializer.hpp>
@@ -78,6 +79,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void attempt_failed(Failure kind, const std::string& why, bool retry);
   bool may_retry(Failure kind) const;
   void relay_body();
+  void start_tunnel();
   void on_timeout();
   void local_reply(unsigned status, const std::string& body, const std::string& flags,
                    const std::string& extra_header_value = {}, bool close_after = false);
@@ -122,6 +124,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   boost::asio::steady_timer backoff_;  // retry backoff and fault delay
   AccessLogEntry entry_;
   std::string hash_key_;
+  std::string upgrade_;  // the Upgrade header of the request in flight, if any
 };
 
 // W3C trace context: keeps a valid incoming trace ID, else starts a trace; returns the new
