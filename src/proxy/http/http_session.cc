@@ -347,15 +347,16 @@ void HttpSession::send_request() {
                       if (ec)
                         return self->attempt_failed(Failure::reset, "write: " + ec.message(),
                                                     self->may_retry(Failure::reset));
-                      self->resp_.emplace();
+                      self->resp_ = std::make_shared<ResponseParser>();
                       self->resp_->body_limit(boost::none);
                       if (self->req_.method() == http::verb::head) self->resp_->skip(true);
-                      http::async_read_header(
-                          conn->socket, conn->buffer, *self->resp_,
-                          [self, g, conn](const boost::system::error_code& ec, size_t) {
-                            if (g != self->generation_ || self->timed_out_) return;
-                            self->on_response_header(ec);
-                          });
+                      http::async_read_header(conn->socket, conn->buffer, *self->resp_,
+                                              [self, g, conn, parser = self->resp_](
+                                                  const boost::system::error_code& ec, size_t) {
+                                                if (g != self->generation_ || self->timed_out_)
+                                                  return;
+                                                self->on_response_header(ec);
+                                              });
                     });
 }
 
@@ -561,7 +562,7 @@ void HttpSession::on_response_header(const boost::system::error_code& ec) {
     msg.body().data = body_chunk_;
     msg.body().size = sizeof body_chunk_;
     http::async_read_some(up_->socket, up_->buffer, *resp_,
-                          [self = shared_from_this(), g = generation_, conn = up_](
+                          [self = shared_from_this(), g = generation_, conn = up_, parser = resp_](
                               const boost::system::error_code& ec, size_t) {
                             if (g != self->generation_ || self->timed_out_) return;
                             auto& body = self->resp_->get().body();
@@ -612,21 +613,22 @@ void HttpSession::relay_body() {
         body.data = self->body_chunk_;
         body.size = sizeof self->body_chunk_;
         auto conn = self->up_;
-        http::async_read(conn->socket, conn->buffer, *self->resp_,
-                         [self, g, conn](const boost::system::error_code& ec, size_t) {
-                           if (g != self->generation_ || self->timed_out_) return;
-                           auto& body = self->resp_->get().body();
-                           if (ec && ec != http::error::need_buffer) {
-                             self->up_.reset();
-                             self->finish_request(self->entry_.status, "UR",
-                                                  "upstream_reset_during_body: " + ec.message());
-                             return self->close();
-                           }
-                           body.size = sizeof self->body_chunk_ - body.size;
-                           body.data = self->body_chunk_;
-                           body.more = !self->resp_->is_done();
-                           self->relay_body();
-                         });
+        http::async_read(
+            conn->socket, conn->buffer, *self->resp_,
+            [self, g, conn, parser = self->resp_](const boost::system::error_code& ec, size_t) {
+              if (g != self->generation_ || self->timed_out_) return;
+              auto& body = self->resp_->get().body();
+              if (ec && ec != http::error::need_buffer) {
+                self->up_.reset();
+                self->finish_request(self->entry_.status, "UR",
+                                     "upstream_reset_during_body: " + ec.message());
+                return self->close();
+              }
+              body.size = sizeof self->body_chunk_ - body.size;
+              body.data = self->body_chunk_;
+              body.more = !self->resp_->is_done();
+              self->relay_body();
+            });
       });
 }
 
@@ -685,7 +687,7 @@ void HttpSession::end_attempt() {
 void HttpSession::on_timeout() {
   timed_out_ = true;
   backoff_.cancel();
-  up_.reset();
+  abandon_upstream();
   if (cluster_) cluster_->record(endpoint_, true, steady_now_ms());
   end_attempt();
   if (!response_started_)
@@ -800,6 +802,13 @@ void HttpSession::drain_downstream() {
       });
 }
 
+void HttpSession::abandon_upstream() {
+  if (!up_) return;
+  boost::system::error_code ignored;
+  up_->socket.close(ignored);
+  up_.reset();
+}
+
 void HttpSession::close() {
   ++generation_;
   timer_.cancel();
@@ -813,7 +822,7 @@ void HttpSession::close() {
     cluster_->breakers().retries.fetch_sub(1, std::memory_order_relaxed);
     in_retry_ = false;
   }
-  up_.reset();
+  abandon_upstream();
   boost::system::error_code ignored;
   down_.shutdown(tcp::socket::shutdown_both, ignored);
   down_.close(ignored);

@@ -89,6 +89,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void finish_request(unsigned status, const std::string& flags, const std::string& result);
   void end_attempt();
   void close();
+  // Closes the upstream connection of an attempt that may have I/O pending (cancelling it).
+  void abandon_upstream();
   void linger_close();
   void drain_downstream();
 
@@ -112,7 +114,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   int endpoint_ = -1, last_endpoint_ = -1;
   bool endpoint_counted_ = false;
   std::shared_ptr<UpstreamConn> up_;
-  std::optional<ResponseParser> resp_;
+  // Per attempt, and held by its pending reads too: an abandoned attempt's read can never
+  // land in the next attempt's parser.
+  std::shared_ptr<ResponseParser> resp_;
   std::optional<boost::beast::http::response_serializer<boost::beast::http::buffer_body>> ser_;
   char body_chunk_[16 * 1024];
   bool response_started_ = false;
