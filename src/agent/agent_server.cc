@@ -213,10 +213,14 @@ void AgentServer::start_sds() {
   if (options_.sds_socket == "off") return;
   const fs::path socket =
       options_.sds_socket.empty() ? options_.state_dir / "sds.sock" : options_.sds_socket;
-  auto sds =
-      SdsServer::start(io_, {socket, options_.sds_allow_uids},
-                       [this](const std::string& ns, const std::string& sa,
-                              const std::string& csr) { return sign_workload(ns, sa, csr); });
+  auto sds = SdsServer::start(
+      io_, {socket, options_.sds_allow_uids},
+      [this](const std::string& ns, const std::string& sa, const std::string& csr) {
+        return sign_workload(ns, sa, csr);
+      },
+      [this](const std::string& source, const std::string& destination) {
+        return fetch_pair_key(source, destination);
+      });
   if (!sds) {
     // A default path can be too long for a Unix socket (108 bytes); say so, serve the rest.
     if (!options_.sds_socket.empty()) throw std::runtime_error("--sds-socket: " + sds.error());
@@ -257,6 +261,39 @@ SignedWorkload AgentServer::sign_workload(const std::string& ns, const std::stri
     out.spiffe_id = json::value_to<std::string>(v.at("spiffe_id"));
     out.certificate = json::value_to<std::string>(v.at("certificate"));
     out.ca_bundle = json::value_to<std::string>(v.at("ca_bundle"));
+  } catch (const std::exception& e) {
+    out.status = 502;
+    out.error = std::string("control's answer: ") + e.what();
+  }
+  return out;
+}
+
+PairKey AgentServer::fetch_pair_key(const std::string& source, const std::string& destination) {
+  PairKey out;
+  if (!fs::exists(options_.state_dir / "node.crt")) {
+    out.status = 503;
+    out.error = "the agent has not registered with control yet";
+    return out;
+  }
+  HttpCall call = control_call("/v1/hmac-keys", true);
+  call.method = "POST";
+  call.body = json::serialize(json::object{{"source", source}, {"destination", destination}});
+  call.timeout = std::chrono::seconds(10);
+  auto r = http_call(call);
+  if (!r) {
+    out.error = "control unreachable: " + r.error();
+    return out;
+  }
+  out.status = r->status;
+  json::error_code ec;
+  auto v = json::parse(r->body, ec);
+  try {
+    if (ec || !v.is_object()) throw std::runtime_error("control's answer is not JSON");
+    if (r->status != 200) {
+      out.error = "control: " + json::value_to<std::string>(v.at("error"));
+      return out;
+    }
+    out.key = json::value_to<std::string>(v.at("key"));
   } catch (const std::exception& e) {
     out.status = 502;
     out.error = std::string("control's answer: ") + e.what();

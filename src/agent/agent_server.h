@@ -106,6 +106,7 @@ class AgentServer {
   std::map<std::string, HostPort> update_p2p(const std::vector<MeshAgent>& agents);
   void accept_gateway(const std::string& agent_id);
   quic::TunnelVerdict authorize_tunnel(const std::string& peer, const std::string& authority) const;
+  PairKey fetch_pair_key(const std::string& source, const std::string& destination);
   SignedWorkload sign_workload(const std::string& ns, const std::string& sa,
                                const std::string& csr_pem) const;
   HttpCall control_call(const std::string& path, bool with_node_cert) const;

@@ -14,6 +14,7 @@
 #include "core/duration.h"
 #include "core/label.h"
 #include "identity/certificate_info.h"
+#include "identity/spiffe_id.h"
 
 namespace weft {
 
@@ -29,6 +30,7 @@ int64_t to_ms(std::time_t t) { return static_cast<int64_t>(t) * 1000; }
 struct SdsServer::Shared {
   struct Job {
     std::string key, ns, sa, csr;
+    std::function<void()> task;  // set: run this instead (a pair-key request)
   };
   std::mutex mutex;
   std::condition_variable cv;
@@ -44,8 +46,9 @@ SdsServer::SdsServer(asio::io_context& io, SdsOptions options, Signer sign)
       shared_(std::make_shared<Shared>()) {}
 
 Result<std::unique_ptr<SdsServer>> SdsServer::start(asio::io_context& io, SdsOptions options,
-                                                    Signer sign) {
+                                                    Signer sign, PairKeyFetcher pair_key) {
   std::unique_ptr<SdsServer> s(new SdsServer(io, std::move(options), std::move(sign)));
+  s->pair_key_ = std::move(pair_key);
   // Anyone may connect; the peer uid decides (the socket file alone cannot name several uids).
   auto server = HttpServer::bind_unix(
       io, s->options_.socket, 0666, [raw = s.get()](const HttpRequest& r, HttpServer::Reply reply) {
@@ -76,6 +79,10 @@ void SdsServer::worker_loop() {
       if (shared_->stop) return;
       job = std::move(shared_->jobs.front());
       shared_->jobs.pop_front();
+    }
+    if (job.task) {
+      job.task();
+      continue;
     }
     auto result = sign_(job.ns, job.sa, job.csr);
     asio::post(io_, [this, key = job.key, result = std::move(result)]() mutable {
@@ -110,7 +117,7 @@ void SdsServer::sign_async(Workload& w) {
   w.signing = true;
   {
     std::lock_guard lock(shared_->mutex);
-    shared_->jobs.push_back({w.ns + "/" + w.sa, w.ns, w.sa, *csr});
+    shared_->jobs.push_back({w.ns + "/" + w.sa, w.ns, w.sa, *csr, nullptr});
   }
   shared_->cv.notify_one();
 }
@@ -193,9 +200,11 @@ void SdsServer::handle(const HttpRequest& r, HttpServer::Reply reply) {
     timeout = *d;
   }
   if (r.path == "/v1/sds/services") return handle_services(r, std::move(reply), timeout);
+  if (r.path == "/v1/sds/hmac-key") return handle_pair_key(r, std::move(reply));
   if (r.path != "/v1/sds/certificate")
-    return reply(json_error(
-        404, "no such path; the SDS socket serves /v1/sds/certificate and /v1/sds/services"));
+    return reply(json_error(404,
+                            "no such path; the SDS socket serves /v1/sds/certificate, "
+                            "/v1/sds/services and /v1/sds/hmac-key"));
   const std::string ns = query_param(r.query, "namespace");
   const std::string sa = query_param(r.query, "service_account");
   if (!is_valid_label(ns))
@@ -232,6 +241,31 @@ void SdsServer::handle(const HttpRequest& r, HttpServer::Reply reply) {
     reply(json_error(w.error_status ? w.error_status : 503,
                      w.error.empty() ? "no certificate from control yet" : w.error));
   });
+}
+
+void SdsServer::handle_pair_key(const HttpRequest& r, HttpServer::Reply reply) {
+  const std::string source = query_param(r.query, "source");
+  const std::string destination = query_param(r.query, "destination");
+  for (const auto& [name, id] :
+       {std::pair{"source", source}, std::pair{"destination", destination}})
+    if (auto ok = parse_spiffe_id(id); !ok)
+      return reply(json_error(400, std::string(name) + ": " + ok.error(), name));
+  if (!pair_key_) return reply(json_error(503, "this agent does not serve HMAC keys"));
+  {
+    std::lock_guard lock(shared_->mutex);
+    Shared::Job job;
+    // Control decides whether this node may have the key (it hosts one end of the pair).
+    job.task = [this, source, destination, reply = std::move(reply)]() mutable {
+      PairKey k = pair_key_(source, destination);
+      asio::post(io_, [reply = std::move(reply), k = std::move(k)]() mutable {
+        if (k.status != 200) return reply(json_error(k.status ? k.status : 503, k.error));
+        // The key leaves the agent only here, to a process whose uid was checked.
+        reply({200, json::serialize(json::object{{"key", k.key}}) + "\n"});
+      });
+    };
+    shared_->jobs.push_back(std::move(job));
+  }
+  shared_->cv.notify_one();
 }
 
 HttpResponse SdsServer::services_response() const {

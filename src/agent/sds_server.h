@@ -39,14 +39,23 @@ struct SignedWorkload {
   std::string spiffe_id, certificate, ca_bundle;
 };
 
+// Control's answer to an HMAC pair-key request.
+struct PairKey {
+  int status = 0;
+  std::string error, key;
+};
+
 class SdsServer {
  public:
   // Blocks (it calls control), so it runs on the SDS server's own thread.
   using Signer = std::function<SignedWorkload(const std::string& ns, const std::string& sa,
                                               const std::string& csr_pem)>;
+  // The HMAC request-signing key of a workload pair (GET /v1/sds/hmac-key); blocks too.
+  using PairKeyFetcher =
+      std::function<PairKey(const std::string& source, const std::string& destination)>;
 
   static Result<std::unique_ptr<SdsServer>> start(boost::asio::io_context& io, SdsOptions options,
-                                                  Signer sign);
+                                                  Signer sign, PairKeyFetcher pair_key = nullptr);
   ~SdsServer();
   boost::json::array status_json() const;  // the identities it serves, for the agent's /status
   // The services a sidecar may route to, as proxy config `services:` entries; call on the io
@@ -74,6 +83,7 @@ class SdsServer {
   SdsServer(boost::asio::io_context& io, SdsOptions options, Signer sign);
   void handle(const HttpRequest& r, HttpServer::Reply reply);
   void handle_services(const HttpRequest& r, HttpServer::Reply reply, Millis timeout);
+  void handle_pair_key(const HttpRequest& r, HttpServer::Reply reply);
   HttpResponse services_response() const;
   void sign_async(Workload& w);
   void signed_(const std::string& key, SignedWorkload result);
@@ -86,6 +96,7 @@ class SdsServer {
   boost::asio::io_context& io_;
   SdsOptions options_;
   Signer sign_;
+  PairKeyFetcher pair_key_;
   std::unique_ptr<HttpServer> server_;
   std::map<std::string, Workload> workloads_;  // "ns/sa"
   std::string services_;                       // serialized array

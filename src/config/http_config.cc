@@ -290,8 +290,11 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
                  "health_check", "idle_timeout", "retry_budget", "hmac"});
   if (auto h = n["hmac"]; h.IsDefined()) {
     const std::string hf = f + ".hmac";
-    r.require_map(h, hf, {"key_file", "signed_headers"});
-    c.hmac.key = read_key_file(r, h, hf, "key_file");
+    r.require_map(h, hf, {"key_file", "from_agent", "signed_headers"});
+    c.hmac.from_agent = r.boolean(h, hf, "from_agent", false);
+    if (c.hmac.from_agent == h["key_file"].IsDefined())
+      r.fail(h, hf, "give key_file (a 0600 file) or from_agent: true (control's pair key), one");
+    if (!c.hmac.from_agent) c.hmac.key = read_key_file(r, h, hf, "key_file");
     c.hmac.signed_headers = header_names(r, h, hf, "signed_headers", c.hmac.signed_headers);
   }
   const std::string lb = r.string_field(n, f, "load_balancer", false, "round_robin");
@@ -376,12 +379,22 @@ HmacVerifyConfig read_hmac_verify(const Reader& r, const YAML::Node& n, const st
     r.fail(n, f + ".keys", "list {source: <SPIFFE ID pattern>, key_file: <path>}");
   for (size_t i = 0; i < keys.size(); ++i) {
     const std::string kf = f + ".keys[" + std::to_string(i) + "]";
-    r.require_map(keys[i], kf, {"source", "key_file"});
+    r.require_map(keys[i], kf, {"source", "key_file", "from_agent"});
     HmacVerifyConfig::Key k;
     k.source = r.string_field(keys[i], kf, "source", true);
     if (auto ok = check_identity_pattern(k.source); !ok)
       r.fail(keys[i]["source"], kf + ".source", ok.error());
-    k.key = read_key_file(r, keys[i], kf, "key_file");
+    k.from_agent = r.boolean(keys[i], kf, "from_agent", false);
+    if (k.from_agent == keys[i]["key_file"].IsDefined())
+      r.fail(keys[i], kf,
+             "give key_file (a 0600 file) or from_agent: true (control's pair key), one");
+    if (k.from_agent) {
+      if (auto exact = parse_spiffe_id(k.source); !exact)
+        r.fail(keys[i]["source"], kf + ".source",
+               "with from_agent the source is one exact workload ID (the key is per pair)");
+    } else {
+      k.key = read_key_file(r, keys[i], kf, "key_file");
+    }
     c.keys.push_back(std::move(k));
   }
   c.max_skew = r.duration(n, f, "max_skew", c.max_skew);

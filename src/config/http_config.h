@@ -120,14 +120,16 @@ struct HealthCheckConfig {
 // with a key per (source, destination) pair. Keys are read from files (0600) when the config
 // is read and never printed.
 struct HmacSignConfig {
-  std::string key;  // empty: no signing
+  std::string key;          // empty: no signing
+  bool from_agent = false;  // the key comes from the agent's SDS socket (control derives it)
   std::vector<std::string> signed_headers{"host", "content-type"};
 };
 
 struct HmacVerifyConfig {
   struct Key {
-    std::string source;  // SPIFFE ID pattern of the calling proxy
+    std::string source;  // SPIFFE ID pattern of the calling proxy (exact with from_agent)
     std::string key;
+    bool from_agent = false;
   };
   std::vector<Key> keys;  // empty: no verification
   Millis max_skew = std::chrono::minutes(5);

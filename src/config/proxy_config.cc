@@ -339,6 +339,22 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
            "(create them with 'weft ca init' and 'weft cert issue'), or the agent's SDS socket "
            "with sds, namespace and service_account");
   }
+  for (size_t i = 0; i < c.services.size(); ++i) {
+    const auto& s = c.services[i];
+    if (!s.http.hmac.from_agent) continue;
+    const YAML::Node at = services[i]["http"]["hmac"];
+    if (!c.identity.from_sds())
+      r.fail(at, "services[" + std::to_string(i) + "].http.hmac.from_agent",
+             "needs identity.sds: the key comes from the agent's SDS socket");
+    if (s.spiffe_ids.size() != 1)
+      r.fail(at, "services[" + std::to_string(i) + "].http.hmac.from_agent",
+             "needs exactly one entry in spiffe_ids: the key is per (source, destination) pair");
+  }
+  for (const auto& t : c.inbound.targets)
+    for (const auto& k : t.hmac.keys)
+      if (k.from_agent && !c.identity.from_sds())
+        r.fail(root["inbound"], "inbound.targets (" + t.authority + ").hmac.keys",
+               "from_agent needs identity.sds: the key comes from the agent's SDS socket");
   if (c.services_from_agent && !c.identity.from_sds())
     r.fail(root["services_from_agent"], "services_from_agent",
            "needs identity.sds: the services come from the agent's SDS socket");

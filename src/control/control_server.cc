@@ -1,5 +1,8 @@
 #include "control/control_server.h"
 
+#include "identity/digest.h"
+#include "identity/spiffe_id.h"
+
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
@@ -110,6 +113,15 @@ ControlServer::ControlServer(ControlOptions options)
   ca_ = *ca;
   store_ = open_sqlite_store(options_.data_dir, &pool_);
   admin_token_ = load_or_create_admin_token(options_.data_dir);
+  {
+    // The secret every pair key derives from; made once, kept with the data (0600).
+    const auto path = options_.data_dir / "hmac.secret";
+    std::ifstream in(path);
+    if (!(in && std::getline(in, hmac_master_) && hmac_master_.size() >= 32)) {
+      hmac_master_ = random_hex(32);
+      write_file_atomic(path, hmac_master_ + "\n", 0600);
+    }
+  }
   registry_ = Registry(ca_.trust_domain());
   registry_.log_retention = store_->log_retention = std::max<size_t>(options_.change_log_size, 1);
   registry_.load(store_->list_objects(), store_->changes_since(0), store_->revision());
@@ -462,6 +474,10 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
       if (r.method != "POST") return json_error(405, "use POST");
       return handle_workload_certificate(r);
     }
+    if (r.path == "/v1/hmac-keys") {
+      if (r.method != "POST") return json_error(405, "use POST");
+      return handle_hmac_key(r);
+    }
     if (r.path.rfind("/v1/", 0) == 0) {
       const std::string rest = r.path.substr(4);
       const auto slash = rest.find('/');
@@ -741,6 +757,41 @@ HttpResponse ControlServer::handle_workload_certificate(const HttpRequest& r) {
           {"certificate_ttl_s",
            std::chrono::duration_cast<std::chrono::seconds>(options_.workload_cert_ttl).count()}}) +
           "\n"};
+}
+
+HttpResponse ControlServer::handle_hmac_key(const HttpRequest& r) {
+  // Like certificates: a node gets the key of a pair only if it hosts one end of it, so a
+  // node can neither sign as nor verify for workloads it does not run.
+  const std::string node = node_id(r);
+  if (node.empty()) return json_error(401, "HMAC keys need the node's certificate");
+  std::string bad;
+  auto f = JsonFields::parse(r.body, {"source", "destination"}, &bad);
+  if (!f) return json_error(400, f.error(), bad);
+  SpiffeId ids[2];
+  const char* names[2] = {"source", "destination"};
+  for (int i = 0; i < 2; ++i) {
+    auto v = f->string(names[i]);
+    if (!v) return json_error(400, v.error(), names[i]);
+    if (!*v) return json_error(400, std::string(names[i]) + " is required", names[i]);
+    auto id = parse_spiffe_id(**v);
+    if (!id) return json_error(400, id.error(), names[i]);
+    if (id->trust_domain != ca_.trust_domain())
+      return json_error(
+          400, std::string(names[i]) + " is not of trust domain " + ca_.trust_domain(), names[i]);
+    ids[i] = *id;
+  }
+  if (!registry_.hosts_identity(node, ids[0].ns, ids[0].service_account) &&
+      !registry_.hosts_identity(node, ids[1].ns, ids[1].service_account))
+    return json_error(403,
+                      "agent " + node + " hosts neither " + ids[0].to_string() + " nor " +
+                          ids[1].to_string() + "; register its endpoint first",
+                      "source");
+  const std::string key = hmac_sha256_hex(
+      hmac_master_, "weft-hmac-pair-v1\n" + ids[0].to_string() + "\n" + ids[1].to_string());
+  return {200,
+          json::serialize(json::object{
+              {"source", ids[0].to_string()}, {"destination", ids[1].to_string()}, {"key", key}}) +
+              "\n"};
 }
 
 HttpResponse ControlServer::handle_agents() {

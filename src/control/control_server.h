@@ -73,6 +73,8 @@ class ControlServer {
   HttpResponse handle_registry(const HttpRequest& r, const std::string& kind,
                                const std::string& name);
   HttpResponse handle_workload_certificate(const HttpRequest& r);
+  // HMAC request-signing key of a (source, destination) workload pair, for a node hosting one.
+  HttpResponse handle_hmac_key(const HttpRequest& r);
   HttpResponse handle_register(const HttpRequest& r);
   HttpResponse handle_agents();
   HttpResponse handle_heartbeat(const HttpRequest& r);
@@ -101,6 +103,7 @@ class ControlServer {
   std::unique_ptr<ControlStore> store_;
   SigningCa ca_;
   std::string admin_token_;
+  std::string hmac_master_;  // <data-dir>/hmac.secret: pair keys derive from it
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;
   std::unique_ptr<HttpServer> http_;

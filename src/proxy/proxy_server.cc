@@ -57,6 +57,7 @@ ProxyServer::ProxyServer(ProxyOptions options)
   access_log_ = std::make_unique<AccessLog>(config->access_log);
   std::shared_ptr<const TlsContexts> tls;
   if (config->needs_identity()) tls = load_identity(*config);
+  config = with_hmac_keys(config, tls ? tls->spiffe_id : "");
   file_config_ = config;
   if (config->services_from_agent) {
     // The certificate came through, so the agent is there; its services complete the config.
@@ -335,6 +336,36 @@ void ProxyServer::swap_listeners(std::map<std::string, BoundListener> next) {
   listeners_ = std::move(next);
 }
 
+// HMAC keys marked from_agent are asked of the agent's SDS socket (control derives them and
+// gives them only to a node hosting one end of the pair). Fails like a bad config file.
+std::shared_ptr<const ProxyConfig> ProxyServer::with_hmac_keys(
+    std::shared_ptr<const ProxyConfig> config, const std::string& local_id) {
+  auto fetch = [&](const std::string& source, const std::string& destination) {
+    auto key = fetch_sds_pair_key(config->identity, source, destination);
+    if (!key)
+      throw ConfigError("HMAC key for " + source + " -> " + destination + ": " + key.error());
+    return *key;
+  };
+  std::shared_ptr<ProxyConfig> copy;
+  auto mutable_config = [&]() -> ProxyConfig& {
+    if (!copy) copy = std::make_shared<ProxyConfig>(*config);
+    return *copy;
+  };
+  for (size_t i = 0; i < config->services.size(); ++i) {
+    const auto& s = config->services[i];
+    if (s.http.hmac.from_agent)
+      mutable_config().services[i].http.hmac.key = fetch(local_id, s.spiffe_ids.front());
+  }
+  for (size_t i = 0; i < config->inbound.targets.size(); ++i)
+    for (size_t k = 0; k < config->inbound.targets[i].hmac.keys.size(); ++k) {
+      const auto& key = config->inbound.targets[i].hmac.keys[k];
+      if (key.from_agent)
+        mutable_config().inbound.targets[i].hmac.keys[k].key = fetch(key.source, local_id);
+    }
+  if (copy) spdlog::info("HMAC request-signing keys fetched from the agent");
+  return copy ? copy : config;
+}
+
 void ProxyServer::publish(SnapshotPtr snapshot) {
   if (!snapshot->http) {
     // L7 state (breaker counts, ejections, buckets) carries over; a certificate rotation keeps
@@ -360,6 +391,7 @@ void ProxyServer::reload() {
     auto tls = current_->tls;
     const bool id_changed = !(config->identity == current_->config->identity);
     if (config->needs_identity() && (!tls || id_changed)) tls = load_identity(*config);
+    config = with_hmac_keys(config, tls ? tls->spiffe_id : "");
     auto next = bind_listeners(*config);
     file_config_ = config;
     publish(std::make_shared<const ProxySnapshot>(

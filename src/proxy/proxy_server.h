@@ -63,6 +63,8 @@ class ProxyServer {
   void sds_loop(const char* what, const std::function<Result<bool>()>& step);
   Result<bool> sds_certificate_step();
   Result<bool> sds_services_step();
+  std::shared_ptr<const ProxyConfig> with_hmac_keys(std::shared_ptr<const ProxyConfig> config,
+                                                    const std::string& local_id);
   std::shared_ptr<const ProxyConfig> with_agent_services(
       std::shared_ptr<const ProxyConfig> file) const;
   void install_agent_services(std::vector<ServiceConfig> services);

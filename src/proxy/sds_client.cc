@@ -89,4 +89,27 @@ Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
   return out;
 }
 
+Result<std::string> fetch_sds_pair_key(const IdentityConfig& identity, const std::string& source,
+                                       const std::string& destination) {
+  const std::string where = "agent SDS socket " + identity.sds.string();
+  HttpCall call;
+  call.unix_socket = identity.sds;
+  call.url = "http://sds/v1/sds/hmac-key?source=" + source + "&destination=" + destination;
+  call.timeout = std::chrono::seconds(15);
+  auto r = http_call(call);
+  if (!r) return make_error(where + ": " + r.error() + " (is 'weft agent' running?)");
+  json::error_code ec;
+  auto v = json::parse(r->body, ec);
+  if (ec || !v.is_object()) return make_error(where + ": the answer is not a JSON object");
+  const auto& o = v.as_object();
+  if (r->status != 200)
+    return make_error(where + " answered " + std::to_string(r->status) + ": " +
+                      (o.contains("error") && o.at("error").is_string()
+                           ? std::string(o.at("error").as_string())
+                           : r->body));
+  if (!o.contains("key") || !o.at("key").is_string() || o.at("key").as_string().size() < 16)
+    return make_error(where + ": no key in the answer");
+  return std::string(o.at("key").as_string());
+}
+
 }  // namespace weft

@@ -38,4 +38,8 @@ Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
                                        const std::string& known_revision, Millis wait,
                                        const std::atomic<bool>* cancel = nullptr);
 
+// The HMAC request-signing key of a workload pair, from the agent (which asks control).
+Result<std::string> fetch_sds_pair_key(const IdentityConfig& identity, const std::string& source,
+                                       const std::string& destination);
+
 }  // namespace weft

@@ -356,6 +356,7 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
   }
   entry.upstream = target.address.to_string();
   entry.protocol = "http";
+  const std::string downstream_ip = entry.downstream.substr(0, entry.downstream.rfind(':'));
   auto counters =
       metrics_.tcp({"destination", peer, snap->tls->spiffe_id, target.authority, "mutual_tls"});
   auto stream = std::make_shared<TunnelStream>(
@@ -367,7 +368,8 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
         access_log_.write(entry);
       });
   HttpListenerView view{target.authority, &state->routes, target.max_request_body,
-                        &target,          state,          peer};
+                        &target,          state,          peer,
+                        downstream_ip};
   std::make_shared<HttpSession>(http_env_, snap, std::move(view),
                                 tcp::socket(io_, tcp::v4(), fds[1]))
       ->start();

@@ -1099,6 +1099,130 @@ int sds_status_as_uid(const fs::path& socket, uid_t uid) {
   return WIFEXITED(st) ? WEXITSTATUS(st) * 100 : -1;
 }
 
+// A minimal HTTP/1.1 origin: answers every request 200 with what it saw, one per connection.
+class HttpOrigin {
+ public:
+  HttpOrigin() : acceptor_(io_, {boost::asio::ip::make_address("127.0.0.1"), 0}) {
+    port_ = acceptor_.local_endpoint().port();
+    thread_ = std::thread([this] {
+      namespace http = boost::beast::http;
+      for (;;) {
+        boost::asio::ip::tcp::socket s(io_);
+        boost::system::error_code ec;
+        acceptor_.accept(s, ec);
+        if (ec) return;
+        boost::beast::flat_buffer buf;
+        http::request<http::string_body> req;
+        http::read(s, buf, req, ec);
+        if (ec) continue;
+        http::response<http::string_body> res{http::status::ok, 11};
+        res.body() = std::string(req.target()) + " signature:" +
+                     std::string(req["x-weft-signature"].empty() ? "none" : "present");
+        res.keep_alive(false);
+        res.prepare_payload();
+        http::write(s, res, ec);
+      }
+    });
+  }
+  ~HttpOrigin() {
+    // shutdown() wakes a blocked accept(); close() alone would not.
+    ::shutdown(acceptor_.native_handle(), SHUT_RDWR);
+    thread_.join();
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  boost::asio::io_context io_;
+  boost::asio::ip::tcp::acceptor acceptor_;
+  std::thread thread_;
+  uint16_t port_ = 0;
+};
+
+// HMAC pair keys from control through the agent's SDS socket: the signing sidecar and the
+// verifying sidecar each fetch the key of (web -> api) and hold no key file; a pair whose ends
+// the node hosts neither of gets no key; keys never reach a log.
+TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
+  start({"--heartbeat-interval", "200ms"});
+  const fs::path socket = dir_ / "run" / "sds.sock";
+  fs::create_directories(socket.parent_path());
+  start_agent(west_, "west", "127.0.0.2",
+              {"--auth-key", create_key(), "--sds-socket", socket.string()});
+  for (int i = 0; i < 500 && !fs::exists(west_.state / "node.crt"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling interval
+  const std::string west_id(status(west_).at("agent").at("id").as_string());
+  ASSERT_EQ(op("POST", "/v1/services", R"({"name":"shop","port":80})").status, 201);
+  for (const std::string sa : {"web", "api"})
+    ASSERT_EQ(op("POST", "/v1/endpoints",
+                 R"({"name":"shop-)" + sa + R"(","service":"shop","agent_id":")" + west_id +
+                     R"(","port":80,"namespace":"shop","service_account":")" + sa + R"("})")
+                  .status,
+              201);
+  HttpOrigin origin;
+  fs::create_directories(dir_ / "api");
+  write_file(dir_ / "api" / "api.yaml",
+             "identity: {sds: " + socket.string() +
+                 ", namespace: shop, service_account: api}\n"
+                 "admin: {listen: 127.0.0.1:0}\n"
+                 "inbound:\n  listen: 127.0.0.1:0\n  targets:\n"
+                 "    - authority: api:80\n      address: 127.0.0.1:" +
+                 std::to_string(origin.port()) +
+                 "\n      protocol: http\n"
+                 "      hmac: {keys: [{source: spiffe://mesh.test/ns/shop/sa/web, from_agent: "
+                 "true}]}\n");
+  WeftProxy api(dir_ / "api" / "api.yaml", dir_ / "api");
+  ASSERT_TRUE(api.wait_ready()) << api.log();
+  const std::string endpoint =
+      "    endpoints: [{address: '127.0.0.1:" + std::to_string(api.port("inbound")) +
+      "', authority: 'api:80'}]\n";
+  fs::create_directories(dir_ / "web");
+  write_file(dir_ / "web" / "web.yaml",
+             "identity: {sds: " + socket.string() +
+                 ", namespace: shop, service_account: web}\n"
+                 "admin: {listen: 127.0.0.1:0}\n"
+                 "services:\n  - name: api\n    spiffe_ids: [spiffe://mesh.test/ns/shop/sa/api]\n" +
+                 endpoint +
+                 "    http: {hmac: {from_agent: true}}\n"
+                 "  - name: api-unsigned\n    spiffe_ids: [spiffe://mesh.test/ns/shop/sa/api]\n" +
+                 endpoint +
+                 "outbound:\n  - {name: app, listen: 127.0.0.1:0, service: api, protocol: http}\n"
+                 "  - {name: raw, listen: 127.0.0.1:0, service: api-unsigned, protocol: http}\n");
+  WeftProxy web(dir_ / "web" / "web.yaml", dir_ / "web");
+  ASSERT_TRUE(web.wait_ready()) << web.log();
+  EXPECT_NE(web.log().find("HMAC request-signing keys fetched from the agent"), std::string::npos)
+      << web.log();
+
+  const auto signed_call =
+      http_request("127.0.0.1:" + std::to_string(web.port("outbound/app")), "GET", "/orders");
+  EXPECT_EQ(signed_call.status, 200) << signed_call.body << api.log();
+  EXPECT_EQ(signed_call.body, "/orders signature:none") << "verified, then stripped";
+  const auto unsigned_call =
+      http_request("127.0.0.1:" + std::to_string(web.port("outbound/raw")), "GET", "/orders");
+  EXPECT_EQ(unsigned_call.status, 401) << unsigned_call.body;
+
+  HttpCall call;
+  call.unix_socket = socket;
+  call.url =
+      "http://sds/v1/sds/hmac-key?source=spiffe://mesh.test/ns/shop/sa/web"
+      "&destination=spiffe://mesh.test/ns/shop/sa/api";
+  auto first = http_call(call);
+  auto second = http_call(call);
+  ASSERT_TRUE(first && second);
+  ASSERT_EQ(first->status, 200) << first->body;
+  EXPECT_EQ(first->body, second->body);
+  const std::string key(boost::json::parse(first->body).at("key").as_string());
+  EXPECT_GE(key.size(), 32u);
+  call.url =
+      "http://sds/v1/sds/hmac-key?source=spiffe://mesh.test/ns/bank/sa/core"
+      "&destination=spiffe://mesh.test/ns/bank/sa/ledger";
+  auto foreign = http_call(call);
+  ASSERT_TRUE(foreign);
+  EXPECT_EQ(foreign->status, 403) << foreign->body;
+  EXPECT_NE(foreign->body.find("hosts neither"), std::string::npos) << foreign->body;
+  EXPECT_EQ(read_file(dir_ / "west.log").find(key), std::string::npos);
+  EXPECT_EQ(web.log().find(key), std::string::npos);
+  EXPECT_EQ(api.log().find(key), std::string::npos);
+}
+
 TEST_F(TwoAgentTest, SidecarGetsItsWorkloadCertificateOverSdsAndRotatesIt) {
   start({"--workload-cert-ttl", "3s", "--heartbeat-interval", "200ms"});
   // Sidecars may run as other users: the socket sits where they can reach it (the state

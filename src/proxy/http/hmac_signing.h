@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/result.h"
+#include "identity/digest.h"
 
 namespace weft {
 
@@ -25,9 +26,6 @@ struct SignedRequest {
   std::string_view method, target, body;
   std::vector<std::pair<std::string, std::string>> headers;  // (lower-case name, value) in order
 };
-
-std::string sha256_hex(std::string_view data);
-std::string hmac_sha256_hex(std::string_view key, std::string_view data);
 
 // The header value to add.
 std::string sign_request(std::string_view key, const SignedRequest& req, int64_t unix_seconds,

@@ -99,7 +99,7 @@ HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerV
       down_(std::move(downstream)),
       timer_(env.io),
       backoff_(env.io) {
-  source_ip_ = ip_of(down_);
+  source_ip_ = listener_.downstream.empty() ? ip_of(down_) : listener_.downstream;
   boost::system::error_code ignored;
   down_.set_option(tcp::no_delay(true), ignored);
 }

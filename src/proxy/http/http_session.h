@@ -49,9 +49,10 @@ struct HttpListenerView {
   const InboundTargetConfig* inbound = nullptr;  // inbound only
   const InboundHttp* inbound_state = nullptr;
   std::string peer_identity;
+  std::string downstream;  // inbound: the peer proxy's address (the socket is a socket pair)
 
   static HttpListenerView outbound(const OutboundListenerConfig& l) {
-    return {l.name, &l.routes, l.max_request_body, nullptr, nullptr, {}};
+    return {l.name, &l.routes, l.max_request_body, nullptr, nullptr, {}, {}};
   }
 };
 
