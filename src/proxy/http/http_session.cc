@@ -647,7 +647,10 @@ bool HttpSession::may_retry(Failure kind) const {
 }
 
 void HttpSession::attempt_failed(Failure kind, const std::string& why, bool retry) {
-  cluster_->record(endpoint_, true, steady_now_ms());
+  // A pooled connection the app closed under us is the keep-alive race, not the endpoint
+  // failing: no outlier mark, and the retry goes at once.
+  const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;
+  if (!stale_pooled) cluster_->record(endpoint_, true, steady_now_ms());
   up_.reset();
   last_endpoint_ = endpoint_;
   end_attempt();
@@ -671,6 +674,7 @@ void HttpSession::attempt_failed(Failure kind, const std::string& why, bool retr
   int64_t ms = p.backoff.count() << std::min(attempts_ - 1, 10u);
   ms = std::min<int64_t>(ms, p.max_backoff.count());
   ms = ms / 2 + static_cast<int64_t>(env_.rng() % static_cast<uint64_t>(ms / 2 + 1));
+  if (stale_pooled) ms = 0;
   backoff_.expires_after(std::chrono::milliseconds(ms));
   backoff_.async_wait(
       [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
