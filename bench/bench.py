@@ -204,12 +204,12 @@ outbound:
 
 def haproxy_http_mtls(ng, ip):
     """HAProxy in HTTP mode on both sides (parses every request), mTLS between them."""
-    port, inner = free_port(), free_port()
+    port, inner, h2port = free_port(), free_port(), free_port()
     head = ("global\n  nbthread 1\n  maxconn 7500\n  ulimit-n 20000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n"
             "  ssl-default-server-options ssl-min-ver TLSv1.3\n"
             "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  timeout connect 5s\n"
             "  timeout client 600s\n  timeout server 600s\n  timeout http-keep-alive 600s\n")
-    client = head + (f"frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n"
+    client = head + (f"frontend f\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2port} proto h2\n  default_backend b\n"
                      f"backend b\n  server s 127.0.0.1:{inner} ssl crt {work}/client/combined.pem ca-file {work}/ca/ca.crt verify required\n")
     server = head + (f"frontend f\n  bind 127.0.0.1:{inner} ssl crt {work}/server/combined.pem ca-file {work}/ca/ca.crt verify required\n"
                      f"  default_backend b\nbackend b\n  server s 127.0.0.1:{ng}\n")
@@ -218,7 +218,7 @@ def haproxy_http_mtls(ng, ip):
     ps = start("haproxy-hs", ["haproxy", "-db", "-f", f"{work}/haproxy-hs.cfg"])
     pc = start("haproxy-hc", ["haproxy", "-db", "-f", f"{work}/haproxy-hc.cfg"])
     wait_port(inner, ps); wait_port(port, pc)
-    return [pc, ps], {"http": port}
+    return [pc, ps], {"http": port, "h2": h2port}
 
 
 def weft_l7_mtls(ng, ip):
@@ -246,7 +246,8 @@ services:
 outbound:
   - {{name: http, listen: 127.0.0.1:0, service: http, protocol: http}}
 """)
-    return [pa, pb], {"http": port_of(la["outbound/http"])}
+    # The same listener takes prior-knowledge HTTP/2 (told apart by the preface).
+    return [pa, pb], {"http": port_of(la["outbound/http"]), "h2": port_of(la["outbound/http"])}
 
 
 def l7_rows(ng):
@@ -260,8 +261,11 @@ def l7_rows(ng):
         c1 = wrk(ports["http"], 1, pids)
         log(f"{name}: wrk 64 connections {DURATION}s")
         c64 = wrk(ports["http"], 64, pids)
+        log(f"{name}: h2load 16 connections x 10 streams {DURATION}s")
+        h2 = h2load(ports["h2"], pids)
         rows[name] = {"p50": c1["p50"], "p99": c1["p99"], "p99_64": c64["p99"], "rps": c64["rps"],
-                      "rps_1": c1["rps"], "cpu_per_1k": c64["cpu_per_1k"]}
+                      "rps_1": c1["rps"], "cpu_per_1k": c64["cpu_per_1k"], "h2_rps": h2["rps"],
+                      "h2_mean": h2["mean_ms"], "h2_cpu_per_1k": h2["cpu_per_1k"]}
         for p in ps:
             p.terminate()
         for p in ps:
@@ -286,6 +290,13 @@ def l7_report(rows):
                   f"| p99 below HAProxy's (1 conn) | {w['p99']:.3f} vs {h['p99']:.3f} ms | {'yes' if w['p99'] < h['p99'] else 'NO'} |",
                   f"| p99 below HAProxy's (64 conns) | {w['p99_64']:.3f} vs {h['p99_64']:.3f} ms | {'yes' if w['p99_64'] < h['p99_64'] else 'NO'} |",
                   f"| ≤ 0.05 vCPU per 1,000 req/s (both proxies) | {w['cpu_per_1k']:.3f} | {'yes' if w['cpu_per_1k'] <= 0.05 else 'NO'} |"]
+    lines += ["", "### L7 HTTP/2: prior-knowledge h2c from h2load (16 connections × 10 streams) into the client proxy", "",
+              "| path | req/s | mean ms per request | vCPU per 1k req/s (both proxies) |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {fmt(r.get('h2_rps'), '{:,.0f}')} | {fmt(r.get('h2_mean'), '{:.3f}')} | "
+                     f"{fmt(r.get('h2_cpu_per_1k'), '{:.3f}')} |")
+    if w and h and w.get("h2_rps") and h.get("h2_rps"):
+        lines.append(f"\nWeft / HAProxy req/s over HTTP/2: {w['h2_rps'] / h['h2_rps']:.2f}×")
     return "\n".join(lines) + "\n"
 
 
@@ -331,6 +342,23 @@ def wrk(port, conns, pids):
     res["cpu_per_1k"] = (after - before) / (requests / 1000) if requests and pids else None
     res["rss_load_kb"] = peak
     return res
+
+
+def h2load(port, pids, conns=16, streams=10):
+    before = sum(cpu_s(p) for p in pids)
+    r = subprocess.run(["h2load", "-D", str(DURATION), "-c", str(conns), "-m", str(streams), "-t", "1",
+                        f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=DURATION + 60)
+    after = sum(cpu_s(p) for p in pids)
+    out = r.stdout
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"(\d+) succeeded, (\d+) failed", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if not rps or not done or int(done.group(2)):
+        log(f"h2load via {port}: {out[-400:]} {r.stderr[-200:]}")
+    ok = int(done.group(1)) if done else 0
+    return {"rps": float(rps.group(1)) if rps and ok else None,
+            "mean_ms": to_ms(mean.group(1)) if mean else None,
+            "cpu_per_1k": (after - before) / (ok / 1000) if ok and pids else None}
 
 
 def nginx_active():

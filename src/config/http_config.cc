@@ -173,7 +173,7 @@ HeaderRewrite read_rewrite(const Reader& r, const YAML::Node& n, const std::stri
 RetryPolicy read_retries(const Reader& r, const YAML::Node& n, const std::string& f) {
   RetryPolicy p;
   if (!n.IsDefined() || n.IsNull()) return p;
-  r.require_map(n, f, {"attempts", "on", "backoff", "max_backoff"});
+  r.require_map(n, f, {"attempts", "on", "backoff", "max_backoff", "per_try_timeout"});
   p.attempts = r.number(n, f, "attempts", 1, 0, 10);
   if (auto on = r.sequence(n, f, "on"); on.size()) {
     p.on_connect_failure = p.on_reset = p.on_5xx = false;
@@ -193,6 +193,7 @@ RetryPolicy read_retries(const Reader& r, const YAML::Node& n, const std::string
   p.backoff = r.duration(n, f, "backoff", p.backoff);
   p.max_backoff = r.duration(n, f, "max_backoff", std::max(p.max_backoff, p.backoff));
   if (p.max_backoff < p.backoff) r.fail(n["max_backoff"], f + ".max_backoff", "is below backoff");
+  p.per_try_timeout = r.duration(n, f, "per_try_timeout", p.per_try_timeout);
   return p;
 }
 

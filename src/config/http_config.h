@@ -55,6 +55,9 @@ struct RetryPolicy {
   bool on_5xx = false;
   Millis backoff = std::chrono::milliseconds(25);  // base; doubles per retry, with jitter
   Millis max_backoff = std::chrono::milliseconds(250);
+  // Each try's own deadline (0: none), from the try's start to the response header. Expiring
+  // counts as the upstream not answering: retried when `on` has 5xx, as Envoy does.
+  Millis per_try_timeout{0};
 };
 
 struct RateLimitPolicy {

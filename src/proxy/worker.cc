@@ -153,12 +153,7 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
     if (o.name == name) listener = &o;
   const ServiceConfig* service = listener ? cfg.find_service(listener->service) : nullptr;
   if (!listener || !snapshot_->tls) return;  // removed by a reload a moment ago: just close
-  if (listener->http) {
-    std::make_shared<HttpSession>(http_env_, snapshot_, HttpListenerView::outbound(*listener),
-                                  std::move(socket))
-        ->start();
-    return;
-  }
+  if (listener->http) return serve_http(*listener, std::move(socket));
   if (!service) return;
 
   AccessLogEntry entry;
@@ -166,6 +161,26 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
   entry.listener = name;
   entry.downstream = remote_of(socket);
   open_mesh(*service, std::move(socket), std::move(entry));
+}
+
+// HTTP/1.1 or prior-knowledge HTTP/2, told apart by the first bytes (HTTP is client-first, so
+// waiting for them stalls nobody). A client silent past the deadline gets the HTTP/1.1 session,
+// whose idle timer closes it.
+void Worker::serve_http(const OutboundListenerConfig& listener, tcp::socket socket) {
+  auto held = std::make_shared<tcp::socket>(std::move(socket));
+  peek_until(*held, std::chrono::seconds(10), 24,
+             [this, held, snap = snapshot_, view = HttpListenerView::outbound(listener)](
+                 std::string_view bytes, bool final) mutable {
+               const PrefaceMatch m = match_h2_preface(bytes);
+               if (m == PrefaceMatch::partial && !final) return false;
+               if (m == PrefaceMatch::yes)
+                 std::make_shared<H2Downstream>(http_env_, snap, std::move(view), std::move(*held))
+                     ->start();
+               else
+                 std::make_shared<HttpSession>(http_env_, snap, std::move(view), std::move(*held))
+                     ->start();
+               return true;
+             });
 }
 
 void Worker::open_mesh(const ServiceConfig& service_ref, tcp::socket socket, AccessLogEntry entry,
@@ -369,7 +384,7 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
       });
   HttpListenerView view{target.authority, &state->routes, target.max_request_body,
                         &target,          state,          peer,
-                        downstream_ip};
+                        downstream_ip,    "http/1.1"};
   std::make_shared<HttpSession>(http_env_, snap, std::move(view),
                                 tcp::socket(io_, tcp::v4(), fds[1]))
       ->start();

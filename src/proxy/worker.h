@@ -13,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include "proxy/http/h2_downstream.h"
 #include "proxy/http/health_checker.h"
 #include "proxy/http/http_session.h"
 #include "proxy/http/upstream_pool.h"
@@ -53,6 +54,7 @@ class Worker {
   void handle_explicit(boost::asio::ip::tcp::socket socket);
   void handle_inbound_capture(boost::asio::ip::tcp::socket socket);
   void explicit_socks5(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
+  void serve_http(const OutboundListenerConfig& listener, boost::asio::ip::tcp::socket socket);
   void explicit_http(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
   // Where a captured connection goes: a mesh service over HBONE, or straight out (egress).
   // `ready(downstream, failure)` runs once the path is open (failure empty) or could not be,

@@ -29,7 +29,8 @@ def main():
     work, check, start_proxy, identity = h.work, h.check, h.proxy, h.identity
     try:
         h.pki("client", "server")
-        port = h.origins(HERE, "a", "b", "c", "flaky:flaky", "bad:bad", "short:short")
+        port = h.origins(HERE, "a", "b", "c", "flaky:flaky", "bad:bad", "short:short",
+                           "sluggish:sluggish")
 
         targets = "".join(f"    - {{authority: '{n}:80', address: '127.0.0.1:{p}'}}\n"
                           for n, p in port.items())
@@ -66,7 +67,7 @@ def main():
         services = "services:\n" + "".join([
             service("echo", ["a", "b", "c"]),
             service("echo-a", ["a"]), service("echo-b", ["b"]),
-            service("flaky", ["flaky"]),
+            service("flaky", ["flaky"]), service("sluggish", ["sluggish"]),
             service("sticky", ["a", "b", "c"],
                     "    http: {load_balancer: ring_hash, hash_on: 'header:x-user'}\n"),
             service("outlier", ["a", "bad"],
@@ -92,6 +93,16 @@ def main():
         match: {path: {prefix: /flaky/retried}}
         service: flaky
         retries: {attempts: 3, on: [5xx, reset, connect-failure], backoff: 5ms}
+      - name: per-try
+        match: {path: {prefix: /pertry/one}}
+        service: sluggish
+        timeout: 1s
+        retries: {attempts: 2, on: [5xx], per_try_timeout: 200ms}
+      - name: per-try-all
+        match: {path: {prefix: /pertry/all}}
+        service: echo-a
+        timeout: 5s
+        retries: {attempts: 2, on: [5xx], per_try_timeout: 150ms, backoff: 5ms}
       - name: flaky-bare
         match: {path: {prefix: /flaky}}
         service: flaky
@@ -225,6 +236,14 @@ def main():
         check(status == 504 and b"timeout" in body, f"route timeout 300ms: {status} {body[:60]!r}")
         status, _, _ = get("/slow?sleep=10")
         check(status == 200, "a fast request on the same route succeeds")
+
+        # Per-try timeout: a try the origin sits on is abandoned and retried within the route's
+        # 1 s (the sluggish origin answers every other request 3 s late).
+        pertry = [get("/pertry/one")[0] for _ in range(4)]
+        check(pertry == [200] * 4, f"per_try_timeout 200ms retries past a stalled try: {pertry}")
+        status, _, body = get("/pertry/all?sleep=1000")
+        check(status == 504 and b"per-try timeout" in body and b"3 attempts" in body,
+              f"every try stalled: 504 after 3 attempts, not the route's 5 s: {status} {body[:90]!r}")
 
         # Circuit breaker: max_requests 2, six concurrent slow requests.
         with concurrent.futures.ThreadPoolExecutor(6) as pool:

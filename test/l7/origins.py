@@ -3,7 +3,8 @@
 usage: origins.py name[:mode] ...   prints "name port" per origin, then serves until killed.
 modes: echo (default) answers JSON with its name, the request line, headers and body size;
        flaky fails every second request with 503; bad always answers 500;
-       short closes idle keep-alive connections after 0.3 s.
+       short closes idle keep-alive connections after 0.3 s; sluggish answers every odd-numbered
+       request 3 s late.
 Any origin honours ?sleep=<ms> (answer late), ?status=<code> and ?size=<bytes> (a body of that
 many bytes, streamed in chunks).
 """
@@ -57,6 +58,8 @@ def make_handler(name, mode):
             with state["lock"]:
                 state["n"] += 1
                 n = state["n"]
+            if mode == "sluggish" and n % 2 == 1:
+                time.sleep(3)
             status = int(q["status"][0]) if "status" in q else 200
             if mode == "flaky" and n % 2 == 0:
                 status = 503

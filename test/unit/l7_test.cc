@@ -7,6 +7,7 @@
 
 #include "config/proxy_config.h"
 #include "proxy/http/cluster.h"
+#include "proxy/http/h2_downstream.h"
 #include "proxy/http/hmac_signing.h"
 #include "proxy/http/http_session.h"
 #include "proxy/http/router.h"
@@ -55,6 +56,10 @@ TEST(L7Config, ErrorsNameTheFieldAndWhatToWrite) {
   EXPECT_NE(config_error(with_service("", "      - {service: s, retries: {on: [timeout]}}\n"))
                 .find("'timeout' is no retry condition"),
             std::string::npos);
+  EXPECT_NE(
+      config_error(with_service("", "      - {service: s, retries: {per_try_timeout: soon}}\n"))
+          .find("retries.per_try_timeout"),
+      std::string::npos);
   EXPECT_NE(config_error(with_service("", "      - {service: s, match: {host: 'a.b:80'}}\n"))
                 .find("without a port"),
             std::string::npos);
@@ -266,6 +271,15 @@ TEST(L7Hmac, TheNonceCacheForgetsOnlyOutsideTheWindowAndRefusesWhenFull) {
   EXPECT_TRUE(c.insert("c", 105));
   EXPECT_FALSE(c.insert("d", 106));  // full of fresh nonces: refuse rather than forget one
   EXPECT_TRUE(c.insert("d", 112));   // "a" aged out
+}
+
+TEST(L7Http2, ThePrefaceIsToldFromHttp1ByItsFirstBytes) {
+  EXPECT_EQ(match_h2_preface("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), PrefaceMatch::yes);
+  EXPECT_EQ(match_h2_preface("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12"), PrefaceMatch::yes);
+  EXPECT_EQ(match_h2_preface("PRI * HT"), PrefaceMatch::partial);
+  EXPECT_EQ(match_h2_preface(""), PrefaceMatch::partial);  // nothing yet: wait for more
+  EXPECT_EQ(match_h2_preface("GET / HTTP/1.1\r\n"), PrefaceMatch::no);
+  EXPECT_EQ(match_h2_preface("PRIVATE / HTTP/1.1\r\n"), PrefaceMatch::no);
 }
 
 }  // namespace

@@ -98,7 +98,8 @@ HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerV
       listener_(std::move(listener)),
       down_(std::move(downstream)),
       timer_(env.io),
-      backoff_(env.io) {
+      backoff_(env.io),
+      try_timer_(env.io) {
   source_ip_ = listener_.downstream.empty() ? ip_of(down_) : listener_.downstream;
   boost::system::error_code ignored;
   down_.set_option(tcp::no_delay(true), ignored);
@@ -123,7 +124,7 @@ void HttpSession::read_request() {
   entry_.direction = listener_.inbound ? "inbound" : "outbound";
   entry_.listener = listener_.name;
   entry_.downstream = source_ip_;
-  entry_.protocol = "http/1.1";
+  entry_.protocol = listener_.protocol;
   if (listener_.inbound) entry_.peer_identity = listener_.peer_identity;
   started_ = std::chrono::steady_clock::now();
   // A keep-alive connection that stays quiet is closed; so is one that trickles a header.
@@ -295,6 +296,16 @@ void HttpSession::handle_request() {
 
 void HttpSession::attempt() {
   ++attempts_;
+  ++try_seq_;
+  if (route_->retries.per_try_timeout.count() > 0) {
+    try_timer_.expires_after(route_->retries.per_try_timeout);
+    try_timer_.async_wait([self = shared_from_this(), g = generation_,
+                           a = try_seq_](const boost::system::error_code& ec) {
+      if (!ec && g == self->generation_ && a == self->try_seq_ && !self->timed_out_ &&
+          !self->response_started_)
+        self->on_try_timeout();
+    });
+  }
   const SteadyMillis now = steady_now_ms();
   endpoint_ = cluster_->pick(hash_key_, last_endpoint_, env_.rng(), now);
   if (endpoint_ < 0) return local_reply(503, "no endpoint\n", "UH");
@@ -321,10 +332,11 @@ void HttpSession::attempt() {
   }
   b.pending.fetch_add(1, std::memory_order_relaxed);
   env_.pool.open(*cluster_, endpoint_,
-                 [self = shared_from_this(), g = generation_, breakers = cluster_->breakers_ptr()](
-                     std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
+                 [self = shared_from_this(), g = generation_, a = try_seq_,
+                  breakers = cluster_->breakers_ptr()](std::shared_ptr<UpstreamConn> conn,
+                                                       const std::string& failure) {
                    breakers->pending.fetch_sub(1, std::memory_order_relaxed);
-                   if (g != self->generation_ || self->timed_out_) return;
+                   if (g != self->generation_ || a != self->try_seq_ || self->timed_out_) return;
                    self->on_connected(std::move(conn), failure);
                  });
 }
@@ -340,24 +352,24 @@ void HttpSession::send_request() {
   if (!listener_.inbound) entry_.peer_identity = up_->peer_identity;
   entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
   sign_request();
-  http::async_write(up_->socket, req_,
-                    [self = shared_from_this(), g = generation_, conn = up_](
-                        const boost::system::error_code& ec, size_t) {
-                      if (g != self->generation_ || self->timed_out_) return;
-                      if (ec)
-                        return self->attempt_failed(Failure::reset, "write: " + ec.message(),
-                                                    self->may_retry(Failure::reset));
-                      self->resp_ = std::make_shared<ResponseParser>();
-                      self->resp_->body_limit(boost::none);
-                      if (self->req_.method() == http::verb::head) self->resp_->skip(true);
-                      http::async_read_header(conn->socket, conn->buffer, *self->resp_,
-                                              [self, g, conn, parser = self->resp_](
-                                                  const boost::system::error_code& ec, size_t) {
-                                                if (g != self->generation_ || self->timed_out_)
-                                                  return;
-                                                self->on_response_header(ec);
-                                              });
-                    });
+  http::async_write(
+      up_->socket, req_,
+      [self = shared_from_this(), g = generation_, a = try_seq_, conn = up_](
+          const boost::system::error_code& ec, size_t) {
+        if (g != self->generation_ || a != self->try_seq_ || self->timed_out_) return;
+        if (ec)
+          return self->attempt_failed(Failure::reset, "write: " + ec.message(),
+                                      self->may_retry(Failure::reset));
+        self->resp_ = std::make_shared<ResponseParser>();
+        self->resp_->body_limit(boost::none);
+        if (self->req_.method() == http::verb::head) self->resp_->skip(true);
+        http::async_read_header(
+            conn->socket, conn->buffer, *self->resp_,
+            [self, g, a, conn, parser = self->resp_](const boost::system::error_code& ec, size_t) {
+              if (g != self->generation_ || a != self->try_seq_ || self->timed_out_) return;
+              self->on_response_header(ec);
+            });
+      });
 }
 
 // After a 101: both directions copy bytes until each side has closed its sending half; bytes
@@ -510,6 +522,7 @@ bool HttpSession::admit_inbound(std::string_view path) {
 }
 
 void HttpSession::on_response_header(const boost::system::error_code& ec) {
+  try_timer_.cancel();
   if (ec) {
     // Nothing of a response arrived: the connection broke under the request.
     const std::string why = ec == http::error::end_of_stream || ec == asio::error::eof
@@ -642,7 +655,8 @@ bool HttpSession::may_retry(Failure kind) const {
   if (attempts_ > p.attempts) return false;
   const bool wanted = (kind == Failure::connect && p.on_connect_failure) ||
                       (kind == Failure::reset && p.on_reset) ||
-                      (kind == Failure::status_5xx && p.on_5xx);
+                      (kind == Failure::status_5xx && p.on_5xx) ||
+                      (kind == Failure::try_timeout && p.on_5xx);
   return wanted && cluster_->retry_allowed();
 }
 
@@ -652,9 +666,17 @@ void HttpSession::attempt_failed(Failure kind, const std::string& why, bool retr
   const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;
   if (!stale_pooled) cluster_->record(endpoint_, true, steady_now_ms());
   up_.reset();
+  try_timer_.cancel();
   last_endpoint_ = endpoint_;
   end_attempt();
   auto& b = cluster_->breakers();
+  if (!retry && kind == Failure::try_timeout)
+    return local_reply(504,
+                       "upstream per-try timeout: route " + route_->name + " allows " +
+                           format_duration(route_->retries.per_try_timeout) + " a try (" +
+                           std::to_string(attempts_) + " attempt" + (attempts_ > 1 ? "s" : "") +
+                           ")\n",
+                       "UT");
   if (!retry) {
     const char* flags = kind == Failure::connect ? "UF" : "UR";
     return local_reply(503,
@@ -688,9 +710,20 @@ void HttpSession::end_attempt() {
   endpoint_counted_ = false;
 }
 
+void HttpSession::on_try_timeout() {
+  // The try's upstream connection is closed (its pending I/O cancelled, and a late response
+  // can never be taken for the next try's), then the try fails like an unanswered request.
+  ++try_seq_;  // the closed connection's cancelled callbacks belong to no try now
+  abandon_upstream();
+  attempt_failed(Failure::try_timeout,
+                 "no response header within " + format_duration(route_->retries.per_try_timeout),
+                 may_retry(Failure::try_timeout));
+}
+
 void HttpSession::on_timeout() {
   timed_out_ = true;
   backoff_.cancel();
+  try_timer_.cancel();
   abandon_upstream();
   if (cluster_) cluster_->record(endpoint_, true, steady_now_ms());
   end_attempt();
@@ -734,6 +767,7 @@ void HttpSession::finish_request(unsigned status, const std::string& flags,
                                  const std::string& result) {
   timer_.cancel();
   backoff_.cancel();
+  try_timer_.cancel();
   end_attempt();
   if (cluster_) {
     auto& b = cluster_->breakers();
@@ -817,6 +851,7 @@ void HttpSession::close() {
   ++generation_;
   timer_.cancel();
   backoff_.cancel();
+  try_timer_.cancel();
   end_attempt();
   if (counted_request_ && cluster_) {
     cluster_->breakers().requests.fetch_sub(1, std::memory_order_relaxed);

@@ -49,10 +49,11 @@ struct HttpListenerView {
   const InboundTargetConfig* inbound = nullptr;  // inbound only
   const InboundHttp* inbound_state = nullptr;
   std::string peer_identity;
-  std::string downstream;  // inbound: the peer proxy's address (the socket is a socket pair)
+  std::string downstream;             // the client's address when the socket is a socket pair
+  std::string protocol = "http/1.1";  // what the client speaks (http/2: through H2Downstream)
 
   static HttpListenerView outbound(const OutboundListenerConfig& l) {
-    return {l.name, &l.routes, l.max_request_body, nullptr, nullptr, {}, {}};
+    return {l.name, &l.routes, l.max_request_body, nullptr, nullptr, {}, {}, "http/1.1"};
   }
 };
 
@@ -66,7 +67,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
  private:
   using Request = boost::beast::http::request<boost::beast::http::string_body>;
   using ResponseParser = boost::beast::http::response_parser<boost::beast::http::buffer_body>;
-  enum class Failure { connect, reset, status_5xx };
+  enum class Failure { connect, reset, status_5xx, try_timeout };
 
   void read_request();
   void on_header(const boost::system::error_code& ec, size_t n);
@@ -82,6 +83,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void relay_body();
   void start_tunnel();
   void on_timeout();
+  void on_try_timeout();
   void local_reply(unsigned status, const std::string& body, const std::string& flags,
                    const std::string& extra_header_value = {}, bool close_after = false);
   // Inbound checks (HMAC, authorization, per-identity rate limit); false when it answered.
@@ -112,6 +114,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   bool counted_request_ = false;
   bool in_retry_ = false;
   unsigned attempts_ = 0;
+  uint64_t try_seq_ = 0;  // bumps per try and when one is abandoned: late callbacks see it
   int endpoint_ = -1, last_endpoint_ = -1;
   bool endpoint_counted_ = false;
   std::shared_ptr<UpstreamConn> up_;
@@ -125,8 +128,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   bool timed_out_ = false;
   size_t resp_bytes_ = 0;
   std::chrono::steady_clock::time_point started_;
-  boost::asio::steady_timer timer_;    // route timeout, or the downstream idle timeout
-  boost::asio::steady_timer backoff_;  // retry backoff and fault delay
+  boost::asio::steady_timer timer_;      // route timeout, or the downstream idle timeout
+  boost::asio::steady_timer backoff_;    // retry backoff and fault delay
+  boost::asio::steady_timer try_timer_;  // the route's per_try_timeout
   AccessLogEntry entry_;
   std::string hash_key_;
   std::string upgrade_;  // the Upgrade header of the request in flight, if any

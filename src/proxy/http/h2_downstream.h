@@ -1,0 +1,79 @@
+// One downstream HTTP/2 connection (prior-knowledge h2c, as gRPC clients and h2load speak it)
+// on an L7 listener. nghttp2 decodes the frames; each stream becomes one HTTP/1.1 exchange
+// handed over a socket pair to an HttpSession, so every L7 feature (routing, balancing,
+// retries, breakers, rate limits, HMAC, authorization, metrics, access log) applies per stream
+// exactly as it does for HTTP/1.1. The response streams back as HEADERS and DATA frames.
+//
+// Backpressure both ways: request DATA is acknowledged (WINDOW_UPDATE) only once written to the
+// session, and the response is read from the session only while less than kMaxBuffered waits for
+// the client's window.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "proxy/http/http_session.h"
+
+struct nghttp2_session;
+
+namespace weft {
+
+class H2Downstream : public std::enable_shared_from_this<H2Downstream> {
+ public:
+  // The snapshot keeps everything `view` points to alive.
+  H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
+               boost::asio::ip::tcp::socket downstream);
+  ~H2Downstream();
+  H2Downstream(const H2Downstream&) = delete;
+  H2Downstream& operator=(const H2Downstream&) = delete;
+
+  void start();
+
+  // --- nghttp2 callback targets (public for the C trampolines only) ---
+  struct Stream;
+  int on_begin_headers(int32_t stream_id, int category);
+  int on_header(int32_t stream_id, std::string_view name, std::string_view value);
+  int on_frame_recv(int32_t stream_id, uint8_t type, uint8_t flags, int category);
+  int on_data_chunk(int32_t stream_id, const uint8_t* data, size_t len);
+  int on_stream_close(int32_t stream_id);
+  long provide_body(Stream& s, uint8_t* buf, size_t len, uint32_t* flags);
+
+ private:
+  void do_read();
+  void flush();
+  void terminate();
+  void arm_idle_timer();
+  void start_exchange(const std::shared_ptr<Stream>& s, bool end_stream);
+  void pump_request(const std::shared_ptr<Stream>& s);
+  void read_response_head(const std::shared_ptr<Stream>& s);
+  void read_response_body(const std::shared_ptr<Stream>& s);
+  void submit_head(const std::shared_ptr<Stream>& s);
+  void local_answer(const std::shared_ptr<Stream>& s, int status, const std::string& body);
+  void reset(const std::shared_ptr<Stream>& s);
+
+  HttpWorkerEnv& env_;
+  SnapshotPtr snap_;
+  const HttpListenerView view_;
+  std::string client_ip_;  // the app's address: rate limits and ring hashes are per source
+  boost::asio::ip::tcp::socket down_;
+  boost::asio::steady_timer idle_timer_;
+  nghttp2_session* session_ = nullptr;
+  std::map<int32_t, std::shared_ptr<Stream>> streams_;
+  std::unique_ptr<uint8_t[]> in_;
+  std::string out_;
+  bool writing_ = false;
+  bool in_nghttp2_ = false;
+  bool closed_ = false;
+  bool active_since_timer_ = false;
+};
+
+// Whether the first bytes a client sent are (a prefix of) the HTTP/2 connection preface.
+enum class PrefaceMatch { no, partial, yes };
+PrefaceMatch match_h2_preface(std::string_view bytes);
+
+}  // namespace weft
