@@ -4,6 +4,8 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
+#include <cerrno>
+
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http/buffer_body.hpp>
@@ -227,6 +229,8 @@ void H2Downstream::terminate() {
     if (s->bridge) s->bridge->close(ignored);
   }
   streams_.clear();
+  for (auto& b : idle_bridges_) b->close(ignored);
+  idle_bridges_.clear();
 }
 
 int H2Downstream::on_begin_headers(int32_t stream_id, int category) {
@@ -317,18 +321,20 @@ int H2Downstream::on_stream_close(int32_t stream_id) {
 void H2Downstream::start_exchange(const std::shared_ptr<Stream>& s, bool end_stream) {
   if (s->method == "CONNECT")
     return local_answer(s, 405, "CONNECT is not proxied on an HTTP listener\n");
-  int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0)
-    return local_answer(s, 503, "out of file descriptors\n");
-  s->bridge = std::make_unique<tcp::socket>(env_.io, tcp::v4(), fds[0]);
-  HttpListenerView view = view_;
-  view.protocol = "http/2";
-  if (view.downstream.empty()) view.downstream = client_ip_;
-  std::make_shared<HttpSession>(env_, snap_, std::move(view),
-                                tcp::socket(env_.io, tcp::v4(), fds[1]))
-      ->start();
+  s->bridge = take_bridge();
+  if (!s->bridge) {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0)
+      return local_answer(s, 503, "out of file descriptors\n");
+    s->bridge = std::make_unique<tcp::socket>(env_.io, tcp::v4(), fds[0]);
+    HttpListenerView view = view_;
+    view.protocol = "http/2";
+    if (view.downstream.empty()) view.downstream = client_ip_;
+    std::make_shared<HttpSession>(env_, snap_, std::move(view),
+                                  tcp::socket(env_.io, tcp::v4(), fds[1]))
+        ->start();
+  }
 
-  // One request per session: "connection: close" ends it after the response.
   std::string head;
   head.reserve(s->fields.size() + 128);
   head.append(s->method).append(" ").append(s->path).append(" HTTP/1.1\r\nhost: ");
@@ -336,7 +342,7 @@ void H2Downstream::start_exchange(const std::shared_ptr<Stream>& s, bool end_str
   if (!s->cookie.empty()) head.append("cookie: ").append(s->cookie).append("\r\n");
   s->chunked = !end_stream && !s->has_length;
   if (s->chunked) head += "transfer-encoding: chunked\r\n";
-  head += "connection: close\r\n\r\n";
+  head += "\r\n";
   s->to_bridge.insert(0, head);
   s->fields.clear();
   s->cookie.clear();
@@ -365,8 +371,33 @@ void H2Downstream::pump_request(const std::shared_ptr<Stream>& s) {
                       nghttp2_session_consume(self->session_, s->id, s->data_writing);
                       s->data_writing = 0;
                       self->flush();
-                      if (!ec) self->pump_request(s);
+                      if (ec) return;
+                      self->pump_request(s);
+                      self->recycle_bridge(s);
                     });
+}
+
+void H2Downstream::recycle_bridge(const std::shared_ptr<Stream>& s) {
+  const bool request_through = s->request_done && !s->writing && s->to_bridge.empty();
+  const bool response_through = s->response_done && !s->reading && s->parser.is_done() &&
+                                s->parser.keep_alive() && s->buffer.size() == 0;
+  if (!s->bridge || s->closed || closed_ || !request_through || !response_through) return;
+  if (idle_bridges_.size() < 128) idle_bridges_.push_back(std::move(s->bridge));
+  s->bridge.reset();
+}
+
+std::unique_ptr<tcp::socket> H2Downstream::take_bridge() {
+  while (!idle_bridges_.empty()) {
+    auto b = std::move(idle_bridges_.back());
+    idle_bridges_.pop_back();
+    // Still open with nothing unread (its session closes it when idle for long).
+    char c;
+    const ssize_t n = ::recv(b->native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return b;
+    boost::system::error_code ignored;
+    b->close(ignored);
+  }
+  return nullptr;
 }
 
 void H2Downstream::read_response_head(const std::shared_ptr<Stream>& s) {
@@ -401,7 +432,8 @@ void H2Downstream::submit_head(const std::shared_ptr<Stream>& s) {
   prd.read_callback = cb_read_data;
   nghttp2_submit_response(session_, s->id, nva.data(), nva.size(), no_body ? nullptr : &prd);
   flush();
-  if (!no_body) read_response_body(s);
+  if (no_body) return recycle_bridge(s);
+  read_response_body(s);
 }
 
 void H2Downstream::read_response_body(const std::shared_ptr<Stream>& s) {
@@ -423,6 +455,7 @@ void H2Downstream::read_response_body(const std::shared_ptr<Stream>& s) {
         nghttp2_session_resume_data(self->session_, s->id);
         self->flush();
         self->read_response_body(s);
+        self->recycle_bridge(s);
       });
 }
 

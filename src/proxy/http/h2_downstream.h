@@ -55,6 +55,10 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream> {
   void submit_head(const std::shared_ptr<Stream>& s);
   void local_answer(const std::shared_ptr<Stream>& s, int status, const std::string& body);
   void reset(const std::shared_ptr<Stream>& s);
+  // A stream's session, once both its request and response are through and it stays alive,
+  // serves a later stream: no socket pair and no session set up per request.
+  void recycle_bridge(const std::shared_ptr<Stream>& s);
+  std::unique_ptr<boost::asio::ip::tcp::socket> take_bridge();
 
   HttpWorkerEnv& env_;
   SnapshotPtr snap_;
@@ -64,6 +68,7 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream> {
   boost::asio::steady_timer idle_timer_;
   nghttp2_session* session_ = nullptr;
   std::map<int32_t, std::shared_ptr<Stream>> streams_;
+  std::vector<std::unique_ptr<boost::asio::ip::tcp::socket>> idle_bridges_;
   std::unique_ptr<uint8_t[]> in_;
   std::string out_;
   bool writing_ = false;
