@@ -64,8 +64,8 @@ Worker::Worker(unsigned index, Metrics& metrics, AccessLog& access_log)
                         UpstreamPool::Opened done) {
                    dial_http_upstream(c, ep, std::move(conn), std::move(done));
                  }),
-      http_env_{io_, http_pool_, metrics, access_log, {}, std::mt19937_64(std::random_device{}())} {
-}
+      http_env_{io_, http_pool_, metrics, access_log, {}, std::mt19937_64(std::random_device{}()),
+                {},  64,         false} {}
 
 Worker::~Worker() { stop_and_join(); }
 
@@ -125,6 +125,9 @@ void Worker::post_close_listener(const std::string& key) {
 void Worker::post_drain() {
   asio::post(io_, [this] {
     draining_ = true;
+    http_env_.draining = true;
+    for (auto& weak : std::exchange(http_env_.live, {}))
+      if (auto c = weak.lock()) c->drain();
     for (auto& [key, l] : listeners_) l->close();
     listeners_.clear();
     if (health_) health_->stop();

@@ -140,7 +140,15 @@ H2Downstream::H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListene
   if (auto ep = down_.remote_endpoint(ec); !ec) client_ip_ = ep.address().to_string();
 }
 
-H2Downstream::~H2Downstream() { nghttp2_session_del(session_); }
+H2Downstream::~H2Downstream() {
+  nghttp2_session_del(session_);
+  env_.metrics.downstream_connections_active.dec();
+}
+
+void H2Downstream::drain() {
+  go_away_if_draining();
+  flush();
+}
 
 void H2Downstream::start() {
   nghttp2_settings_entry iv[] = {
@@ -151,6 +159,8 @@ void H2Downstream::start() {
   };
   nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, 4);
   in_.reset(new uint8_t[kReadSize]);
+  env_.metrics.downstream_connections_active.inc();
+  env_.track(weak_from_this());
   arm_idle_timer();
   flush();
   do_read();
@@ -171,6 +181,7 @@ void H2Downstream::do_read() {
                         [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
                           if (self->closed_) return;
                           if (ec) return self->terminate();
+                          if (self->lingering_) return self->do_read();  // discarded
                           self->active_since_timer_ = true;
                           self->in_nghttp2_ = true;
                           const ssize_t rv =
@@ -181,6 +192,7 @@ void H2Downstream::do_read() {
                                           self->view_.name, nghttp2_strerror(static_cast<int>(rv)));
                             return self->terminate();
                           }
+                          self->go_away_if_draining();
                           self->flush();
                           if (!self->closed_) self->do_read();
                         });
@@ -203,7 +215,8 @@ void H2Downstream::flush() {
   }
   in_nghttp2_ = false;
   if (out_.empty()) {
-    if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_)) terminate();
+    if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_))
+      linger_close();
     return;
   }
   writing_ = true;
@@ -214,6 +227,20 @@ void H2Downstream::flush() {
                       if (ec) return self->terminate();
                       self->flush();
                     });
+}
+
+// The session is over (GOAWAY sent, its streams done): stop sending and read what the client
+// still has in flight (WINDOW_UPDATE, a SETTINGS ACK) for a moment, so the close is a FIN and
+// not a reset that could destroy our last frames before the client reads them.
+void H2Downstream::linger_close() {
+  if (closed_ || lingering_) return;
+  lingering_ = true;
+  boost::system::error_code ignored;
+  down_.shutdown(tcp::socket::shutdown_send, ignored);
+  idle_timer_.expires_after(std::chrono::seconds(2));
+  idle_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (!ec) self->terminate();
+  });
 }
 
 void H2Downstream::terminate() {
@@ -307,11 +334,23 @@ int H2Downstream::on_data_chunk(int32_t stream_id, const uint8_t* data, size_t l
   return 0;
 }
 
+void H2Downstream::go_away_if_draining() {
+  if (!env_.draining || going_away_ || closed_) return;
+  // Streams up to the last one we saw are still served; the client opens new ones elsewhere.
+  going_away_ = true;
+  nghttp2_submit_goaway(session_, NGHTTP2_FLAG_NONE,
+                        nghttp2_session_get_last_proc_stream_id(session_), NGHTTP2_NO_ERROR,
+                        nullptr, 0);
+  if (streams_.empty()) nghttp2_session_terminate_session(session_, NGHTTP2_NO_ERROR);
+}
+
 int H2Downstream::on_stream_close(int32_t stream_id) {
   auto it = streams_.find(stream_id);
   if (it == streams_.end()) return 0;
   auto s = std::move(it->second);
   streams_.erase(it);
+  if (going_away_ && streams_.empty())
+    nghttp2_session_terminate_session(session_, NGHTTP2_NO_ERROR);
   s->closed = true;
   boost::system::error_code ignored;
   if (s->bridge) s->bridge->close(ignored);  // a reset mid-request ends the session's request

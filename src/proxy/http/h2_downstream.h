@@ -23,16 +23,18 @@ struct nghttp2_session;
 
 namespace weft {
 
-class H2Downstream : public std::enable_shared_from_this<H2Downstream> {
+class H2Downstream : public std::enable_shared_from_this<H2Downstream>, public DrainableHttp {
  public:
   // The snapshot keeps everything `view` points to alive.
   H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
                boost::asio::ip::tcp::socket downstream);
-  ~H2Downstream();
+  ~H2Downstream() override;
   H2Downstream(const H2Downstream&) = delete;
   H2Downstream& operator=(const H2Downstream&) = delete;
 
   void start();
+  // GOAWAY: the streams taken so far are served, then the connection closes.
+  void drain() override;
 
   // --- nghttp2 callback targets (public for the C trampolines only) ---
   struct Stream;
@@ -47,7 +49,9 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream> {
   void do_read();
   void flush();
   void terminate();
+  void linger_close();
   void arm_idle_timer();
+  void go_away_if_draining();
   void start_exchange(const std::shared_ptr<Stream>& s, bool end_stream);
   void pump_request(const std::shared_ptr<Stream>& s);
   void read_response_head(const std::shared_ptr<Stream>& s);
@@ -75,6 +79,8 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream> {
   bool in_nghttp2_ = false;
   bool closed_ = false;
   bool active_since_timer_ = false;
+  bool going_away_ = false;
+  bool lingering_ = false;
 };
 
 // Whether the first bytes a client sent are (a prefix of) the HTTP/2 connection preface.

@@ -105,6 +105,32 @@ HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerV
   down_.set_option(tcp::no_delay(true), ignored);
 }
 
+HttpSession::~HttpSession() {
+  if (counted_) env_.metrics.downstream_connections_active.dec();
+}
+
+void HttpSession::start() {
+  counted_ = listener_.downstream.empty();
+  if (counted_) env_.metrics.downstream_connections_active.inc();
+  env_.track(weak_from_this());
+  read_request();
+}
+
+void HttpSession::drain() {
+  // A request under way is answered with Connection: close (unless its header left already:
+  // then the grace below applies once it is done). An idle connection gets a moment for a
+  // request already on its way, then is closed.
+  if (!idle_) {
+    down_keep_alive_ = false;
+    return;
+  }
+  timer_.expires_after(kDrainIdleGrace);
+  timer_.async_wait(
+      [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
+        if (!ec && g == self->generation_ && self->idle_) self->close();
+      });
+}
+
 void HttpSession::read_request() {
   ++generation_;
   parser_.emplace();
@@ -127,8 +153,10 @@ void HttpSession::read_request() {
   entry_.protocol = listener_.protocol;
   if (listener_.inbound) entry_.peer_identity = listener_.peer_identity;
   started_ = std::chrono::steady_clock::now();
+  idle_ = true;
   // A keep-alive connection that stays quiet is closed; so is one that trickles a header.
-  timer_.expires_after(kDownstreamIdle);
+  timer_.expires_after(env_.draining ? std::chrono::seconds(kDrainIdleGrace)
+                                     : std::chrono::seconds(kDownstreamIdle));
   timer_.async_wait(
       [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
         if (!ec && g == self->generation_) self->close();
@@ -139,6 +167,7 @@ void HttpSession::read_request() {
 }
 
 void HttpSession::on_header(const boost::system::error_code& ec, size_t n) {
+  idle_ = false;
   if (ec) return on_parse_error(ec);
   req_bytes_ += n;
   started_ = std::chrono::steady_clock::now();
@@ -192,7 +221,7 @@ void HttpSession::on_body(const boost::system::error_code& ec, size_t n) {
 void HttpSession::handle_request() {
   const std::string_view target = req_.target();
   const std::string_view path = target.substr(0, target.find('?'));
-  down_keep_alive_ = req_.keep_alive();
+  down_keep_alive_ = req_.keep_alive() && !env_.draining;
   if (snap_->tls) entry_.local_identity = snap_->tls->spiffe_id;
 
   std::string traceparent =
@@ -610,7 +639,8 @@ void HttpSession::relay_body() {
         if (self->ser_->is_done()) {
           const bool reusable = self->resp_->keep_alive() && !self->resp_->need_eof() &&
                                 self->up_ && self->up_->buffer.size() == 0;
-          if (reusable) self->env_.pool.put_idle(std::move(self->up_));
+          // (Not while draining: the pool was emptied and nothing would close it again.)
+          if (reusable && !self->env_.draining) self->env_.pool.put_idle(std::move(self->up_));
           self->up_.reset();
           self->finish_request(self->entry_.status, "-", "ok");
           if (self->down_keep_alive_) return self->read_request();

@@ -30,6 +30,13 @@
 
 namespace weft {
 
+// A downstream HTTP connection that the worker tells when the proxy drains.
+class DrainableHttp {
+ public:
+  virtual ~DrainableHttp() = default;
+  virtual void drain() = 0;
+};
+
 // What a worker lends its HTTP sessions.
 struct HttpWorkerEnv {
   boost::asio::io_context& io;
@@ -38,7 +45,22 @@ struct HttpWorkerEnv {
   AccessLog& access_log;
   std::map<HttpLabels, std::shared_ptr<HttpCounters>> metric_cache;  // no lock per request
   std::mt19937_64 rng{std::random_device{}()};
+  std::vector<std::weak_ptr<DrainableHttp>> live;  // told to drain; expired ones pruned
+  size_t prune_at = 64;
+  // Set when the proxy drains: HTTP/1.1 answers say `Connection: close`, HTTP/2 sends GOAWAY,
+  // idle connections close after a grace, so clients move on without losing a request.
+  bool draining = false;
+
+  void track(std::weak_ptr<DrainableHttp> c) {
+    live.push_back(std::move(c));
+    if (live.size() < prune_at) return;
+    std::erase_if(live, [](const auto& w) { return w.expired(); });
+    prune_at = std::max<size_t>(64, 2 * live.size());
+  }
 };
+
+// How long an idle keep-alive connection may still send a request once the proxy drains.
+inline constexpr auto kDrainIdleGrace = std::chrono::seconds(1);
 
 // Where a session's requests come from. Outbound: an app on an http listener. Inbound: a peer
 // proxy's HBONE stream to a `protocol: http` target, whose identity mTLS proved.
@@ -57,12 +79,16 @@ struct HttpListenerView {
   }
 };
 
-class HttpSession : public std::enable_shared_from_this<HttpSession> {
+class HttpSession : public std::enable_shared_from_this<HttpSession>, public DrainableHttp {
  public:
   // The snapshot keeps everything `view` points to alive.
   HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
               boost::asio::ip::tcp::socket downstream);
-  void start() { read_request(); }
+  ~HttpSession() override;
+  HttpSession(const HttpSession&) = delete;
+  HttpSession& operator=(const HttpSession&) = delete;
+  void start();
+  void drain() override;
 
  private:
   using Request = boost::beast::http::request<boost::beast::http::string_body>;
@@ -103,6 +129,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   boost::asio::ip::tcp::socket down_;
   boost::beast::flat_buffer down_buf_;
   std::string source_ip_;
+  bool counted_ = false;  // an app's own connection (not a socket pair): drain waits for it
+  bool idle_ = false;     // waiting for the next request's first bytes
 
   // The request in flight.
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
