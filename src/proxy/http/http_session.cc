@@ -121,7 +121,7 @@ void HttpSession::drain() {
   // then the grace below applies once it is done). An idle connection gets a moment for a
   // request already on its way, then is closed.
   if (!idle_) {
-    down_keep_alive_ = false;
+    if (!response_started_) down_keep_alive_ = false;
     return;
   }
   timer_.expires_after(kDrainIdleGrace);
