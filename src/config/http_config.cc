@@ -288,7 +288,12 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
   if (!n.IsDefined() || n.IsNull()) return c;
   r.require_map(n, f,
                 {"load_balancer", "hash_on", "circuit_breakers", "outlier_detection",
-                 "health_check", "idle_timeout", "retry_budget", "hmac"});
+                 "health_check", "idle_timeout", "retry_budget", "hmac", "protocol"});
+  const std::string protocol = r.string_field(n, f, "protocol", false, "http1");
+  if (protocol != "http1" && protocol != "http2" && protocol != "grpc")
+    r.fail(n["protocol"], f + ".protocol",
+           "'" + protocol + "' is unknown; expected http1, http2 or grpc (HTTP/2)");
+  c.h2 = protocol != "http1";
   if (auto h = n["hmac"]; h.IsDefined()) {
     const std::string hf = f + ".hmac";
     r.require_map(h, hf, {"key_file", "from_agent", "signed_headers"});
@@ -297,6 +302,10 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
       r.fail(h, hf, "give key_file (a 0600 file) or from_agent: true (control's pair key), one");
     if (!c.hmac.from_agent) c.hmac.key = read_key_file(r, h, hf, "key_file");
     c.hmac.signed_headers = header_names(r, h, hf, "signed_headers", c.hmac.signed_headers);
+    if (c.h2)
+      r.fail(h, hf,
+             "needs protocol: http1 (HTTP/2 streams are forwarded as they come, their bodies "
+             "are never whole to be signed)");
   }
   const std::string lb = r.string_field(n, f, "load_balancer", false, "round_robin");
   if (lb == "round_robin")

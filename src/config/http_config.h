@@ -159,6 +159,10 @@ struct HttpServiceConfig {
   unsigned retry_budget_percent = 20;  // retries in flight ≤ this share of active requests...
   unsigned retry_budget_min = 3;       // ...but this many are always allowed
   HmacSignConfig hmac;                 // sign requests to this service
+  // protocol: http2 (or grpc) — the endpoints speak HTTP/2 (prior knowledge). Streams from
+  // HTTP/2 clients are then forwarded as HTTP/2 streams, trailers and full-duplex bodies
+  // included, which gRPC needs.
+  bool h2 = false;
 };
 
 const char* balancer_name(HttpServiceConfig::Balancer b);

@@ -92,6 +92,9 @@ struct InboundTargetConfig {
   // protocol: http — requests are parsed here too: HMAC verified, authorized by method and
   // path, rate limited per calling identity, counted with reporter="destination".
   bool http = false;
+  // protocol: http2 (or grpc) — L7 as with http, and the app speaks HTTP/2 (prior knowledge):
+  // HTTP/2 streams reach it as HTTP/2 streams (gRPC).
+  bool app_h2 = false;
   HmacVerifyConfig hmac;
   std::vector<AuthzRule> authz;
   RateLimitPolicy rate_limit;  // per source identity

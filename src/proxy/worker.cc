@@ -170,10 +170,14 @@ void Worker::handle_outbound(const std::string& name, tcp::socket socket) {
 // waiting for them stalls nobody). A client silent past the deadline gets the HTTP/1.1 session,
 // whose idle timer closes it.
 void Worker::serve_http(const OutboundListenerConfig& listener, tcp::socket socket) {
+  serve_http(snapshot_, HttpListenerView::outbound(listener), std::move(socket));
+}
+
+void Worker::serve_http(const SnapshotPtr& snapshot, HttpListenerView view, tcp::socket socket) {
   auto held = std::make_shared<tcp::socket>(std::move(socket));
   peek_until(*held, std::chrono::seconds(10), 24,
-             [this, held, snap = snapshot_, view = HttpListenerView::outbound(listener)](
-                 std::string_view bytes, bool final) mutable {
+             [this, held, snap = snapshot, view = std::move(view)](std::string_view bytes,
+                                                                   bool final) mutable {
                const PrefaceMatch m = match_h2_preface(bytes);
                if (m == PrefaceMatch::partial && !final) return false;
                if (m == PrefaceMatch::yes)
@@ -359,8 +363,9 @@ void Worker::start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::str
 }
 
 // An inbound CONNECT to a `protocol: http` target: the stream is accepted at once and its bytes
-// go through a socket pair to an HttpSession, which checks each request (HMAC, authorization,
-// rate limit) and forwards it to the app over pooled plain connections.
+// go through a socket pair to an HttpSession (HTTP/1.1) or an H2Downstream (HTTP/2), which
+// check each request (HMAC, authorization, rate limit) and forward it to the app over pooled
+// connections.
 H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap,
                                                          const InboundTargetConfig& target,
                                                          const std::string& peer,
@@ -388,9 +393,8 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
   HttpListenerView view{target.authority, &state->routes, target.max_request_body,
                         &target,          state,          peer,
                         downstream_ip,    "http/1.1"};
-  std::make_shared<HttpSession>(http_env_, snap, std::move(view),
-                                tcp::socket(io_, tcp::v4(), fds[1]))
-      ->start();
+  // The peer proxy sends HTTP/1.1 or, for a stream it forwards as HTTP/2, the HTTP/2 preface.
+  serve_http(snap, std::move(view), tcp::socket(io_, tcp::v4(), fds[1]));
   // Answered after this returns, once the stream is attached.
   asio::post(io_, [stream] {
     if (auto c = stream->connection()) {

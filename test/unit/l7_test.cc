@@ -40,6 +40,20 @@ std::string config_error(const std::string& yaml) {
   return "";
 }
 
+TEST(L7Config, Http2ServicesAndTargets) {
+  auto cfg = parse(with_service("    http: {protocol: grpc}\n", "      - {service: s}\n") +
+                   "inbound:\n  targets:\n"
+                   "    - {address: '127.0.0.1:50051', protocol: grpc}\n"
+                   "    - {address: '127.0.0.1:8080', protocol: http}\n");
+  EXPECT_TRUE(cfg->services[0].http.h2);
+  EXPECT_TRUE(cfg->inbound.targets[0].http && cfg->inbound.targets[0].app_h2);
+  EXPECT_TRUE(cfg->inbound.targets[1].http && !cfg->inbound.targets[1].app_h2);
+  // The inbound target's app is a one-endpoint service that speaks what the target says.
+  auto rt = HttpRuntime::build(cfg, nullptr);
+  EXPECT_TRUE(rt->cluster("inbound|127.0.0.1:50051")->service().http.h2);
+  EXPECT_FALSE(rt->cluster("inbound|127.0.0.1:8080")->service().http.h2);
+}
+
 TEST(L7Config, ErrorsNameTheFieldAndWhatToWrite) {
   EXPECT_NE(
       config_error(with_service("", "      - {service: nope}\n")).find("no service named 'nope'"),
@@ -60,6 +74,13 @@ TEST(L7Config, ErrorsNameTheFieldAndWhatToWrite) {
       config_error(with_service("", "      - {service: s, retries: {per_try_timeout: soon}}\n"))
           .find("retries.per_try_timeout"),
       std::string::npos);
+  EXPECT_NE(config_error(with_service("    http: {protocol: h3}\n", "      - {service: s}\n"))
+                .find("http.protocol': 'h3' is unknown; expected http1, http2 or grpc"),
+            std::string::npos);
+  EXPECT_NE(config_error(with_service("    http: {protocol: grpc, hmac: {from_agent: true}}\n",
+                                      "      - {service: s}\n"))
+                .find("hmac': needs protocol: http1"),
+            std::string::npos);
   EXPECT_NE(config_error(with_service("", "      - {service: s, match: {host: 'a.b:80'}}\n"))
                 .find("without a port"),
             std::string::npos);

@@ -171,6 +171,7 @@ std::shared_ptr<const HttpRuntime> HttpRuntime::build(std::shared_ptr<const Prox
     e.authority = t.authority;
     e.direct = true;
     s.endpoints.push_back(e);
+    s.http.h2 = t.app_h2;
     services.push_back(s);
     auto in = std::make_shared<InboundHttp>();
     RouteConfig route;

@@ -13,6 +13,9 @@
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
 
+#include "proxy/http/h2_forward.h"
+#include "proxy/http/h2_stream.h"
+
 namespace weft {
 
 namespace asio = boost::asio;
@@ -74,6 +77,13 @@ bool connection_specific(std::string_view lower_name) {
          lower_name == "upgrade" || lower_name == "te";
 }
 
+std::vector<nghttp2_nv> to_nva(const H2Fields& fields) {
+  std::vector<nghttp2_nv> nva;
+  nva.reserve(fields.size());
+  for (const auto& [name, value] : fields) nva.push_back(nv(name, value));
+  return nva;
+}
+
 std::string lower(std::string_view s) {
   std::string out(s);
   for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -87,32 +97,6 @@ PrefaceMatch match_h2_preface(std::string_view bytes) {
   if (bytes.substr(0, n) != kPreface.substr(0, n)) return PrefaceMatch::no;
   return n == kPreface.size() ? PrefaceMatch::yes : PrefaceMatch::partial;
 }
-
-struct H2Downstream::Stream {
-  explicit Stream(int32_t stream_id) : id(stream_id) {}
-  int32_t id;
-  // The request, as it arrives.
-  std::string method, authority, path, cookie, fields;
-  bool has_length = false;
-  bool head_done = false;
-  bool chunked = false;
-  // The HttpSession's end of the socket pair.
-  std::unique_ptr<tcp::socket> bridge;
-  std::string to_bridge, writing_now;
-  size_t data_pending = 0, data_writing = 0;  // request DATA bytes not yet credited back
-  bool writing = false;
-  bool request_done = false;
-  // The response.
-  beast::flat_buffer buffer;
-  http::response_parser<http::buffer_body> parser;
-  char chunk[16 * 1024];
-  std::vector<std::string> head;  // name, value, name, value, ... (kept for nghttp2)
-  std::string body;
-  size_t body_off = 0;
-  bool reading = false;
-  bool response_done = false;
-  bool closed = false;
-};
 
 H2Downstream::H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
                            tcp::socket downstream)
@@ -141,8 +125,10 @@ H2Downstream::H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListene
 }
 
 H2Downstream::~H2Downstream() {
+  for (auto& [id, s] : streams_)
+    if (s->forward) s->forward->downstream_closed();
   nghttp2_session_del(session_);
-  env_.metrics.downstream_connections_active.dec();
+  if (view_.downstream.empty()) env_.metrics.downstream_connections_active.dec();
 }
 
 void H2Downstream::drain() {
@@ -159,7 +145,8 @@ void H2Downstream::start() {
   };
   nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, 4);
   in_.reset(new uint8_t[kReadSize]);
-  env_.metrics.downstream_connections_active.inc();
+  // (A peer proxy's stream reaches an inbound one through a socket pair: not a client's.)
+  if (view_.downstream.empty()) env_.metrics.downstream_connections_active.inc();
   env_.track(weak_from_this());
   arm_idle_timer();
   flush();
@@ -254,6 +241,7 @@ void H2Downstream::terminate() {
   for (auto& [id, s] : streams_) {
     s->closed = true;
     if (s->bridge) s->bridge->close(ignored);
+    if (s->forward) s->forward->downstream_closed();
   }
   streams_.clear();
   for (auto& b : idle_bridges_) b->close(ignored);
@@ -269,9 +257,10 @@ int H2Downstream::on_header(int32_t stream_id, std::string_view name, std::strin
   auto it = streams_.find(stream_id);
   if (it == streams_.end()) return 0;
   Stream& s = *it->second;
-  if (s.head_done) return 0;  // request trailers: HTTP/1.1 framing towards the session has none
+  if (s.head_done) return 0;  // request trailers: not passed on (gRPC sends none)
   // nghttp2 has validated names and values (no CR, LF or NUL; lower-case names; pseudo-headers
   // first and well-formed), so they can be written as HTTP/1.1 field lines as they are.
+  s.header_bytes += name.size() + value.size() + 32;
   if (name == ":method")
     s.method = value;
   else if (name == ":authority")
@@ -286,13 +275,13 @@ int H2Downstream::on_header(int32_t stream_id, std::string_view name, std::strin
     // HTTP/2 may split cookies into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
     if (!s.cookie.empty()) s.cookie += "; ";
     s.cookie += value;
-  } else if (name != "te" && name != "expect") {
+  } else if (name != "expect") {
     // (expect: 100-continue would make the session answer 100, which is no final response;
     // the body is on its way regardless.)
     if (name == "content-length") s.has_length = true;
-    s.fields.append(name).append(": ").append(value).append("\r\n");
+    s.fields.emplace_back(name, value);
   }
-  if (s.fields.size() + s.cookie.size() + s.path.size() + s.authority.size() > kMaxHeaderBytes)
+  if (s.header_bytes > kMaxHeaderBytes)
     return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets this stream only
   return 0;
 }
@@ -309,6 +298,10 @@ int H2Downstream::on_frame_recv(int32_t stream_id, uint8_t type, uint8_t flags, 
   }
   if ((type == NGHTTP2_DATA || type == NGHTTP2_HEADERS) && end_stream && !s->request_done) {
     s->request_done = true;
+    if (s->forward) {
+      s->forward->request_end();
+      return 0;
+    }
     if (s->chunked) s->to_bridge += "0\r\n\r\n";
     pump_request(s);
   }
@@ -317,6 +310,10 @@ int H2Downstream::on_frame_recv(int32_t stream_id, uint8_t type, uint8_t flags, 
 
 int H2Downstream::on_data_chunk(int32_t stream_id, const uint8_t* data, size_t len) {
   auto it = streams_.find(stream_id);
+  if (it != streams_.end() && it->second->forward) {
+    it->second->forward->request_data(data, len);
+    return 0;
+  }
   if (it == streams_.end() || !it->second->bridge) {
     nghttp2_session_consume(session_, stream_id, len);  // keep the connection window open
     return 0;
@@ -354,12 +351,14 @@ int H2Downstream::on_stream_close(int32_t stream_id) {
   s->closed = true;
   boost::system::error_code ignored;
   if (s->bridge) s->bridge->close(ignored);  // a reset mid-request ends the session's request
+  if (s->forward) s->forward->downstream_closed();
   return 0;
 }
 
 void H2Downstream::start_exchange(const std::shared_ptr<Stream>& s, bool end_stream) {
   if (s->method == "CONNECT")
     return local_answer(s, 405, "CONNECT is not proxied on an HTTP listener\n");
+  if (H2Forward::take(*this, s, end_stream)) return;
   s->bridge = take_bridge();
   if (!s->bridge) {
     int fds[2];
@@ -377,7 +376,9 @@ void H2Downstream::start_exchange(const std::shared_ptr<Stream>& s, bool end_str
   std::string head;
   head.reserve(s->fields.size() + 128);
   head.append(s->method).append(" ").append(s->path).append(" HTTP/1.1\r\nhost: ");
-  head.append(s->authority).append("\r\n").append(s->fields);
+  head.append(s->authority).append("\r\n");
+  for (const auto& [name, value] : s->fields)
+    if (name != "te") head.append(name).append(": ").append(value).append("\r\n");
   if (!s->cookie.empty()) head.append("cookie: ").append(s->cookie).append("\r\n");
   s->chunked = !end_stream && !s->has_length;
   if (s->chunked) head += "transfer-encoding: chunked\r\n";
@@ -507,10 +508,18 @@ long H2Downstream::provide_body(Stream& s, uint8_t* buf, size_t len, uint32_t* f
     s.body.clear();
     s.body_off = 0;
   }
+  if (s.forward && n) s.forward->response_sent(n);
   if (s.response_done && s.body.empty()) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;
+    if (!s.trailers.empty()) {
+      // The trailers (gRPC's grpc-status) end the stream instead of the last DATA frame.
+      *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+      const auto nva = to_nva(s.trailers);
+      nghttp2_submit_trailer(session_, s.id, nva.data(), nva.size());
+    }
     return static_cast<long>(n);
   }
+  if (s.forward) return n ? static_cast<long>(n) : long{NGHTTP2_ERR_DEFERRED};
   if (n == 0) {
     // Drained: read more (the completion resumes us), unless a read is under way.
     if (auto it = streams_.find(s.id); it != streams_.end()) read_response_body(it->second);
@@ -537,6 +546,27 @@ void H2Downstream::local_answer(const std::shared_ptr<Stream>& s, int status,
 void H2Downstream::reset(const std::shared_ptr<Stream>& s) {
   // The session went away without a (whole) response: the client sees the stream reset.
   nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
+  flush();
+}
+
+void H2Downstream::respond(const std::shared_ptr<Stream>& s, const H2Fields& head,
+                           bool end_stream) {
+  const auto nva = to_nva(head);
+  s->response_done = end_stream;
+  nghttp2_data_provider prd{};
+  prd.source.ptr = s.get();
+  prd.read_callback = cb_read_data;
+  nghttp2_submit_response(session_, s->id, nva.data(), nva.size(), end_stream ? nullptr : &prd);
+  flush();
+}
+
+void H2Downstream::resume_response(Stream& s) {
+  nghttp2_session_resume_data(session_, s.id);
+  flush();
+}
+
+void H2Downstream::reset_stream(Stream& s, uint32_t error_code) {
+  nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, s.id, error_code);
   flush();
 }
 

@@ -17,6 +17,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include "proxy/http/h2_upstream.h"
 #include "proxy/http/http_session.h"
 
 struct nghttp2_session;
@@ -46,6 +47,7 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream>, public D
   long provide_body(Stream& s, uint8_t* buf, size_t len, uint32_t* flags);
 
  private:
+  friend class H2Forward;  // a stream forwarded as HTTP/2 answers through the connection
   void do_read();
   void flush();
   void terminate();
@@ -59,6 +61,11 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream>, public D
   void submit_head(const std::shared_ptr<Stream>& s);
   void local_answer(const std::shared_ptr<Stream>& s, int status, const std::string& body);
   void reset(const std::shared_ptr<Stream>& s);
+  // For forwarded streams: the response header (its body then comes from s.body, its
+  // trailers from s.trailers), more of the body, or a reset with the upstream's error code.
+  void respond(const std::shared_ptr<Stream>& s, const H2Fields& head, bool end_stream);
+  void resume_response(Stream& s);
+  void reset_stream(Stream& s, uint32_t error_code);
   // A stream's session, once both its request and response are through and it stays alive,
   // serves a later stream: no socket pair and no session set up per request.
   void recycle_bridge(const std::shared_ptr<Stream>& s);

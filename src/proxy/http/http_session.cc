@@ -10,6 +10,7 @@
 
 #include "identity/spiffe_id.h"
 #include "proxy/http/hmac_signing.h"
+#include "proxy/http/request_policy.h"
 #include "proxy/http/router.h"
 
 namespace weft {
@@ -257,20 +258,12 @@ void HttpSession::handle_request() {
                        "NR");
   entry_.route = route_->name;
 
-  const SteadyMillis now = steady_now_ms();
-  if (RateLimiter* limiter = snap_->http->limiter(listener_.name, route_->name))
-    if (!limiter->allow(source_ip_, now))
-      return local_reply(429,
-                         "rate limited: route " + route_->name + " allows " +
-                             std::to_string(route_->rate_limit.per_second) + " requests a second" +
-                             (route_->rate_limit.per_source ? " per source" : "") + "\n",
-                         "RL");
+  if (auto r =
+          route_rate_limited(*snap_->http, listener_.name, *route_, source_ip_, steady_now_ms()))
+    return local_reply(*r);
 
   const auto& fault = route_->fault;
-  auto roll = [this](double percent) {
-    return percent > 0 && static_cast<double>(env_.rng() % 1000000) < percent * 10000.0;
-  };
-  if (roll(fault.abort_percent))
+  if (fault_roll(env_.rng, fault.abort_percent))
     return local_reply(fault.abort_status, "fault injected: abort\n", "FI");
 
   const WeightedBackend& backend = pick_backend(*route_, env_.rng());
@@ -278,18 +271,13 @@ void HttpSession::handle_request() {
   entry_.upstream = backend.service;
   if (!cluster_ || cluster_->endpoints().empty())
     return local_reply(503, "service '" + backend.service + "' has no endpoints\n", "UH");
-  auto& breakers = cluster_->breakers();
-  if (breakers.requests.load(std::memory_order_relaxed) >=
-      cluster_->service().http.breakers.max_requests) {
-    breakers.overflows.fetch_add(1, std::memory_order_relaxed);
-    return local_reply(503,
-                       "circuit breaker max_requests of service '" + backend.service +
-                           "' is open (" +
-                           std::to_string(cluster_->service().http.breakers.max_requests) +
-                           " requests in flight)\n",
-                       "UO", "max_requests");
-  }
-  breakers.requests.fetch_add(1, std::memory_order_relaxed);
+  if (cluster_->service().http.h2)
+    return local_reply(502,
+                       "service '" + backend.service +
+                           "' speaks HTTP/2 only (protocol: http2); send HTTP/2 (prior "
+                           "knowledge, as gRPC does): HTTP/1.1 requests are not translated\n",
+                       "-");
+  if (auto r = take_request_slot(*cluster_)) return local_reply(*r);
   counted_request_ = true;
 
   const auto& hash_header = cluster_->service().http.hash_header;
@@ -311,7 +299,7 @@ void HttpSession::handle_request() {
       [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
         if (!ec && g == self->generation_) self->on_timeout();
       });
-  if (roll(fault.delay_percent)) {
+  if (fault_roll(env_.rng, fault.delay_percent)) {
     backoff_.expires_after(fault.delay);
     backoff_.async_wait(
         [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
@@ -487,12 +475,8 @@ void HttpSession::sign_request() {
 bool HttpSession::admit_inbound(std::string_view path) {
   const InboundTargetConfig& t = *listener_.inbound;
   const std::string& peer = listener_.peer_identity;
-  if (listener_.inbound_state->limiter &&
-      !listener_.inbound_state->limiter->allow(peer, steady_now_ms())) {
-    local_reply(429,
-                "rate limited: " + t.authority + " allows " +
-                    std::to_string(t.rate_limit.per_second) + " requests a second per caller\n",
-                "RL");
+  if (auto r = inbound_rate_limited(listener_, steady_now_ms())) {
+    local_reply(*r);
     return false;
   }
   if (!t.hmac.keys.empty()) {
@@ -518,33 +502,8 @@ bool HttpSession::admit_inbound(std::string_view path) {
     }
     req_.erase("x-weft-signature");
   }
-  // Authorization: deny rules first; then, if there are allow rules, one must match.
-  auto matches = [&](const AuthzRule& r) {
-    auto any = [](const auto& list, auto pred) {
-      return list.empty() || std::any_of(list.begin(), list.end(), pred);
-    };
-    return any(r.sources, [&](const std::string& p) { return spiffe_pattern_matches(p, peer); }) &&
-           any(r.methods, [&](const std::string& m) { return m == req_.method_string(); }) &&
-           any(r.paths, [&](const std::string& p) { return path.substr(0, p.size()) == p; });
-  };
-  bool has_allow = false, allowed = false;
-  for (size_t i = 0; i < t.authz.size(); ++i) {
-    const auto& r = t.authz[i];
-    if (!r.allow && matches(r)) {
-      local_reply(
-          403,
-          "RBAC: access denied (authorization[" + std::to_string(i) + "] denies " + peer + ")\n",
-          "RBAC");
-      return false;
-    }
-    has_allow = has_allow || r.allow;
-    allowed = allowed || (r.allow && matches(r));
-  }
-  if (has_allow && !allowed) {
-    local_reply(403,
-                "RBAC: access denied (no allow rule matches " + peer + " " +
-                    std::string(req_.method_string()) + " " + std::string(path) + ")\n",
-                "RBAC");
+  if (auto r = authorization_refusal(listener_, req_.method_string(), path)) {
+    local_reply(*r);
     return false;
   }
   return true;
@@ -793,6 +752,10 @@ void HttpSession::local_reply(unsigned status, const std::string& body, const st
                     });
 }
 
+void HttpSession::local_reply(const LocalReply& r) {
+  local_reply(r.status, r.body, r.flags, r.overloaded);
+}
+
 void HttpSession::finish_request(unsigned status, const std::string& flags,
                                  const std::string& result) {
   timer_.cancel();
@@ -816,32 +779,7 @@ void HttpSession::finish_request(unsigned status, const std::string& flags,
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
           .count();
-  HttpLabels labels;
-  if (listener_.inbound) {
-    labels.reporter = "destination";
-    labels.source_principal = listener_.peer_identity;
-    labels.destination_principal = entry_.local_identity;
-    labels.destination_service = listener_.inbound->authority;
-  } else {
-    labels.reporter = "source";
-    labels.source_principal = entry_.local_identity;
-    labels.destination_service = cluster_ ? cluster_->service().name : "unknown";
-    if (cluster_ && cluster_->service().spiffe_ids.size() == 1)
-      labels.destination_principal = cluster_->service().spiffe_ids.front();
-    else
-      labels.destination_principal =
-          entry_.peer_identity.empty() ? "unknown" : entry_.peer_identity;
-  }
-  labels.security_policy = "mutual_tls";
-  labels.response_code = status;
-  labels.response_flags = entry_.response_flags;
-  auto& slot = env_.metric_cache[labels];
-  if (!slot) slot = env_.metrics.http(labels);
-  slot->requests.fetch_add(1, std::memory_order_relaxed);
-  slot->duration_ms.observe(ms);
-  slot->request_bytes.observe(static_cast<double>(req_bytes_));
-  slot->response_bytes.observe(static_cast<double>(resp_bytes_));
-  env_.access_log.write(entry_);
+  record_request(env_, listener_, cluster_, entry_, ms);
   entry_.method.clear();
 }
 

@@ -30,6 +30,8 @@
 
 namespace weft {
 
+struct LocalReply;
+
 // A downstream HTTP connection that the worker tells when the proxy drains.
 class DrainableHttp {
  public:
@@ -112,6 +114,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   void on_try_timeout();
   void local_reply(unsigned status, const std::string& body, const std::string& flags,
                    const std::string& extra_header_value = {}, bool close_after = false);
+  void local_reply(const LocalReply& r);
   // Inbound checks (HMAC, authorization, per-identity rate limit); false when it answered.
   bool admit_inbound(std::string_view path);
   void sign_request();

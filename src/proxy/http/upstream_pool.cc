@@ -1,5 +1,7 @@
 #include "proxy/http/upstream_pool.h"
 
+#include "proxy/http/h2_upstream.h"
+
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -62,6 +64,25 @@ void UpstreamPool::put_idle(std::shared_ptr<UpstreamConn> conn) {
   arm_sweep();
 }
 
+std::shared_ptr<H2Upstream> UpstreamPool::take_h2(const Cluster& c, int endpoint) {
+  auto it = h2_.find(key(c, endpoint));
+  if (it == h2_.end()) return nullptr;
+  std::erase_if(it->second, [](const auto& conn) { return conn->closed(); });
+  // The least busy one with room: streams spread over the connections there are.
+  std::shared_ptr<H2Upstream> best;
+  for (const auto& conn : it->second)
+    if (conn->has_room() && (!best || conn->active_streams() < best->active_streams())) best = conn;
+  if (it->second.empty()) h2_.erase(it);
+  return best;
+}
+
+void UpstreamPool::add_h2(const Cluster& c, int endpoint, std::shared_ptr<H2Upstream> conn) {
+  auto& list = h2_[key(c, endpoint)];
+  std::erase_if(list, [](const auto& x) { return x->closed(); });
+  list.push_back(std::move(conn));
+  arm_sweep();
+}
+
 void UpstreamPool::arm_sweep() {
   if (sweeping_) return;
   sweeping_ = true;
@@ -76,12 +97,17 @@ void UpstreamPool::arm_sweep() {
       });
       it = it->second.empty() ? idle_.erase(it) : std::next(it);
     }
-    if (!idle_.empty()) arm_sweep();
+    for (auto it = h2_.begin(); it != h2_.end();) {
+      std::erase_if(it->second, [](const auto& c) { return c->closed(); });
+      it = it->second.empty() ? h2_.erase(it) : std::next(it);
+    }
+    if (!idle_.empty() || !h2_.empty()) arm_sweep();
   });
 }
 
 void UpstreamPool::clear() {
   idle_.clear();
+  h2_.clear();
   sweep_.cancel();
 }
 

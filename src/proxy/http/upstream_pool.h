@@ -23,6 +23,8 @@
 
 namespace weft {
 
+class H2Upstream;
+
 struct UpstreamConn {
   UpstreamConn(boost::asio::ip::tcp::socket s, std::string k, std::shared_ptr<BreakerState> b)
       : socket(std::move(s)), key(std::move(k)), breakers(std::move(b)) {
@@ -60,6 +62,10 @@ class UpstreamPool {
   // A new connection (counts against max_connections from now).
   void open(const Cluster& c, int endpoint, Opened done);
   void put_idle(std::shared_ptr<UpstreamConn> conn);
+  // HTTP/2 endpoints: a shared connection with room for one more stream, or null. Connections
+  // close themselves when idle past the service's idle_timeout; closed ones are dropped here.
+  std::shared_ptr<H2Upstream> take_h2(const Cluster& c, int endpoint);
+  void add_h2(const Cluster& c, int endpoint, std::shared_ptr<H2Upstream> conn);
   void clear();
 
  private:
@@ -68,6 +74,7 @@ class UpstreamPool {
   boost::asio::io_context& io_;
   Dial dial_;
   std::map<std::string, std::vector<std::shared_ptr<UpstreamConn>>> idle_;
+  std::map<std::string, std::vector<std::shared_ptr<H2Upstream>>> h2_;
   boost::asio::steady_timer sweep_;
   bool sweeping_ = false;
 };

@@ -1,0 +1,429 @@
+#include "proxy/http/h2_forward.h"
+
+#include <nghttp2/nghttp2.h>
+
+#include <cstring>
+
+#include "proxy/http/h2_stream.h"
+#include "proxy/http/http_session.h"
+#include "proxy/http/request_policy.h"
+#include "proxy/http/router.h"
+
+namespace weft {
+
+namespace {
+
+bool find_field(const void* ctx, std::string_view name, std::string_view& value) {
+  const auto& s = *static_cast<const H2Downstream::Stream*>(ctx);
+  if (name == "cookie" && !s.cookie.empty()) {
+    value = s.cookie;
+    return true;
+  }
+  for (const auto& [n, v] : s.fields)
+    if (n == name) {
+      value = v;
+      return true;
+    }
+  return false;
+}
+
+// The gRPC status a client should see for a local HTTP answer (as Envoy maps them).
+const char* grpc_status_for(unsigned http_status) {
+  switch (http_status) {
+    case 400:
+      return "13";  // INTERNAL
+    case 401:
+      return "16";  // UNAUTHENTICATED
+    case 403:
+      return "7";  // PERMISSION_DENIED
+    case 404:
+      return "12";  // UNIMPLEMENTED
+    case 504:
+      return "4";  // DEADLINE_EXCEEDED
+    case 429:
+    case 502:
+    case 503:
+      return "14";  // UNAVAILABLE
+    default:
+      return "2";  // UNKNOWN
+  }
+}
+
+// grpc-message is percent-encoded (gRPC over HTTP/2: "Percent-Encoded").
+std::string grpc_message(std::string_view text) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c <= 0x7e && c != '%') {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
+void set_field(H2Fields& fields, const std::string& name, const std::string& value) {
+  std::erase_if(fields, [&](const auto& f) { return f.first == name; });
+  fields.emplace_back(name, value);
+}
+
+void rewrite(H2Fields& fields, const HeaderRewrite& r) {
+  for (const auto& name : r.remove)
+    std::erase_if(fields, [&](const auto& f) { return f.first == name; });
+  for (const auto& [name, value] : r.add) set_field(fields, name, value);
+}
+
+}  // namespace
+
+bool H2Forward::take(H2Downstream& d, const std::shared_ptr<Stream>& s, bool end_stream) {
+  const std::string host = normalize_host(s->authority);
+  const std::string_view path = std::string_view(s->path).substr(0, s->path.find('?'));
+  RequestView view;
+  view.host = host;
+  view.path = path;
+  view.method = s->method;
+  view.header = find_field;
+  view.ctx = s.get();
+  const RouteConfig* route = match_route(*d.view_.routes, view);
+  if (!route) return false;  // the session answers 404
+  for (const auto& b : route->backends) {
+    const Cluster* c = d.snap_->http->cluster(b.service);
+    if (!c || !c->service().http.h2) return false;
+  }
+  auto f = std::make_shared<H2Forward>(d, s);
+  s->forward = f;
+  f->start(*route, end_stream);
+  return true;
+}
+
+H2Forward::H2Forward(H2Downstream& down, const std::shared_ptr<Stream>& s)
+    : down_(down.weak_from_this()),
+      d_(down),
+      stream_(s),
+      id_(s->id),
+      timer_(down.env_.io),
+      delay_(down.env_.io) {}
+
+H2Forward::~H2Forward() = default;
+
+void H2Forward::start(const RouteConfig& route, bool end_stream) {
+  auto s = stream();
+  const HttpListenerView& view = d_.view_;
+  route_ = &route;
+  request_done_ = end_stream;
+  std::string_view value;
+  grpc_ = find_field(s.get(), "content-type", value) && value.starts_with("application/grpc");
+  source_ = view.downstream.empty() ? d_.client_ip_ : view.downstream;
+  entry_.direction = view.inbound ? "inbound" : "outbound";
+  entry_.listener = view.name;
+  entry_.downstream = source_;
+  entry_.protocol = "http/2";
+  entry_.method = s->method;
+  entry_.path = s->path;
+  entry_.host = normalize_host(s->authority);
+  entry_.route = route.name;
+  if (d_.snap_->tls) entry_.local_identity = d_.snap_->tls->spiffe_id;
+  if (view.inbound) entry_.peer_identity = view.peer_identity;
+
+  const SteadyMillis now = steady_now_ms();
+  const std::string_view path = std::string_view(s->path).substr(0, s->path.find('?'));
+  if (view.inbound) {
+    if (auto r = inbound_rate_limited(view, now)) return answer(*r);
+    if (auto r = authorization_refusal(view, s->method, path)) return answer(*r);
+  }
+  if (auto r = route_rate_limited(*d_.snap_->http, view.name, route, source_, now))
+    return answer(*r);
+  if (fault_roll(d_.env_.rng, route.fault.abort_percent))
+    return answer({route.fault.abort_status, "fault injected: abort\n", "FI", {}});
+  const WeightedBackend& backend = pick_backend(route, d_.env_.rng());
+  cluster_ = d_.snap_->http->cluster(backend.service);
+  entry_.upstream = backend.service;
+  if (cluster_->endpoints().empty())
+    return answer({503, "service '" + backend.service + "' has no endpoints\n", "UH", {}});
+  if (auto r = take_request_slot(*cluster_)) return answer(*r);
+  request_slot_ = true;
+
+  const auto& hash_header = cluster_->service().http.hash_header;
+  hash_key_ = hash_header.empty()                       ? source_
+              : find_field(s.get(), hash_header, value) ? std::string(value)
+                                                        : std::string();
+  const std::string_view incoming = find_field(s.get(), "traceparent", value) ? value : "";
+  const std::string traceparent =
+      next_traceparent(incoming, d_.env_.rng(), d_.env_.rng(), d_.env_.rng(), &entry_.trace_id);
+  // The request as the upstream gets it: same pseudo-headers, the route's rewrites, our span.
+  upstream_head_ = {{":method", s->method},
+                    {":scheme", "http"},
+                    {":authority", s->authority},
+                    {":path", s->path}};
+  for (auto& f : s->fields)
+    if (f.first != "traceparent" && (f.first != "te" || f.second == "trailers"))
+      upstream_head_.push_back(std::move(f));
+  s->fields.clear();
+  if (!s->cookie.empty()) upstream_head_.emplace_back("cookie", std::move(s->cookie));
+  rewrite(upstream_head_, route.request_headers);
+  set_field(upstream_head_, "traceparent", traceparent);
+
+  // The route timeout bounds the wait for the response header (a stream may then run on).
+  timer_.expires_after(route.timeout);
+  timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (ec || self->finished_ || self->head_received_ || self->answered_) return;
+    if (self->up_ && self->up_id_ >= 0) self->up_->reset(self->up_id_);
+    self->up_.reset();
+    if (self->endpoint_ >= 0) self->cluster_->record(self->endpoint_, true, steady_now_ms());
+    self->end_endpoint_count();
+    self->answer({504,
+                  "upstream request timeout: route " + self->route_->name + " allows " +
+                      format_duration(self->route_->timeout) + " for the response header\n",
+                  "UT",
+                  {}});
+  });
+  if (fault_roll(d_.env_.rng, route.fault.delay_percent)) {
+    entry_.response_flags = "DI";
+    delay_.expires_after(route.fault.delay);
+    delay_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+      if (!ec && !self->finished_ && !self->answered_) self->attempt();
+    });
+    return;
+  }
+  attempt();
+}
+
+void H2Forward::attempt() {
+  ++attempts_;
+  endpoint_ = cluster_->pick(hash_key_, last_endpoint_, d_.env_.rng(), steady_now_ms());
+  if (endpoint_ < 0) return answer({503, "no endpoint\n", "UH", {}});
+  cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
+  endpoint_counted_ = true;
+  if (auto up = d_.env_.pool.take_h2(*cluster_, endpoint_)) return send(up);
+  open_connection();
+}
+
+void H2Forward::open_connection() {
+  const auto& limits = cluster_->service().http.breakers;
+  auto& b = cluster_->breakers();
+  const char* tripped = nullptr;
+  if (b.connections.load(std::memory_order_relaxed) >= limits.max_connections)
+    tripped = "max_connections";
+  else if (b.pending.load(std::memory_order_relaxed) >= limits.max_pending)
+    tripped = "max_pending";
+  if (tripped) {
+    b.overflows.fetch_add(1, std::memory_order_relaxed);
+    end_endpoint_count();
+    return answer({503,
+                   std::string("circuit breaker ") + tripped + " of service '" +
+                       cluster_->service().name + "' is open\n",
+                   "UO", tripped});
+  }
+  b.pending.fetch_add(1, std::memory_order_relaxed);
+  d_.env_.pool.open(*cluster_, endpoint_,
+                    [weak = weak_from_this(), breakers = cluster_->breakers_ptr(), env = &d_.env_,
+                     cluster = cluster_, endpoint = endpoint_](std::shared_ptr<UpstreamConn> conn,
+                                                               const std::string& failure) {
+                      breakers->pending.fetch_sub(1, std::memory_order_relaxed);
+                      std::shared_ptr<H2Upstream> up;
+                      if (conn && failure.empty()) {
+                        // Shared from now on, whether or not this stream still wants it.
+                        up = std::make_shared<H2Upstream>(env->io, std::move(conn));
+                        up->start();
+                        if (!env->draining) env->pool.add_h2(*cluster, endpoint, up);
+                      }
+                      auto self = weak.lock();
+                      if (!self || self->finished_ || self->answered_) return;
+                      if (!up) return self->attempt_failed("connect: " + failure, true);
+                      self->send(up);
+                    });
+}
+
+void H2Forward::send(const std::shared_ptr<H2Upstream>& up) {
+  if (!d_.view_.inbound) entry_.peer_identity = up->conn().peer_identity;
+  entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
+  const bool has_body = !request_done_ || req_off_ < req_body_.size();
+  up_id_ = up->submit(upstream_head_, has_body, weak_from_this());
+  if (up_id_ < 0) return open_connection();  // it filled up or is going away: a fresh one
+  up_ = up;
+}
+
+void H2Forward::request_data(const uint8_t* data, size_t len) {
+  entry_.bytes_received += len;
+  if (answered_ || upstream_done_) {
+    // Nobody will read it: credited at once so the connection's window stays open.
+    nghttp2_session_consume(d_.session_, id_, len);
+    return;
+  }
+  req_body_.append(reinterpret_cast<const char*>(data), len);
+  if (up_ && up_id_ >= 0) up_->resume(up_id_);
+}
+
+void H2Forward::request_end() {
+  request_done_ = true;
+  if (up_ && up_id_ >= 0) up_->resume(up_id_);
+}
+
+size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
+  const size_t n = std::min(len, req_body_.size() - req_off_);
+  std::memcpy(buf, req_body_.data() + req_off_, n);
+  req_off_ += n;
+  if (req_off_ == req_body_.size()) {
+    req_body_.clear();
+    req_off_ = 0;
+  }
+  *eof = request_done_ && req_body_.empty();
+  if (n == 0) return 0;
+  pulled_any_ = true;
+  // Sent on: the client may send as much again.
+  if (!finished_ && !down_.expired()) {
+    nghttp2_session_consume(d_.session_, id_, n);
+    d_.flush();
+  }
+  return n;
+}
+
+void H2Forward::on_response_head(H2Fields fields, bool end_stream) {
+  auto s = stream();
+  if (finished_ || answered_ || !s) return;
+  head_received_ = true;
+  timer_.cancel();
+  const unsigned status =
+      fields.empty() || fields.front().first != ":status"
+          ? 0
+          : static_cast<unsigned>(std::strtoul(fields.front().second.c_str(), nullptr, 10));
+  cluster_->record(endpoint_, status >= 500, steady_now_ms());
+  rewrite(fields, route_->response_headers);
+  entry_.status = status;
+  d_.respond(s, fields, end_stream);
+}
+
+void H2Forward::on_response_data(const uint8_t* data, size_t len) {
+  auto s = stream();
+  if (finished_ || !s) return;
+  s->body.append(reinterpret_cast<const char*>(data), len);
+  entry_.bytes_sent += len;
+  d_.resume_response(*s);
+}
+
+void H2Forward::response_sent(size_t n) {
+  if (up_ && up_id_ >= 0) up_->consume(up_id_, n);
+}
+
+void H2Forward::on_response_trailers(H2Fields fields) {
+  if (auto s = stream(); s && !finished_) s->trailers = std::move(fields);
+}
+
+void H2Forward::on_stream_end(uint32_t error_code) {
+  auto s = stream();
+  up_.reset();
+  up_id_ = -1;
+  if (finished_ || answered_ || !s) return;
+  end_endpoint_count();
+  upstream_done_ = true;
+  if (req_off_ < req_body_.size()) {
+    // The upstream is done before the whole request came: credit what it never took.
+    nghttp2_session_consume(d_.session_, id_, req_body_.size() - req_off_);
+    req_body_.clear();
+    req_off_ = 0;
+  }
+  if (error_code == NGHTTP2_NO_ERROR && head_received_) {
+    s->response_done = true;
+    return d_.resume_response(*s);
+  }
+  if (head_received_) {
+    // Reset mid-response: the client sees its stream reset, with the upstream's reason.
+    entry_.response_flags = "UR";
+    entry_.result =
+        std::string("upstream reset during the response: ") + nghttp2_http2_strerror(error_code);
+    return d_.reset_stream(*s, error_code);
+  }
+  cluster_->record(endpoint_, true, steady_now_ms());
+  // Nothing of the request left yet (refused stream, connection lost before it was sent):
+  // safe to try again, whatever the method.
+  upstream_done_ = false;
+  attempt_failed(std::string("upstream reset before the response header: ") +
+                     nghttp2_http2_strerror(error_code),
+                 !pulled_any_);
+}
+
+void H2Forward::attempt_failed(const std::string& why, bool retryable) {
+  last_endpoint_ = endpoint_;
+  end_endpoint_count();
+  up_.reset();
+  up_id_ = -1;
+  const auto& p = route_->retries;
+  const bool wanted = p.on_connect_failure || p.on_reset;
+  if (retryable && wanted && attempts_ <= p.attempts && cluster_->retry_allowed()) {
+    if (!in_retry_) {
+      cluster_->breakers().retries.fetch_add(1, std::memory_order_relaxed);
+      in_retry_ = true;
+    }
+    delay_.expires_after(p.backoff);
+    delay_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+      if (!ec && !self->finished_ && !self->answered_) self->attempt();
+    });
+    return;
+  }
+  answer({503,
+          "upstream connect error or reset before headers (service '" + cluster_->service().name +
+              "', " + std::to_string(attempts_) + " attempt" + (attempts_ > 1 ? "s" : "") +
+              "): " + why + "\n",
+          why.starts_with("connect") ? "UF" : "UR",
+          {}});
+}
+
+void H2Forward::answer(const LocalReply& r) {
+  auto s = stream();
+  if (finished_ || answered_ || !s) return;
+  answered_ = true;
+  timer_.cancel();
+  delay_.cancel();
+  entry_.status = r.status;
+  if (entry_.response_flags.empty() || r.flags != "-") entry_.response_flags = r.flags;
+  entry_.result = r.body.substr(0, r.body.size() - 1);
+  if (req_off_ < req_body_.size()) {
+    nghttp2_session_consume(d_.session_, id_, req_body_.size() - req_off_);
+    req_body_.clear();
+    req_off_ = 0;
+  }
+  if (!grpc_) return d_.local_answer(s, static_cast<int>(r.status), r.body);
+  // A gRPC client reads its status from grpc-status, not from the HTTP status: a
+  // trailers-only answer it understands (the HTTP status stays for the metrics).
+  d_.respond(s,
+             {{":status", "200"},
+              {"content-type", "application/grpc"},
+              {"grpc-status", grpc_status_for(r.status)},
+              {"grpc-message", grpc_message(entry_.result)},
+              {"x-weft-status", std::to_string(r.status)},
+              {"server", "weft"}},
+             true);
+}
+
+void H2Forward::end_endpoint_count() {
+  if (endpoint_counted_ && cluster_ && endpoint_ >= 0)
+    cluster_->endpoints()[endpoint_].state->active_requests.fetch_sub(1, std::memory_order_relaxed);
+  endpoint_counted_ = false;
+}
+
+void H2Forward::downstream_closed() {
+  if (finished_) return;
+  finished_ = true;
+  timer_.cancel();
+  delay_.cancel();
+  if (up_ && up_id_ >= 0) up_->reset(up_id_);
+  up_.reset();
+  end_endpoint_count();
+  if (request_slot_) release_request_slot(*cluster_);
+  if (in_retry_) cluster_->breakers().retries.fetch_sub(1, std::memory_order_relaxed);
+  request_slot_ = in_retry_ = false;
+  if (entry_.status == 0) {
+    entry_.response_flags = "DC";
+    entry_.result = "downstream closed the stream before the response";
+  }
+  entry_.attempts = attempts_;
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
+          .count();
+  record_request(d_.env_, d_.view_, cluster_, entry_, ms);
+}
+
+}  // namespace weft

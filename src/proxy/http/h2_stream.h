@@ -1,0 +1,52 @@
+// A downstream HTTP/2 stream: shared by H2Downstream (the connection, and the HTTP/1.1 bridge
+// to an HttpSession) and H2Forward (a stream forwarded as HTTP/2).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/buffer_body.hpp>
+#include <boost/beast/http/parser.hpp>
+
+#include "proxy/http/h2_downstream.h"
+#include "proxy/http/h2_upstream.h"
+
+namespace weft {
+
+class H2Forward;
+
+struct H2Downstream::Stream {
+  explicit Stream(int32_t stream_id) : id(stream_id) {}
+  int32_t id;
+  // The request, as it arrives.
+  std::string method, authority, path, cookie;
+  H2Fields fields;  // without pseudo-headers and cookies
+  size_t header_bytes = 0;
+  bool has_length = false;
+  bool head_done = false;
+  bool chunked = false;
+  // The HttpSession's end of the socket pair.
+  std::unique_ptr<boost::asio::ip::tcp::socket> bridge;
+  std::string to_bridge, writing_now;
+  size_t data_pending = 0, data_writing = 0;  // request DATA bytes not yet credited back
+  bool writing = false;
+  bool request_done = false;
+  // The response.
+  boost::beast::flat_buffer buffer;
+  boost::beast::http::response_parser<boost::beast::http::buffer_body> parser;
+  char chunk[16 * 1024];
+  std::vector<std::string> head;  // name, value, name, value, ... (kept for nghttp2)
+  std::string body;
+  size_t body_off = 0;
+  bool reading = false;
+  bool response_done = false;
+  bool closed = false;
+  // Set when the stream is forwarded as an HTTP/2 stream (no bridge, no HttpSession).
+  std::shared_ptr<H2Forward> forward;
+  H2Fields trailers;  // the response's, sent after its body
+};
+
+}  // namespace weft

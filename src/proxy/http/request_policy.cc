@@ -1,0 +1,118 @@
+#include "proxy/http/request_policy.h"
+
+#include <algorithm>
+
+#include "identity/spiffe_id.h"
+
+namespace weft {
+
+std::optional<LocalReply> inbound_rate_limited(const HttpListenerView& listener, SteadyMillis now) {
+  const InboundTargetConfig& t = *listener.inbound;
+  if (!listener.inbound_state->limiter ||
+      listener.inbound_state->limiter->allow(listener.peer_identity, now))
+    return std::nullopt;
+  return LocalReply{429,
+                    "rate limited: " + t.authority + " allows " +
+                        std::to_string(t.rate_limit.per_second) + " requests a second per caller\n",
+                    "RL",
+                    {}};
+}
+
+std::optional<LocalReply> authorization_refusal(const HttpListenerView& listener,
+                                                std::string_view method, std::string_view path) {
+  const InboundTargetConfig& t = *listener.inbound;
+  const std::string& peer = listener.peer_identity;
+  auto matches = [&](const AuthzRule& r) {
+    auto any = [](const auto& list, auto pred) {
+      return list.empty() || std::any_of(list.begin(), list.end(), pred);
+    };
+    return any(r.sources, [&](const std::string& p) { return spiffe_pattern_matches(p, peer); }) &&
+           any(r.methods, [&](const std::string& m) { return m == method; }) &&
+           any(r.paths, [&](const std::string& p) { return path.substr(0, p.size()) == p; });
+  };
+  bool has_allow = false, allowed = false;
+  for (size_t i = 0; i < t.authz.size(); ++i) {
+    const auto& r = t.authz[i];
+    if (!r.allow && matches(r))
+      return LocalReply{
+          403,
+          "RBAC: access denied (authorization[" + std::to_string(i) + "] denies " + peer + ")\n",
+          "RBAC",
+          {}};
+    has_allow = has_allow || r.allow;
+    allowed = allowed || (r.allow && matches(r));
+  }
+  if (has_allow && !allowed)
+    return LocalReply{403,
+                      "RBAC: access denied (no allow rule matches " + peer + " " +
+                          std::string(method) + " " + std::string(path) + ")\n",
+                      "RBAC",
+                      {}};
+  return std::nullopt;
+}
+
+std::optional<LocalReply> route_rate_limited(const HttpRuntime& http, const std::string& listener,
+                                             const RouteConfig& route, const std::string& source,
+                                             SteadyMillis now) {
+  RateLimiter* limiter = http.limiter(listener, route.name);
+  if (!limiter || limiter->allow(source, now)) return std::nullopt;
+  return LocalReply{429,
+                    "rate limited: route " + route.name + " allows " +
+                        std::to_string(route.rate_limit.per_second) + " requests a second" +
+                        (route.rate_limit.per_source ? " per source" : "") + "\n",
+                    "RL",
+                    {}};
+}
+
+std::optional<LocalReply> take_request_slot(const Cluster& cluster) {
+  auto& breakers = cluster.breakers();
+  const unsigned max = cluster.service().http.breakers.max_requests;
+  if (breakers.requests.load(std::memory_order_relaxed) >= max) {
+    breakers.overflows.fetch_add(1, std::memory_order_relaxed);
+    return LocalReply{503,
+                      "circuit breaker max_requests of service '" + cluster.service().name +
+                          "' is open (" + std::to_string(max) + " requests in flight)\n",
+                      "UO", "max_requests"};
+  }
+  breakers.requests.fetch_add(1, std::memory_order_relaxed);
+  return std::nullopt;
+}
+
+void release_request_slot(const Cluster& cluster) {
+  cluster.breakers().requests.fetch_sub(1, std::memory_order_relaxed);
+}
+
+bool fault_roll(std::mt19937_64& rng, double percent) {
+  return percent > 0 && static_cast<double>(rng() % 1000000) < percent * 10000.0;
+}
+
+void record_request(HttpWorkerEnv& env, const HttpListenerView& listener, const Cluster* cluster,
+                    const AccessLogEntry& entry, double duration_ms) {
+  HttpLabels labels;
+  if (listener.inbound) {
+    labels.reporter = "destination";
+    labels.source_principal = listener.peer_identity;
+    labels.destination_principal = entry.local_identity;
+    labels.destination_service = listener.inbound->authority;
+  } else {
+    labels.reporter = "source";
+    labels.source_principal = entry.local_identity;
+    labels.destination_service = cluster ? cluster->service().name : "unknown";
+    if (cluster && cluster->service().spiffe_ids.size() == 1)
+      labels.destination_principal = cluster->service().spiffe_ids.front();
+    else
+      labels.destination_principal = entry.peer_identity.empty() ? "unknown" : entry.peer_identity;
+  }
+  labels.security_policy = "mutual_tls";
+  labels.response_code = entry.status;
+  labels.response_flags = entry.response_flags;
+  auto& slot = env.metric_cache[labels];
+  if (!slot) slot = env.metrics.http(labels);
+  slot->requests.fetch_add(1, std::memory_order_relaxed);
+  slot->duration_ms.observe(duration_ms);
+  slot->request_bytes.observe(static_cast<double>(entry.bytes_received));
+  slot->response_bytes.observe(static_cast<double>(entry.bytes_sent));
+  env.access_log.write(entry);
+}
+
+}  // namespace weft

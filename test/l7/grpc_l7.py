@@ -1,0 +1,219 @@
+#!/usr/bin/python3
+"""gRPC through two Weft proxies at L7, as HTTP/2 end to end.
+
+grpc client --h2c--> weft (outbound, protocol: http) --HBONE/mTLS, HTTP/2 inside--> weft
+(inbound target, protocol: grpc) --h2c--> two gRPC servers
+
+Both ends are Debian's python3-grpcio (gRPC's C core): an independent HTTP/2 and gRPC
+implementation. Checks unary calls balanced per request over one client connection, status
+and trailing metadata carried in trailers, server streaming, full-duplex bidi streaming (each
+reply before the next request is sent: nothing is buffered), a 3 MB message through flow
+control, a cancelled stream reaching the server, the route's rate limit, request metrics and
+access logs from both proxies, and a clear error for HTTP/1.1 clients of an HTTP/2 service.
+usage: grpc_l7.py path/to/weft
+"""
+import http.client
+import json
+import os
+import re
+import sys
+import threading
+import time
+import urllib.request
+from concurrent import futures
+
+WEFT = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else "weft"
+HERE = os.path.dirname(os.path.abspath(__file__))
+TD = "grpc.test"
+sys.path.insert(0, HERE)
+from harness import Harness, wait_for  # noqa: E402
+
+import grpc  # noqa: E402
+
+cancelled = threading.Event()
+
+
+def make_server(name):
+    def unary(req, ctx):
+        md = dict(ctx.invocation_metadata())
+        ctx.set_trailing_metadata((("x-served-by-trailer", name),))
+        return json.dumps({"server": name, "echo": req.decode(), "traceparent": md.get("traceparent", ""),
+                           "x-test": md.get("x-test", "")}).encode()
+
+    def fail(req, ctx):
+        ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + req.decode())
+
+    def big(req, ctx):
+        return bytes(range(256)) * (3 * 1024 * 1024 // 256)
+
+    def server_stream(req, ctx):
+        for i in range(int(req.decode())):
+            yield f"{name}:{i}".encode()
+
+    def endless(req, ctx):
+        ctx.add_callback(cancelled.set)
+        i = 0
+        while ctx.is_active():
+            yield f"tick {i}".encode()
+            i += 1
+            time.sleep(0.01)
+
+    def bidi(it, ctx):
+        for msg in it:
+            yield b"echo:" + msg
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Limited": grpc.unary_unary_rpc_method_handler(unary),
+        "Big": grpc.unary_unary_rpc_method_handler(big),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+        "Endless": grpc.unary_stream_rpc_method_handler(endless),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def scrape(admin):
+    return urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
+
+
+def main():
+    h = Harness(WEFT, "weft-grpc-", TD)
+    check = h.check
+    servers = []
+    try:
+        h.pki("client", "server")
+        s1, p1 = make_server("one")
+        s2, p2 = make_server("two")
+        servers = [s1, s2]
+        server_admin, server = h.proxy(
+            "server", h.identity("server") + "admin: {listen: 127.0.0.1:0}\n"
+            "inbound:\n  listen: 127.0.0.1:0\n  targets:\n"
+            f"    - {{authority: 'echo-1:50051', address: '127.0.0.1:{p1}', protocol: grpc}}\n"
+            f"    - {{authority: 'echo-2:50051', address: '127.0.0.1:{p2}', protocol: grpc}}\n")
+        sid = f"spiffe://{TD}/ns/default/sa/server"
+        client_admin, client = h.proxy(
+            "client", h.identity("client") + "admin: {listen: 127.0.0.1:0}\n"
+            "services:\n  - name: echo\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
+            f"    endpoints:\n      - {{address: '{server['inbound']}', authority: 'echo-1:50051'}}\n"
+            f"      - {{address: '{server['inbound']}', authority: 'echo-2:50051'}}\n"
+            "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n"
+            "      - {name: limited, match: {path: {exact: /echo.Echo/Limited}}, service: echo,"
+            " rate_limit: {per_second: 1, burst: 1}}\n"
+            "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
+            " request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
+        target = client["outbound/web"]
+        channel = grpc.insecure_channel(target)
+        grpc.channel_ready_future(channel).result(timeout=20)
+
+        # Unary calls on one client connection, balanced per request over both servers.
+        unary = channel.unary_unary("/echo.Echo/Unary")
+        seen, trailers_ok, headers_ok = set(), True, True
+        first = None
+        for i in range(20):
+            resp, call = unary.with_call(f"hello {i}".encode(), timeout=10)
+            body = json.loads(resp)
+            first = first or body
+            seen.add(body["server"])
+            trailers_ok &= dict(call.trailing_metadata()).get("x-served-by-trailer") == body["server"]
+            headers_ok &= dict(call.initial_metadata()).get("x-route") == "grpc"
+        check(seen == {"one", "two"}, f"20 unary calls over one connection reach both servers: {sorted(seen)}")
+        check(trailers_ok, "trailing metadata of every call arrives (HTTP/2 trailers end to end)")
+        check(headers_ok, "the route's response header is added to the initial metadata")
+        check(first["echo"] == "hello 0" and first["x-test"] == "added" and
+              re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", first["traceparent"]) is not None,
+              f"the server sees the request, the added header and a traceparent: {first}")
+
+        # A failing call: status and message travel in the (trailers-only) response.
+        try:
+            channel.unary_unary("/echo.Echo/Fail")(b"x42", timeout=10)
+            check(False, "an aborted call fails")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.NOT_FOUND and "no such thing: x42" in e.details(),
+                  f"status NOT_FOUND and its message reach the client: {e.code()} {e.details()!r}")
+
+        # A message larger than the windows (flow control both proxies, both directions).
+        payload = os.urandom(3 * 1024 * 1024)
+        resp = channel.unary_unary("/echo.Echo/Big")(payload, timeout=20)
+        check(resp == bytes(range(256)) * (3 * 1024 * 1024 // 256),
+              f"a 3 MB request and a 3 MB response pass whole ({len(resp)} bytes)")
+
+        # Server streaming.
+        msgs = list(channel.unary_stream("/echo.Echo/ServerStream")(b"50", timeout=10))
+        check(len(msgs) == 50 and msgs[0].endswith(b":0") and msgs[-1].endswith(b":49"),
+              f"a server stream of 50 messages arrives in order ({len(msgs)})")
+
+        # Full duplex: each reply arrives before the next request is sent.
+        q = []
+        cond = threading.Condition()
+
+        def requests():
+            for i in range(10):
+                with cond:
+                    q.append(f"m{i}".encode())
+                    yield q[-1]
+                    if not cond.wait_for(lambda: len(q) == 0, timeout=10):
+                        return
+        replies = []
+        for r in channel.stream_stream("/echo.Echo/Bidi")(requests(), timeout=20):
+            replies.append(r)
+            with cond:
+                q.clear()
+                cond.notify_all()
+        check(replies == [f"echo:m{i}".encode() for i in range(10)],
+              f"bidi streaming, one reply per request before the next is sent: {len(replies)} replies")
+
+        # A cancelled stream reaches the server as a cancellation.
+        it = channel.unary_stream("/echo.Echo/Endless")(b"", timeout=30)
+        got = [next(it) for _ in range(5)]
+        it.cancel()
+        check(len(got) == 5 and cancelled.wait(10), "a cancelled stream is cancelled at the server too")
+
+        # The route's rate limit, per stream: a local answer in gRPC's terms (grpc-status
+        # UNAVAILABLE with the reason in grpc-message, as Envoy does), not a bare HTTP 429.
+        limited = channel.unary_unary("/echo.Echo/Limited")
+        codes, details = [], ""
+        for _ in range(2):
+            try:
+                limited(b"x", timeout=10)
+                codes.append("OK")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+                details = e.details()
+        check(codes == ["OK", "UNAVAILABLE"] and "rate limited: route limited" in details,
+              f"the second call within the second is rate limited, said in gRPC terms: {codes} {details!r}")
+
+        # HTTP/1.1 to an HTTP/2-only service: a clear refusal, not a hang or a garbled answer.
+        c = http.client.HTTPConnection(*target.rsplit(":", 1), timeout=10)
+        c.request("POST", "/echo.Echo/Unary", body=b"x")
+        r = c.getresponse()
+        body = r.read().decode()
+        check(r.status == 502 and "speaks HTTP/2 only" in body, f"HTTP/1.1 client: {r.status} {body.strip()!r}")
+        channel.close()
+
+        # Request metrics from both proxies, one per call.
+        def count(text, reporter):
+            return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                       if l.startswith("istio_requests_total{") and f'reporter="{reporter}"' in l
+                       and 'destination_service="echo' in l)
+        src = wait_for("client metrics", lambda: (lambda n: n >= 27 and n)(count(scrape(client_admin), "source")))
+        dst = wait_for("server metrics",
+                       lambda: (lambda n: n >= 26 and n)(count(scrape(server_admin), "destination")))
+        check(src >= 27 and dst >= 26, f"istio_requests_total: {src:.0f} source, {dst:.0f} destination")
+        log = open(os.path.join(h.work, "client.log")).read()
+        check('"protocol":"http/2"' in log and '"path":"/echo.Echo/Unary"' in log,
+              "the client proxy's access log has the gRPC calls as http/2")
+    finally:
+        for s in servers:
+            s.stop(0)
+        rc = h.finish(["client.log", "server.log"], "gRPC through the mesh")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
