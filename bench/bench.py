@@ -67,7 +67,8 @@ def setup_pki():
 
 
 def start_backends():
-    ng = free_port()
+    global NGINX_H2
+    ng, NGINX_H2 = free_port(), free_port()
     os.makedirs(f"{work}/nginx", exist_ok=True)
     with open(f"{work}/nginx.conf", "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
@@ -77,7 +78,9 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s; cli
   client_body_temp_path {work}/nginx; proxy_temp_path {work}/nginx; fastcgi_temp_path {work}/nginx;
   uwsgi_temp_path {work}/nginx; scgi_temp_path {work}/nginx;
   server {{ listen 127.0.0.1:{ng} backlog=8192; location / {{ return 200 "hello from nginx\\n"; }}
-           location = /status {{ stub_status; }} }} }}
+           location = /status {{ stub_status; }} }}
+  server {{ listen 127.0.0.1:{NGINX_H2} http2 backlog=8192;
+           location / {{ return 200 "hello from nginx\\n"; }} }} }}
 """)
     p = start("nginx", ["nginx", "-c", f"{work}/nginx.conf", "-p", work])
     wait_port(ng, p)
@@ -209,16 +212,24 @@ def haproxy_http_mtls(ng, ip):
             "  ssl-default-server-options ssl-min-ver TLSv1.3\n"
             "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  timeout connect 5s\n"
             "  timeout client 600s\n  timeout server 600s\n  timeout http-keep-alive 600s\n")
+    e2e, inner2 = free_port(), free_port()
+    tls_c = f"ssl crt {work}/client/combined.pem ca-file {work}/ca/ca.crt verify required"
+    tls_s = f"ssl crt {work}/server/combined.pem ca-file {work}/ca/ca.crt verify required"
     client = head + (f"frontend f\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2port} proto h2\n  default_backend b\n"
-                     f"backend b\n  server s 127.0.0.1:{inner} ssl crt {work}/client/combined.pem ca-file {work}/ca/ca.crt verify required\n")
-    server = head + (f"frontend f\n  bind 127.0.0.1:{inner} ssl crt {work}/server/combined.pem ca-file {work}/ca/ca.crt verify required\n"
-                     f"  default_backend b\nbackend b\n  server s 127.0.0.1:{ng}\n")
+                     f"backend b\n  server s 127.0.0.1:{inner} {tls_c}\n"
+                     # HTTP/2 end to end (as for gRPC): h2 between the proxies and to nginx.
+                     f"frontend f2\n  bind 127.0.0.1:{e2e} proto h2\n  default_backend b2\n"
+                     f"backend b2\n  server s 127.0.0.1:{inner2} {tls_c} alpn h2\n")
+    server = head + (f"frontend f\n  bind 127.0.0.1:{inner} {tls_s}\n"
+                     f"  default_backend b\nbackend b\n  server s 127.0.0.1:{ng}\n"
+                     f"frontend f2\n  bind 127.0.0.1:{inner2} {tls_s} alpn h2\n  default_backend b2\n"
+                     f"backend b2\n  server s 127.0.0.1:{NGINX_H2} proto h2\n")
     open(f"{work}/haproxy-hc.cfg", "w").write(client)
     open(f"{work}/haproxy-hs.cfg", "w").write(server)
     ps = start("haproxy-hs", ["haproxy", "-db", "-f", f"{work}/haproxy-hs.cfg"])
     pc = start("haproxy-hc", ["haproxy", "-db", "-f", f"{work}/haproxy-hc.cfg"])
     wait_port(inner, ps); wait_port(port, pc)
-    return [pc, ps], {"http": port, "h2": h2port}
+    return [pc, ps], {"http": port, "h2": h2port, "h2e2e": e2e}
 
 
 def weft_l7_mtls(ng, ip):
@@ -231,6 +242,7 @@ inbound:
   listen: 127.0.0.1:0
   targets:
     - {{address: 127.0.0.1:{ng}, allow: [spiffe://bench.local/ns/b/sa/client]}}
+    - {{address: 127.0.0.1:{NGINX_H2}, protocol: http2}}
 """)
     b = lb["inbound"]
     pa, la = weft_ready("weft-l7a", f"""identity: {{cert: {work}/client/cert.pem, key: {work}/client/key.pem, ca: {work}/ca/ca.crt}}
@@ -243,11 +255,17 @@ services:
     spiffe_ids: [spiffe://bench.local/ns/b/sa/server]
     endpoints: [{{address: "{b}", authority: "127.0.0.1:{ng}"}}]
     http: {{idle_timeout: 60s}}
+  - name: http2
+    spiffe_ids: [spiffe://bench.local/ns/b/sa/server]
+    endpoints: [{{address: "{b}", authority: "127.0.0.1:{NGINX_H2}"}}]
+    http: {{idle_timeout: 60s, protocol: http2}}
 outbound:
   - {{name: http, listen: 127.0.0.1:0, service: http, protocol: http}}
+  - {{name: http2, listen: 127.0.0.1:0, service: http2, protocol: http}}
 """)
     # The same listener takes prior-knowledge HTTP/2 (told apart by the preface).
-    return [pa, pb], {"http": port_of(la["outbound/http"]), "h2": port_of(la["outbound/http"])}
+    return [pa, pb], {"http": port_of(la["outbound/http"]), "h2": port_of(la["outbound/http"]),
+                      "h2e2e": port_of(la["outbound/http2"])}
 
 
 def l7_rows(ng):
@@ -263,7 +281,9 @@ def l7_rows(ng):
         c64 = wrk(ports["http"], 64, pids)
         log(f"{name}: h2load 16 connections x 10 streams {DURATION}s")
         h2 = h2load(ports["h2"], pids)
-        rows[name] = {"p50": c1["p50"], "p99": c1["p99"], "p99_64": c64["p99"], "rps": c64["rps"],
+        log(f"{name}: h2load end to end HTTP/2 {DURATION}s")
+        e2e = h2load(ports["h2e2e"], pids)
+        rows[name] = {"e2e_rps": e2e["rps"], "e2e_mean": e2e["mean_ms"], "e2e_cpu_per_1k": e2e["cpu_per_1k"],"p50": c1["p50"], "p99": c1["p99"], "p99_64": c64["p99"], "rps": c64["rps"],
                       "rps_1": c1["rps"], "cpu_per_1k": c64["cpu_per_1k"], "h2_rps": h2["rps"],
                       "h2_mean": h2["mean_ms"], "h2_cpu_per_1k": h2["cpu_per_1k"]}
         for p in ps:
@@ -297,6 +317,13 @@ def l7_report(rows):
                      f"{fmt(r.get('h2_cpu_per_1k'), '{:.3f}')} |")
     if w and h and w.get("h2_rps") and h.get("h2_rps"):
         lines.append(f"\nWeft / HAProxy req/s over HTTP/2: {w['h2_rps'] / h['h2_rps']:.2f}×")
+    lines += ["", "### L7 HTTP/2 end to end (as gRPC goes): h2load → proxy → HTTP/2 over mTLS → proxy → nginx h2c", "",
+              "| path | req/s | mean ms per request | vCPU per 1k req/s (both proxies) |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {fmt(r.get('e2e_rps'), '{:,.0f}')} | {fmt(r.get('e2e_mean'), '{:.3f}')} | "
+                     f"{fmt(r.get('e2e_cpu_per_1k'), '{:.3f}')} |")
+    if w and h and w.get("e2e_rps") and h.get("e2e_rps"):
+        lines.append(f"\nWeft / HAProxy req/s, HTTP/2 end to end: {w['e2e_rps'] / h['e2e_rps']:.2f}×")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 #include "config/http_config_yaml.h"
 
+#include <re2/re2.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -107,13 +108,16 @@ PathMatch read_path(const Reader& r, const YAML::Node& n, const std::string& f) 
     if (kind == "regex") {
       p.kind = PathMatch::Kind::regex;
       if (p.value.size() > 1000) r.fail(kv.second, f + ".regex", "longer than 1000 characters");
-      try {
-        // ECMAScript, matched against the whole path (without the query).
-        p.regex = std::make_shared<const std::regex>(p.value,
-                                                     std::regex::ECMAScript | std::regex::optimize);
-      } catch (const std::regex_error& e) {
-        r.fail(kv.second, f + ".regex", std::string("not a valid regular expression: ") + e.what());
-      }
+      // RE2 syntax (as Envoy's safe_regex), matched against the whole path without the query.
+      RE2::Options options;
+      options.set_log_errors(false);
+      options.set_max_mem(1 << 20);
+      auto re = std::make_shared<const RE2>(p.value, options);
+      if (!re->ok())
+        r.fail(kv.second, f + ".regex",
+               "not a valid RE2 regular expression: " + re->error() +
+                   " (no backreferences or lookaround; see github.com/google/re2/wiki/Syntax)");
+      p.regex = std::move(re);
     } else {
       if (p.value.empty() || p.value[0] != '/')
         r.fail(kv.second, f + "." + kind, "a path starts with '/'");

@@ -6,7 +6,6 @@
 
 #include <chrono>
 #include <memory>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,13 +13,17 @@
 #include "core/duration.h"
 #include "core/host_port.h"
 
+namespace re2 {
+class RE2;
+}
+
 namespace weft {
 
 struct PathMatch {
   enum class Kind { any, exact, prefix, regex };
   Kind kind = Kind::any;
   std::string value;
-  std::shared_ptr<const std::regex> regex;  // compiled once, when the config is read
+  std::shared_ptr<const re2::RE2> regex;  // compiled once, when the config is read
 };
 
 struct HeaderMatch {

@@ -130,6 +130,18 @@ TEST(L7Routes, FirstMatchWinsOnHostPathMethodAndHeaders) {
   EXPECT_EQ(find("h", "/px", "GET"), "r3");
   headers["x-a"] = "2";
   EXPECT_EQ(find("h", "/px", "GET"), "r4");
+  // A path long enough to blow std::regex's recursion, against a pattern that backtracks
+  // exponentially there: RE2 answers at once.
+  auto hostile = parse(
+      with_service("", "      - {name: slow, match: {path: {regex: '/(a*)*b'}}, service: s}\n"));
+  EXPECT_EQ(match_route(hostile->outbound[0].routes,
+                        RequestView{"h", std::string(1, '/') + std::string(64 * 1024, 'a'), "GET",
+                                    nullptr, nullptr}),
+            nullptr);
+  EXPECT_NE(
+      config_error(with_service("", "      - {service: s, match: {path: {regex: '/(?=x)'}}}\n"))
+          .find("not a valid RE2 regular expression"),
+      std::string::npos);
   EXPECT_EQ(normalize_host("API.Example.com:8443"), "api.example.com");
   EXPECT_EQ(normalize_host("[::1]:80"), "[::1]");
 }

@@ -2,11 +2,11 @@
 
 #include <string>
 
+#include <re2/re2.h>
+
 namespace weft {
 
 namespace {
-
-constexpr size_t kMaxRegexPath = 2048;
 
 bool host_matches(const std::string& pattern, std::string_view host) {
   if (pattern.empty()) return true;
@@ -26,8 +26,8 @@ bool path_matches(const PathMatch& m, std::string_view path) {
     case PathMatch::Kind::prefix:
       return path.substr(0, m.value.size()) == m.value;
     case PathMatch::Kind::regex:
-      // std::regex recurses per input character: a hostile 64 KiB path must not reach it.
-      return path.size() <= kMaxRegexPath && std::regex_match(path.begin(), path.end(), *m.regex);
+      // RE2: linear in the path's length, no recursion, so any path may be tried.
+      return RE2::FullMatch(re2::StringPiece(path.data(), path.size()), *m.regex);
   }
   return false;
 }
