@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "identity/certificate_authority.h"
+#include "proxy/http/cluster_metrics.h"
 #include "proxy/sds_client.h"
 
 namespace weft {
@@ -522,8 +523,11 @@ HttpResponse ProxyServer::handle_admin(const HttpRequest& r) {
   }
   if (r.path == "/healthz") return text(200, "ok\n");
   if (r.path == "/stats") return json_body(metrics_.to_json());
-  if (r.path == "/stats/prometheus" || r.path == "/metrics")
-    return {200, metrics_.prometheus(), "text/plain; version=0.0.4; charset=utf-8"};
+  if (r.path == "/stats/prometheus" || r.path == "/metrics") {
+    std::string body = metrics_.prometheus();
+    if (current_->http) write_cluster_metrics(*current_->http, steady_now_ms(), body);
+    return {200, std::move(body), "text/plain; version=0.0.4; charset=utf-8"};
+  }
   if (r.path == "/config_dump")
     return json_body(json::object{{"config", current_->config->to_json()},
                                   {"listeners", listeners_json()},

@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "stats/prometheus_text.h"
+
 namespace weft {
 
 std::shared_ptr<TcpCounters> Metrics::tcp(const TcpLabels& labels) {
@@ -38,19 +40,6 @@ HttpCounters::HttpCounters()
       response_bytes({1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000}) {}
 
 namespace {
-
-std::string escape_label(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
 
 struct Simple {
   const char* name;
@@ -105,22 +94,22 @@ std::string Metrics::prometheus() const {
   for (const auto& f : families) {
     out << "# HELP " << f.name << " " << f.help << "\n# TYPE " << f.name << " counter\n";
     for (const auto& [l, c] : tcp_) {
-      out << f.name << "{reporter=\"" << escape_label(l.reporter) << "\",source_principal=\""
-          << escape_label(l.source_principal) << "\",destination_principal=\""
-          << escape_label(l.destination_principal) << "\",destination_service=\""
-          << escape_label(l.destination_service) << "\",connection_security_policy=\""
-          << escape_label(l.security_policy) << "\",request_protocol=\"tcp\"} "
+      out << f.name << "{reporter=\"" << prometheus_label(l.reporter) << "\",source_principal=\""
+          << prometheus_label(l.source_principal) << "\",destination_principal=\""
+          << prometheus_label(l.destination_principal) << "\",destination_service=\""
+          << prometheus_label(l.destination_service) << "\",connection_security_policy=\""
+          << prometheus_label(l.security_policy) << "\",request_protocol=\"tcp\"} "
           << ((*c).*(f.field)).load(std::memory_order_relaxed) << "\n";
     }
   }
   auto http_labels = [](const HttpLabels& l) {
     std::ostringstream o;
-    o << "reporter=\"" << escape_label(l.reporter) << "\",source_principal=\""
-      << escape_label(l.source_principal) << "\",destination_principal=\""
-      << escape_label(l.destination_principal) << "\",destination_service=\""
-      << escape_label(l.destination_service) << "\",connection_security_policy=\""
-      << escape_label(l.security_policy) << "\",request_protocol=\"http\",response_code=\""
-      << l.response_code << "\",response_flags=\"" << escape_label(l.response_flags) << "\"";
+    o << "reporter=\"" << prometheus_label(l.reporter) << "\",source_principal=\""
+      << prometheus_label(l.source_principal) << "\",destination_principal=\""
+      << prometheus_label(l.destination_principal) << "\",destination_service=\""
+      << prometheus_label(l.destination_service) << "\",connection_security_policy=\""
+      << prometheus_label(l.security_policy) << "\",request_protocol=\"http\",response_code=\""
+      << l.response_code << "\",response_flags=\"" << prometheus_label(l.response_flags) << "\"";
     return o.str();
   };
   out << "# HELP istio_requests_total Total requests\n# TYPE istio_requests_total counter\n";

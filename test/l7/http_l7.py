@@ -390,6 +390,13 @@ def main():
         check('response_code="429",response_flags="RL"' in metrics and
               'response_code="503",response_flags="UO"' in metrics,
               "429 and breaker 503s counted with their response flags")
+        overflows = re.search(r'weft_http_breaker_overflows_total\{service="narrow"\} (\d+)', metrics)
+        ejections = re.search(r'weft_http_outlier_ejections_total\{service="outlier"\} (\d+)', metrics)
+        check(overflows and int(overflows.group(1)) >= 3 and ejections and int(ejections.group(1)) >= 1 and
+              re.search(r'weft_http_endpoint_available\{service="echo",endpoint="[^"]+"\} 1', metrics) and
+              'weft_http_upstream_requests_active{service="narrow"} 0' in metrics,
+              f"breaker overflows, outlier ejections and endpoint state exported: "
+              f"{overflows and overflows.group(0)}, {ejections and ejections.group(0)}")
         check(re.search(r'istio_request_duration_milliseconds_bucket\{[^}]*destination_service="echo"[^}]*le="\+Inf"\} \d+',
                         metrics) is not None and "istio_request_bytes_sum" in metrics and
               "istio_response_bytes_count" in metrics, "duration and size histograms")
