@@ -9,13 +9,14 @@ implementation. Checks unary calls balanced per request over one client connecti
 and trailing metadata carried in trailers, server streaming, full-duplex bidi streaming (each
 reply before the next request is sent: nothing is buffered), a 3 MB message through flow
 control, a cancelled stream reaching the server, the route's rate limit, request metrics and
-access logs from both proxies, and a clear error for HTTP/1.1 clients of an HTTP/2 service.
+access logs from both proxies, and HTTP/1.1 clients translated to the HTTP/2 service.
 usage: grpc_l7.py path/to/weft
 """
 import http.client
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -188,12 +189,28 @@ def main():
         check(codes == ["OK", "UNAVAILABLE"] and "rate limited: route limited" in details,
               f"the second call within the second is rate limited, said in gRPC terms: {codes} {details!r}")
 
-        # HTTP/1.1 to an HTTP/2-only service: a clear refusal, not a hang or a garbled answer.
-        c = http.client.HTTPConnection(*target.rsplit(":", 1), timeout=10)
-        c.request("POST", "/echo.Echo/Unary", body=b"x")
-        r = c.getresponse()
-        body = r.read().decode()
-        check(r.status == 502 and "speaks HTTP/2 only" in body, f"HTTP/1.1 client: {r.status} {body.strip()!r}")
+        # HTTP/1.1 to the HTTP/2-only service: translated (Envoy's HTTP/1.1 → HTTP/2 upstream).
+        # A gRPC message over HTTP/1.1: the answer comes back chunked, grpc-status in the trailer.
+        msg = b"over http/1.1"
+        framed = b"\0" + len(msg).to_bytes(4, "big") + msg
+        host, port = target.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /echo.Echo/Unary HTTP/1.1\r\nHost: echo\r\ncontent-type: application/grpc\r\n"
+                      b"te: trailers\r\nconnection: close\r\ncontent-length: " + str(len(framed)).encode() +
+                      b"\r\n\r\n" + framed)
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        check(head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower() and
+              b"over http/1.1" in rest and b"grpc-status: 0" in rest and b"x-served-by-trailer:" in rest,
+              f"an HTTP/1.1 client reaches the HTTP/2 service; trailers in the last chunk: {raw[-160:]!r}")
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        for i in range(3):  # keep-alive: several requests on one client connection
+            c.request("POST", "/echo.Echo/Unary", body=framed, headers={"content-type": "application/grpc"})
+            r = c.getresponse()
+            body = r.read()
+            check(r.status == 200 and b"over http/1.1" in body, f"HTTP/1.1 keep-alive request {i}: {r.status}")
         channel.close()
 
         # Request metrics from both proxies, one per call.
@@ -201,10 +218,14 @@ def main():
             return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
                        if l.startswith("istio_requests_total{") and f'reporter="{reporter}"' in l
                        and 'destination_service="echo' in l)
-        src = wait_for("client metrics", lambda: (lambda n: n >= 27 and n)(count(scrape(client_admin), "source")))
+        # (26 calls as HTTP/2, 4 over HTTP/1.1; the 429 has no destination service)
+        src = wait_for("client metrics", lambda: (lambda n: n >= 30 and n)(count(scrape(client_admin), "source")))
         dst = wait_for("server metrics",
-                       lambda: (lambda n: n >= 26 and n)(count(scrape(server_admin), "destination")))
-        check(src >= 27 and dst >= 26, f"istio_requests_total: {src:.0f} source, {dst:.0f} destination")
+                       lambda: (lambda n: n >= 30 and n)(count(scrape(server_admin), "destination")))
+        text = scrape(client_admin)
+        check(src == 30 and dst == 30 and 'response_code="429",response_flags="RL"} 1' in text and
+              'response_flags=""' not in text,
+              f"istio_requests_total: {src:.0f} source, {dst:.0f} destination, the 429 flagged RL")
         log = open(os.path.join(h.work, "client.log")).read()
         check('"protocol":"http/2"' in log and '"path":"/echo.Echo/Unary"' in log,
               "the client proxy's access log has the gRPC calls as http/2")

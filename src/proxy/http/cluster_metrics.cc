@@ -24,8 +24,7 @@ void write_cluster_metrics(const HttpRuntime& http, SteadyMillis now, std::strin
       {"weft_http_breaker_overflows_total", "counter",
        "Requests answered 503 because a circuit breaker was open",
        [](const BreakerState& b) -> uint64_t { return b.overflows.load(); }},
-      {"weft_http_outlier_ejections_total", "counter",
-       "Endpoints ejected by outlier detection",
+      {"weft_http_outlier_ejections_total", "counter", "Endpoints ejected by outlier detection",
        [](const BreakerState& b) -> uint64_t { return b.ejections_total.load(); }},
       {"weft_http_upstream_requests_active", "gauge",
        "Requests in flight to the service (the max_requests breaker counts these)",
@@ -36,7 +35,8 @@ void write_cluster_metrics(const HttpRuntime& http, SteadyMillis now, std::strin
       {"weft_http_upstream_pending_active", "gauge",
        "Upstream connections being opened for waiting requests (max_pending)",
        [](const BreakerState& b) -> uint64_t { return b.pending.load(); }},
-      {"weft_http_retries_active", "gauge", "Requests being retried (the retry budget counts these)",
+      {"weft_http_retries_active", "gauge",
+       "Requests being retried (the retry budget counts these)",
        [](const BreakerState& b) -> uint64_t { return b.retries.load(); }},
   };
   const auto& clusters = http.clusters();

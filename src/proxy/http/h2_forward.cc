@@ -202,39 +202,26 @@ void H2Forward::attempt() {
 }
 
 void H2Forward::open_connection() {
-  const auto& limits = cluster_->service().http.breakers;
-  auto& b = cluster_->breakers();
-  const char* tripped = nullptr;
-  if (b.connections.load(std::memory_order_relaxed) >= limits.max_connections)
-    tripped = "max_connections";
-  else if (b.pending.load(std::memory_order_relaxed) >= limits.max_pending)
-    tripped = "max_pending";
-  if (tripped) {
-    b.overflows.fetch_add(1, std::memory_order_relaxed);
+  if (auto r = take_connection_slot(*cluster_)) {
     end_endpoint_count();
-    return answer({503,
-                   std::string("circuit breaker ") + tripped + " of service '" +
-                       cluster_->service().name + "' is open\n",
-                   "UO", tripped});
+    return answer(*r);
   }
-  b.pending.fetch_add(1, std::memory_order_relaxed);
-  d_.env_.pool.open(*cluster_, endpoint_,
-                    [weak = weak_from_this(), breakers = cluster_->breakers_ptr(), env = &d_.env_,
-                     cluster = cluster_, endpoint = endpoint_](std::shared_ptr<UpstreamConn> conn,
-                                                               const std::string& failure) {
-                      breakers->pending.fetch_sub(1, std::memory_order_relaxed);
-                      std::shared_ptr<H2Upstream> up;
-                      if (conn && failure.empty()) {
-                        // Shared from now on, whether or not this stream still wants it.
-                        up = std::make_shared<H2Upstream>(env->io, std::move(conn));
-                        up->start();
-                        if (!env->draining) env->pool.add_h2(*cluster, endpoint, up);
-                      }
-                      auto self = weak.lock();
-                      if (!self || self->finished_ || self->answered_) return;
-                      if (!up) return self->attempt_failed("connect: " + failure, true);
-                      self->send(up);
-                    });
+  d_.env_.pool.open(
+      *cluster_, endpoint_,
+      [weak = weak_from_this(), breakers = cluster_->breakers_ptr(), env = &d_.env_,
+       snap = d_.snap_,  // keeps `cluster` alive
+       cluster = cluster_,
+       endpoint = endpoint_](std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
+        breakers->pending.fetch_sub(1, std::memory_order_relaxed);
+        // Shared from now on, whether or not this stream still wants it.
+        auto up = conn && failure.empty()
+                      ? env->pool.adopt_h2(*cluster, endpoint, std::move(conn), !env->draining)
+                      : nullptr;
+        auto self = weak.lock();
+        if (!self || self->finished_ || self->answered_) return;
+        if (!up) return self->attempt_failed("connect: " + failure, true);
+        self->send(up);
+      });
 }
 
 void H2Forward::send(const std::shared_ptr<H2Upstream>& up) {
@@ -242,7 +229,12 @@ void H2Forward::send(const std::shared_ptr<H2Upstream>& up) {
   entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
   const bool has_body = !request_done_ || req_off_ < req_body_.size();
   up_id_ = up->submit(upstream_head_, has_body, weak_from_this());
-  if (up_id_ < 0) return open_connection();  // it filled up or is going away: a fresh one
+  if (up_id_ < 0) {
+    // A shared connection that filled up or is going away: a new one. A new one that takes
+    // no stream is a failed connect.
+    if (up->active_streams() > 0) return open_connection();
+    return attempt_failed("connect: the new HTTP/2 connection took no stream", true);
+  }
   up_ = up;
 }
 
@@ -419,6 +411,7 @@ void H2Forward::downstream_closed() {
     entry_.response_flags = "DC";
     entry_.result = "downstream closed the stream before the response";
   }
+  if (entry_.response_flags.empty()) entry_.response_flags = "-";
   entry_.attempts = attempts_;
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)

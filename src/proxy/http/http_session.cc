@@ -271,12 +271,6 @@ void HttpSession::handle_request() {
   entry_.upstream = backend.service;
   if (!cluster_ || cluster_->endpoints().empty())
     return local_reply(503, "service '" + backend.service + "' has no endpoints\n", "UH");
-  if (cluster_->service().http.h2)
-    return local_reply(502,
-                       "service '" + backend.service +
-                           "' speaks HTTP/2 only (protocol: http2); send HTTP/2 (prior "
-                           "knowledge, as gRPC does): HTTP/1.1 requests are not translated\n",
-                       "-");
   if (auto r = take_request_slot(*cluster_)) return local_reply(*r);
   counted_request_ = true;
 
@@ -328,26 +322,20 @@ void HttpSession::attempt() {
   if (endpoint_ < 0) return local_reply(503, "no endpoint\n", "UH");
   cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
   endpoint_counted_ = true;
-  if (auto conn = env_.pool.take_idle(*cluster_, endpoint_)) {
+  if (cluster_->service().http.h2) {
+    if (auto up = env_.pool.take_h2(*cluster_, endpoint_)) return send_h2(std::move(up), false);
+  } else if (auto conn = env_.pool.take_idle(*cluster_, endpoint_)) {
     up_ = std::move(conn);
     return send_request();
   }
-  const auto& limits = cluster_->service().http.breakers;
-  auto& b = cluster_->breakers();
-  const char* tripped = nullptr;
-  if (b.connections.load(std::memory_order_relaxed) >= limits.max_connections)
-    tripped = "max_connections";
-  else if (b.pending.load(std::memory_order_relaxed) >= limits.max_pending)
-    tripped = "max_pending";
-  if (tripped) {
-    b.overflows.fetch_add(1, std::memory_order_relaxed);
+  open_upstream();
+}
+
+void HttpSession::open_upstream() {
+  if (auto r = take_connection_slot(*cluster_)) {
     end_attempt();
-    return local_reply(503,
-                       std::string("circuit breaker ") + tripped + " of service '" +
-                           cluster_->service().name + "' is open\n",
-                       "UO", tripped);
+    return local_reply(*r);
   }
-  b.pending.fetch_add(1, std::memory_order_relaxed);
   env_.pool.open(*cluster_, endpoint_,
                  [self = shared_from_this(), g = generation_, a = try_seq_,
                   breakers = cluster_->breakers_ptr()](std::shared_ptr<UpstreamConn> conn,
@@ -361,6 +349,8 @@ void HttpSession::attempt() {
 void HttpSession::on_connected(std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
   if (!conn || !failure.empty())
     return attempt_failed(Failure::connect, failure, may_retry(Failure::connect));
+  if (cluster_->service().http.h2)
+    return send_h2(env_.pool.adopt_h2(*cluster_, endpoint_, std::move(conn), !env_.draining), true);
   up_ = std::move(conn);
   send_request();
 }
@@ -655,6 +645,7 @@ void HttpSession::attempt_failed(Failure kind, const std::string& why, bool retr
   const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;
   if (!stale_pooled) cluster_->record(endpoint_, true, steady_now_ms());
   up_.reset();
+  drop_h2();
   try_timer_.cancel();
   last_endpoint_ = endpoint_;
   end_attempt();
@@ -752,6 +743,8 @@ void HttpSession::local_reply(unsigned status, const std::string& body, const st
                     });
 }
 
+void HttpSession::rewrite_response(http::fields& f) const { rewrite(f, route_->response_headers); }
+
 void HttpSession::local_reply(const LocalReply& r) {
   local_reply(r.status, r.body, r.flags, r.overloaded);
 }
@@ -809,6 +802,7 @@ void HttpSession::drain_downstream() {
 }
 
 void HttpSession::abandon_upstream() {
+  drop_h2();
   if (!up_) return;
   boost::system::error_code ignored;
   up_->socket.close(ignored);

@@ -23,6 +23,7 @@
 #include <boost/beast/http/string_body.hpp>
 
 #include "proxy/http/cluster.h"
+#include "proxy/http/h2_upstream.h"
 #include "proxy/http/upstream_pool.h"
 #include "proxy/snapshot.h"
 #include "stats/access_log.h"
@@ -103,7 +104,19 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   void on_parse_error(const boost::system::error_code& ec);
   void handle_request();
   void attempt();
+  void open_upstream();
   void on_connected(std::shared_ptr<UpstreamConn> conn, const std::string& failure);
+  // A service that speaks only HTTP/2 (http.protocol: http2): the request goes as one stream
+  // on a shared connection and the answer comes back as HTTP/1.1 (chunked, trailers in the
+  // last chunk). http_session_h2.cc.
+  class H2Reply;
+  void send_h2(std::shared_ptr<H2Upstream> up, bool fresh);
+  void on_h2_head(H2Fields fields, bool end_stream);
+  void on_h2_data(const uint8_t* data, size_t len);
+  void on_h2_end(uint32_t error_code);
+  void write_h2();
+  void drop_h2();  // cancels the stream if it is still open
+  void rewrite_response(boost::beast::http::fields& f) const;
   void send_request();
   void on_response_header(const boost::system::error_code& ec);
   void attempt_failed(Failure kind, const std::string& why, bool retry);
@@ -165,6 +178,16 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   AccessLogEntry entry_;
   std::string hash_key_;
   std::string upgrade_;  // the Upgrade header of the request in flight, if any
+  // The HTTP/2 upstream stream of the try in flight, and its answer on the way out.
+  std::shared_ptr<H2Upstream> up_h2_;
+  std::shared_ptr<H2Reply> h2_reply_;
+  int32_t up_h2_id_ = -1;
+  size_t h2_body_off_ = 0;           // request body bytes the stream has taken
+  std::string h2_out_, h2_writing_;  // response bytes for the client, framed as HTTP/1.1
+  size_t h2_credit_ = 0;             // DATA bytes in h2_out_ (credited upstream once written)
+  size_t h2_credit_writing_ = 0;     // ... and in h2_writing_
+  H2Fields h2_trailers_;
+  bool h2_chunked_ = false, h2_ended_ = false, h2_write_busy_ = false;
 };
 
 // W3C trace context: keeps a valid incoming trace ID, else starts a trace; returns the new

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <fmt/format.h>
+
 #include "identity/spiffe_id.h"
 
 namespace weft {
@@ -13,7 +15,8 @@ std::optional<LocalReply> inbound_rate_limited(const HttpListenerView& listener,
     return std::nullopt;
   return LocalReply{429,
                     "rate limited: " + t.authority + " allows " +
-                        std::to_string(t.rate_limit.per_second) + " requests a second per caller\n",
+                        fmt::format("{:g}", t.rate_limit.per_second) +
+                        " requests a second per caller\n",
                     "RL",
                     {}};
 }
@@ -58,7 +61,7 @@ std::optional<LocalReply> route_rate_limited(const HttpRuntime& http, const std:
   if (!limiter || limiter->allow(source, now)) return std::nullopt;
   return LocalReply{429,
                     "rate limited: route " + route.name + " allows " +
-                        std::to_string(route.rate_limit.per_second) + " requests a second" +
+                        fmt::format("{:g}", route.rate_limit.per_second) + " requests a second" +
                         (route.rate_limit.per_source ? " per source" : "") + "\n",
                     "RL",
                     {}};
@@ -80,6 +83,25 @@ std::optional<LocalReply> take_request_slot(const Cluster& cluster) {
 
 void release_request_slot(const Cluster& cluster) {
   cluster.breakers().requests.fetch_sub(1, std::memory_order_relaxed);
+}
+
+std::optional<LocalReply> take_connection_slot(const Cluster& cluster) {
+  const auto& limits = cluster.service().http.breakers;
+  auto& b = cluster.breakers();
+  const char* tripped = nullptr;
+  if (b.connections.load(std::memory_order_relaxed) >= limits.max_connections)
+    tripped = "max_connections";
+  else if (b.pending.load(std::memory_order_relaxed) >= limits.max_pending)
+    tripped = "max_pending";
+  if (!tripped) {
+    b.pending.fetch_add(1, std::memory_order_relaxed);
+    return std::nullopt;
+  }
+  b.overflows.fetch_add(1, std::memory_order_relaxed);
+  return LocalReply{503,
+                    std::string("circuit breaker ") + tripped + " of service '" +
+                        cluster.service().name + "' is open\n",
+                    "UO", tripped};
 }
 
 bool fault_roll(std::mt19937_64& rng, double percent) {

@@ -38,6 +38,11 @@ std::optional<LocalReply> route_rate_limited(const HttpRuntime& http, const std:
 std::optional<LocalReply> take_request_slot(const Cluster& cluster);
 void release_request_slot(const Cluster& cluster);
 
+// Before a new upstream connection is opened: the max_connections and max_pending breakers
+// (503 naming the one that is open), else one pending slot is taken (the open's callback
+// gives it back).
+std::optional<LocalReply> take_connection_slot(const Cluster& cluster);
+
 // Whether an injected fault fires this time: `percent` of calls, at 0.0001 % resolution.
 bool fault_roll(std::mt19937_64& rng, double percent);
 

@@ -76,11 +76,16 @@ std::shared_ptr<H2Upstream> UpstreamPool::take_h2(const Cluster& c, int endpoint
   return best;
 }
 
-void UpstreamPool::add_h2(const Cluster& c, int endpoint, std::shared_ptr<H2Upstream> conn) {
+std::shared_ptr<H2Upstream> UpstreamPool::adopt_h2(const Cluster& c, int endpoint,
+                                                   std::shared_ptr<UpstreamConn> conn, bool share) {
+  auto up = std::make_shared<H2Upstream>(io_, std::move(conn));
+  up->start();
+  if (!share) return up;
   auto& list = h2_[key(c, endpoint)];
   std::erase_if(list, [](const auto& x) { return x->closed(); });
-  list.push_back(std::move(conn));
+  list.push_back(up);
   arm_sweep();
+  return up;
 }
 
 void UpstreamPool::arm_sweep() {

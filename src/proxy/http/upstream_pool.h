@@ -65,7 +65,9 @@ class UpstreamPool {
   // HTTP/2 endpoints: a shared connection with room for one more stream, or null. Connections
   // close themselves when idle past the service's idle_timeout; closed ones are dropped here.
   std::shared_ptr<H2Upstream> take_h2(const Cluster& c, int endpoint);
-  void add_h2(const Cluster& c, int endpoint, std::shared_ptr<H2Upstream> conn);
+  // Starts HTTP/2 on a freshly opened connection; `share`: later streams may use it too.
+  std::shared_ptr<H2Upstream> adopt_h2(const Cluster& c, int endpoint,
+                                       std::shared_ptr<UpstreamConn> conn, bool share);
   void clear();
 
  private:
