@@ -103,11 +103,14 @@ def main():
             "services:\n  - name: echo\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
             f"    endpoints:\n      - {{address: '{server['inbound']}', authority: 'echo-1:50051'}}\n"
             f"      - {{address: '{server['inbound']}', authority: 'echo-2:50051'}}\n"
+            # No such target at the server proxy: its CONNECT is refused, a connect failure
+            # that the route's retries take to another endpoint.
+            f"      - {{address: '{server['inbound']}', authority: 'gone:50051'}}\n"
             "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n"
             "      - {name: limited, match: {path: {exact: /echo.Echo/Limited}}, service: echo,"
-            " rate_limit: {per_second: 1, burst: 1}}\n"
+            " rate_limit: {per_second: 1, burst: 1}, retries: {attempts: 2}}\n"
             "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
-            " request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
+            " retries: {attempts: 2, on: [connect-failure]}, request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
         target = client["outbound/web"]
         channel = grpc.insecure_channel(target)
         grpc.channel_ready_future(channel).result(timeout=20)
@@ -123,7 +126,8 @@ def main():
             seen.add(body["server"])
             trailers_ok &= dict(call.trailing_metadata()).get("x-served-by-trailer") == body["server"]
             headers_ok &= dict(call.initial_metadata()).get("x-route") == "grpc"
-        check(seen == {"one", "two"}, f"20 unary calls over one connection reach both servers: {sorted(seen)}")
+        check(seen == {"one", "two"}, f"20 unary calls over one connection reach both servers, "
+              f"none failing on the endpoint that is gone (retried): {sorted(seen)}")
         check(trailers_ok, "trailing metadata of every call arrives (HTTP/2 trailers end to end)")
         check(headers_ok, "the route's response header is added to the initial metadata")
         check(first["echo"] == "hello 0" and first["x-test"] == "added" and
@@ -229,6 +233,10 @@ def main():
         log = open(os.path.join(h.work, "client.log")).read()
         check('"protocol":"http/2"' in log and '"path":"/echo.Echo/Unary"' in log,
               "the client proxy's access log has the gRPC calls as http/2")
+        lines = [json.loads(l) for l in log.splitlines() if l.startswith("{")]
+        retried = [l for l in lines if l.get("path") == "/echo.Echo/Unary" and l.get("attempts", 0) > 1]
+        check(retried and all(l["status"] == 200 for l in retried),
+              f"calls that met the endpoint that is gone were retried: {len(retried)} with 2+ attempts")
     finally:
         for s in servers:
             s.stop(0)

@@ -310,6 +310,14 @@ void H2Forward::on_stream_end(uint32_t error_code) {
   up_id_ = -1;
   if (finished_ || answered_ || !s) return;
   end_endpoint_count();
+  if (!head_received_) {
+    cluster_->record(endpoint_, true, steady_now_ms());
+    // Nothing of the request left yet (refused stream, connection lost before it was sent):
+    // safe to try again, whatever the method; the body waits in req_body_ for that try.
+    return attempt_failed(std::string("upstream reset before the response header: ") +
+                              nghttp2_http2_strerror(error_code),
+                          !pulled_any_);
+  }
   upstream_done_ = true;
   if (req_off_ < req_body_.size()) {
     // The upstream is done before the whole request came: credit what it never took.
@@ -317,24 +325,15 @@ void H2Forward::on_stream_end(uint32_t error_code) {
     req_body_.clear();
     req_off_ = 0;
   }
-  if (error_code == NGHTTP2_NO_ERROR && head_received_) {
+  if (error_code == NGHTTP2_NO_ERROR) {
     s->response_done = true;
     return d_.resume_response(*s);
   }
-  if (head_received_) {
-    // Reset mid-response: the client sees its stream reset, with the upstream's reason.
-    entry_.response_flags = "UR";
-    entry_.result =
-        std::string("upstream reset during the response: ") + nghttp2_http2_strerror(error_code);
-    return d_.reset_stream(*s, error_code);
-  }
-  cluster_->record(endpoint_, true, steady_now_ms());
-  // Nothing of the request left yet (refused stream, connection lost before it was sent):
-  // safe to try again, whatever the method.
-  upstream_done_ = false;
-  attempt_failed(std::string("upstream reset before the response header: ") +
-                     nghttp2_http2_strerror(error_code),
-                 !pulled_any_);
+  // Reset mid-response: the client sees its stream reset, with the upstream's reason.
+  entry_.response_flags = "UR";
+  entry_.result =
+      std::string("upstream reset during the response: ") + nghttp2_http2_strerror(error_code);
+  d_.reset_stream(*s, error_code);
 }
 
 void H2Forward::attempt_failed(const std::string& why, bool retryable) {

@@ -626,7 +626,8 @@ void HttpSession::relay_body() {
 
 bool HttpSession::may_retry(Failure kind) const {
   const auto& p = route_->retries;
-  if (!idempotent(req_.method())) return false;
+  // A connect failure sent nothing: any method may go again. Otherwise only idempotent ones.
+  if (!idempotent(req_.method()) && kind != Failure::connect) return false;
   // A pooled connection the app closed just as we wrote: the request never reached it, so one
   // more try on a fresh connection is always safe (not counted against the policy).
   const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;

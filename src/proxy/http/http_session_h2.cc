@@ -161,8 +161,8 @@ void HttpSession::on_h2_data(const uint8_t* data, size_t len) {
 void HttpSession::on_h2_end(uint32_t error_code) {
   up_h2_id_ = -1;  // the stream is over either way
   if (error_code != NGHTTP2_NO_ERROR || !response_started_) {
-    const std::string why = std::string("upstream reset the stream: ") +
-                            nghttp2_http2_strerror(error_code);
+    const std::string why =
+        std::string("upstream reset the stream: ") + nghttp2_http2_strerror(error_code);
     if (!response_started_) return attempt_failed(Failure::reset, why, may_retry(Failure::reset));
     drop_h2();
     finish_request(entry_.status, "UR", "upstream_reset_during_body: " + why);
