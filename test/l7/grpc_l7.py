@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -100,7 +101,7 @@ def main():
         sid = f"spiffe://{TD}/ns/default/sa/server"
         client_admin, client = h.proxy(
             "client", h.identity("client") + "admin: {listen: 127.0.0.1:0}\n"
-            "services:\n  - name: echo\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
+            "services:\n  - name: echo\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc, idle_timeout: 60s}\n"
             f"    endpoints:\n      - {{address: '{server['inbound']}', authority: 'echo-1:50051'}}\n"
             f"      - {{address: '{server['inbound']}', authority: 'echo-2:50051'}}\n"
             # No such target at the server proxy: its CONNECT is refused, a connect failure
@@ -237,6 +238,14 @@ def main():
         retried = [l for l in lines if l.get("path") == "/echo.Echo/Unary" and l.get("attempts", 0) > 1]
         check(retried and all(l["status"] == 200 for l in retried),
               f"calls that met the endpoint that is gone were retried: {len(retried)} with 2+ attempts")
+
+        # Drain with pooled HTTP/2 connections open (idle timeout 60 s): they are closed at
+        # once, so nothing holds the proxy until its drain timeout (15 s).
+        proxy = h.procs[1]
+        t0 = time.time()
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=30)
+        check(time.time() - t0 < 5, f"SIGTERM: the client proxy is gone {time.time() - t0:.1f}s later")
     finally:
         for s in servers:
             s.stop(0)

@@ -128,6 +128,14 @@ void H2Upstream::reset(int32_t stream_id) {
   schedule_flush();
 }
 
+void H2Upstream::retire() {
+  going_away_ = true;
+  if (sinks_.empty() && !closed_) {
+    nghttp2_session_terminate_session(session_, NGHTTP2_NO_ERROR);
+    schedule_flush();
+  }
+}
+
 void H2Upstream::arm_idle() {
   // Closed before the upstream's own keep-alive would close it under a new stream.
   idle_.expires_after(conn_->idle_timeout);
@@ -263,6 +271,8 @@ int H2Upstream::on_stream_close(int32_t stream_id, uint32_t error_code) {
   auto sink = it->second.sink.lock();
   sinks_.erase(it);
   if (sink) sink->on_stream_end(error_code);
+  // Going away (retired, or the upstream sent GOAWAY): the last stream closes the connection.
+  if (going_away_ && sinks_.empty()) nghttp2_session_terminate_session(session_, NGHTTP2_NO_ERROR);
   return 0;
 }
 

@@ -55,6 +55,8 @@ class H2Upstream : public std::enable_shared_from_this<H2Upstream> {
   void resume(int32_t stream_id);  // more request body is ready
   void consume(int32_t stream_id, size_t n);
   void reset(int32_t stream_id);
+  // No new streams; closes (GOAWAY) once the open ones are done. The proxy drains.
+  void retire();
   // Open, not told to go away, and below the peer's concurrent stream limit.
   bool has_room() const;
   bool closed() const { return closed_; }

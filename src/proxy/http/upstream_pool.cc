@@ -112,6 +112,8 @@ void UpstreamPool::arm_sweep() {
 
 void UpstreamPool::clear() {
   idle_.clear();
+  for (auto& [key, list] : h2_)
+    for (auto& conn : list) conn->retire();
   h2_.clear();
   sweep_.cancel();
 }
