@@ -197,7 +197,10 @@ void H2Forward::attempt() {
   if (endpoint_ < 0) return answer({503, "no endpoint\n", "UH", {}});
   cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
   endpoint_counted_ = true;
-  if (auto up = d_.env_.pool.take_h2(*cluster_, endpoint_)) return send(up);
+  // After a refusal, a new connection: a shared one may be as close to the app's
+  // per-connection request limit as the one that refused.
+  if (refusals_ == 0)
+    if (auto up = d_.env_.pool.take_h2(*cluster_, endpoint_)) return send(up);
   open_connection();
 }
 
@@ -311,6 +314,14 @@ void H2Forward::on_stream_end(uint32_t error_code) {
   if (finished_ || answered_ || !s) return;
   end_endpoint_count();
   if (!head_received_) {
+    // Refused (REFUSED_STREAM, or above a GOAWAY's last stream, as an app that recycles its
+    // connections sends): the upstream never saw it. Once more at once, whatever the policy,
+    // as a request on a pooled HTTP/1.1 connection the app had just closed (up to 3 times:
+    // each try is on a newer connection).
+    if (error_code == NGHTTP2_REFUSED_STREAM && !pulled_any_ && ++refusals_ <= 3) {
+      last_endpoint_ = -1;
+      return attempt();
+    }
     cluster_->record(endpoint_, true, steady_now_ms());
     // Nothing of the request left yet (refused stream, connection lost before it was sent):
     // safe to try again, whatever the method; the body waits in req_body_ for that try.

@@ -79,6 +79,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   bool request_slot_ = false;
   unsigned attempts_ = 0;
   bool in_retry_ = false;
+  unsigned refusals_ = 0;
   bool grpc_ = false;  // content-type application/grpc*: local answers carry a grpc-status
   std::string source_, hash_key_;
   std::string req_body_;  // DATA not yet sent upstream (bounded by the stream window)

@@ -140,6 +140,7 @@ void HttpSession::read_request() {
   route_ = nullptr;
   cluster_ = nullptr;
   attempts_ = 0;
+  h2_refusals_ = 0;
   endpoint_ = last_endpoint_ = -1;
   response_started_ = false;
   timed_out_ = false;
@@ -323,7 +324,9 @@ void HttpSession::attempt() {
   cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
   endpoint_counted_ = true;
   if (cluster_->service().http.h2) {
-    if (auto up = env_.pool.take_h2(*cluster_, endpoint_)) return send_h2(std::move(up), false);
+    // (After a refusal, a new connection: see H2Forward::attempt.)
+    if (h2_refusals_ == 0)
+      if (auto up = env_.pool.take_h2(*cluster_, endpoint_)) return send_h2(std::move(up), false);
   } else if (auto conn = env_.pool.take_idle(*cluster_, endpoint_)) {
     up_ = std::move(conn);
     return send_request();

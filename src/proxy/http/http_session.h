@@ -188,6 +188,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   size_t h2_credit_writing_ = 0;     // ... and in h2_writing_
   H2Fields h2_trailers_;
   bool h2_chunked_ = false, h2_ended_ = false, h2_write_busy_ = false;
+  unsigned h2_refusals_ = 0;  // per request
 };
 
 // W3C trace context: keeps a valid incoming trace ID, else starts a trace; returns the new

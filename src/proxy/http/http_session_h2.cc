@@ -27,6 +27,10 @@ bool not_for_h2(http::field f) {
          f == http::field::upgrade || f == http::field::te;
 }
 
+// Streams an app refuses (at its stream limit, or recycling the connection) go again at
+// once, up to this many times: each try is on a newer connection.
+constexpr unsigned kMaxRefusals = 3;
+
 std::string lower(std::string_view s) {
   std::string out(s);
   for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -163,6 +167,14 @@ void HttpSession::on_h2_end(uint32_t error_code) {
   if (error_code != NGHTTP2_NO_ERROR || !response_started_) {
     const std::string why =
         std::string("upstream reset the stream: ") + nghttp2_http2_strerror(error_code);
+    // Refused (REFUSED_STREAM, or above a GOAWAY's last stream): the app never saw it, so it
+    // goes again at once, as a request on a pooled connection the app had just closed.
+    if (!response_started_ && error_code == NGHTTP2_REFUSED_STREAM &&
+        ++h2_refusals_ <= kMaxRefusals) {
+      drop_h2();
+      end_attempt();
+      return attempt();
+    }
     if (!response_started_) return attempt_failed(Failure::reset, why, may_retry(Failure::reset));
     drop_h2();
     finish_request(entry_.status, "UR", "upstream_reset_during_body: " + why);
