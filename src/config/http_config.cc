@@ -8,6 +8,8 @@
 #include <set>
 #include <sstream>
 
+#include "core/ascii.h"
+
 namespace weft {
 
 const char* balancer_name(HttpServiceConfig::Balancer b) {
@@ -23,11 +25,6 @@ const char* balancer_name(HttpServiceConfig::Balancer b) {
 }
 
 namespace {
-
-std::string lower(std::string s) {
-  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
 
 // RFC 9110 token characters: what a header name may contain.
 bool is_token(std::string_view s) {
@@ -48,7 +45,7 @@ bool is_header_value(std::string_view s) {
 std::string header_name(const Reader& r, const YAML::Node& n, const std::string& field) {
   const std::string name = r.scalar(n, field);
   if (!is_token(name)) r.fail(n, field, "'" + name + "' is not a valid header name");
-  return lower(name);
+  return ascii_lower(name);
 }
 
 std::string header_value(const Reader& r, const YAML::Node& n, const std::string& field) {
@@ -131,7 +128,7 @@ RouteMatch read_match(const Reader& r, const YAML::Node& n, const std::string& f
   RouteMatch m;
   if (!n.IsDefined() || n.IsNull()) return m;
   r.require_map(n, f, {"host", "path", "method", "headers"});
-  m.host = lower(r.string_field(n, f, "host", false));
+  m.host = ascii_lower(r.string_field(n, f, "host", false));
   if (auto colon = m.host.rfind(':');
       colon != std::string::npos && m.host.find(']') == std::string::npos)
     r.fail(n["host"], f + ".host", "give the host without a port (it matches any port)");
@@ -325,7 +322,7 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
   if (n["hash_on"].IsDefined() && c.balancer != HttpServiceConfig::Balancer::ring_hash)
     r.fail(n["hash_on"], f + ".hash_on", "only with load_balancer: ring_hash");
   if (hash_on.rfind("header:", 0) == 0) {
-    c.hash_header = lower(hash_on.substr(7));
+    c.hash_header = ascii_lower(hash_on.substr(7));
     if (!is_token(c.hash_header))
       r.fail(n["hash_on"], f + ".hash_on", "'" + c.hash_header + "' is not a header name");
   } else if (hash_on != "source") {

@@ -273,6 +273,14 @@ def main():
         c2 = H2Client(host, p)
         c2.wait([c2.send("/a/warm")])
         slow = c2.send("/a/slow-h2?sleep=1500")
+
+        # Both slow requests are in the proxy's hands before SIGTERM (else the GOAWAY rightly
+        # names an earlier last stream, and the client would retry it elsewhere).
+        def both_in_flight():
+            mc = http.client.HTTPConnection(admin, timeout=5)
+            mc.request("GET", "/metrics")
+            return 'weft_http_upstream_requests_active{service="a"} 2' in mc.getresponse().read().decode()
+        wait_for("both slow requests in flight", both_in_flight)
         client_proc = h.procs[-1]
         t0 = time.time()
         client_proc.send_signal(signal.SIGTERM)

@@ -5,6 +5,8 @@
 
 #include <boost/asio/ip/address.hpp>
 
+#include "core/ascii.h"
+
 namespace weft::socks5 {
 
 Result<std::optional<Greeting>> parse_greeting(const uint8_t* data, size_t len) {
@@ -90,12 +92,6 @@ namespace weft::http_proxy {
 
 namespace {
 constexpr size_t kMaxHead = 16 * 1024;
-
-std::string lower(std::string_view s) {
-  std::string out(s);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 }  // namespace
 
 Result<std::optional<Request>> parse_request(std::string_view data) {
@@ -129,7 +125,7 @@ Result<std::optional<Request>> parse_request(std::string_view data) {
     r.target = *hp;
   } else {
     // Absolute form only: an origin-form request ("GET / HTTP/1.1") was meant for a server.
-    const std::string t = lower(target);
+    const std::string t = ascii_lower(target);
     if (t.rfind("http://", 0) != 0)
       return make_error(
           "400 a proxy request needs an absolute http:// URI (use CONNECT for https)");
@@ -160,7 +156,7 @@ Result<std::optional<Request>> parse_request(std::string_view data) {
     pos = next + 2;
     const size_t colon = h.find(':');
     if (colon == std::string_view::npos) return make_error("400 malformed header line");
-    const std::string name = lower(h.substr(0, colon));
+    const std::string name = ascii_lower(h.substr(0, colon));
     if (name.rfind("proxy-", 0) != 0) {
       if (!r.connect) r.origin_head.append(h).append("\r\n");
       continue;

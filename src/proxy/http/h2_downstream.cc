@@ -13,6 +13,8 @@
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
 
+#include "core/ascii.h"
+#include "proxy/http/h2_fields.h"
 #include "proxy/http/h2_forward.h"
 #include "proxy/http/h2_stream.h"
 
@@ -75,19 +77,6 @@ bool connection_specific(std::string_view lower_name) {
   return lower_name == "connection" || lower_name == "keep-alive" ||
          lower_name == "proxy-connection" || lower_name == "transfer-encoding" ||
          lower_name == "upgrade" || lower_name == "te";
-}
-
-std::vector<nghttp2_nv> to_nva(const H2Fields& fields) {
-  std::vector<nghttp2_nv> nva;
-  nva.reserve(fields.size());
-  for (const auto& [name, value] : fields) nva.push_back(nv(name, value));
-  return nva;
-}
-
-std::string lower(std::string_view s) {
-  std::string out(s);
-  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
 }
 
 }  // namespace
@@ -457,7 +446,7 @@ void H2Downstream::submit_head(const std::shared_ptr<Stream>& s) {
   s->head.emplace_back(":status");
   s->head.emplace_back(std::to_string(msg.result_int()));
   for (const auto& f : msg) {
-    std::string name = lower(f.name_string());
+    std::string name = ascii_lower(f.name_string());
     if (connection_specific(name)) continue;
     s->head.push_back(std::move(name));
     s->head.emplace_back(f.value());

@@ -1,5 +1,7 @@
 #include "proxy/http/h2_upstream.h"
 
+#include "proxy/http/h2_fields.h"
+
 #include <nghttp2/nghttp2.h>
 #include <spdlog/spdlog.h>
 
@@ -92,17 +94,7 @@ bool H2Upstream::has_room() const {
 
 int32_t H2Upstream::submit(const H2Fields& head, bool has_body, std::weak_ptr<Sink> sink) {
   if (!has_room()) return -1;
-  std::vector<nghttp2_nv> nva;
-  nva.reserve(head.size());
-  for (const auto& [name, value] : head) {
-    // A value new on every request would only churn the HPACK table (and the deflater's
-    // search of it showed as the top symbol in a profile): sent as a literal, never indexed.
-    const bool unique = name == "traceparent" || name == "x-request-id";
-    nva.push_back({const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(name.data())),
-                   const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(value.data())),
-                   name.size(), value.size(),
-                   static_cast<uint8_t>(unique ? NGHTTP2_NV_FLAG_NO_INDEX : NGHTTP2_NV_FLAG_NONE)});
-  }
+  const auto nva = to_nva(head);
   nghttp2_data_provider prd{};
   prd.read_callback = cb_read_data;
   const int32_t id = nghttp2_submit_request(session_, nullptr, nva.data(), nva.size(),

@@ -11,6 +11,7 @@
 #include <boost/asio/write.hpp>
 #include <boost/beast/http/rfc7230.hpp>
 
+#include "core/ascii.h"
 #include "proxy/http/http_session.h"
 
 namespace weft {
@@ -30,12 +31,6 @@ bool not_for_h2(http::field f) {
 // Streams an app refuses (at its stream limit, or recycling the connection) go again at
 // once, up to this many times: each try is on a newer connection.
 constexpr unsigned kMaxRefusals = 3;
-
-std::string lower(std::string_view s) {
-  std::string out(s);
-  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 }  // namespace
 
@@ -92,7 +87,7 @@ void HttpSession::send_h2(std::shared_ptr<H2Upstream> up, bool fresh) {
                 {":authority", std::string(req_[http::field::host])},
                 {":path", std::string(req_.target())}};
   for (const auto& f : req_)
-    if (!not_for_h2(f.name())) head.emplace_back(lower(f.name_string()), f.value());
+    if (!not_for_h2(f.name())) head.emplace_back(ascii_lower(f.name_string()), f.value());
   // TE went with the hop-by-hop fields; gRPC servers want `te: trailers` (the one value
   // HTTP/2 allows), and every gRPC client sends it.
   if (req_[http::field::content_type].starts_with("application/grpc"))
