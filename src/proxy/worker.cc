@@ -173,21 +173,61 @@ void Worker::serve_http(const OutboundListenerConfig& listener, tcp::socket sock
   serve_http(snapshot_, HttpListenerView::outbound(listener), std::move(socket));
 }
 
-void Worker::serve_http(const SnapshotPtr& snapshot, HttpListenerView view, tcp::socket socket) {
-  auto held = std::make_shared<tcp::socket>(std::move(socket));
-  peek_until(*held, std::chrono::seconds(10), 24,
+void Worker::serve_http(const SnapshotPtr& snapshot, HttpListenerView view, ByteStream stream) {
+  constexpr auto kWait = std::chrono::seconds(10);
+  constexpr size_t kEnough = 24;  // the HTTP/2 preface
+  if (auto pipe = stream.pipe()) {
+    // An inbound HBONE stream: its bytes are looked at in the pipe, where they stay.
+    struct Peek {
+      Peek(asio::io_context& io, ByteStream s) : stream(std::move(s)), deadline(io) {}
+      ByteStream stream;
+      asio::steady_timer deadline;
+      bool done = false;
+    };
+    auto st = std::make_shared<Peek>(io_, std::move(stream));
+    auto step = std::make_shared<std::function<void(bool)>>();
+    *step = [this, st, pipe, snap = snapshot, view = std::move(view),
+             weak = std::weak_ptr<std::function<void(bool)>>(step)](bool final) mutable {
+      if (st->done) return;
+      const std::string_view bytes = pipe->buffered();
+      final = final || pipe->input_ended() || bytes.size() >= kEnough;
+      if (match_h2_preface(bytes) == PrefaceMatch::partial && !final) {
+        pipe->async_wait_readable([weak](const boost::system::error_code& ec, size_t) {
+          if (auto s = weak.lock()) (*s)(ec && ec != asio::error::operation_aborted);
+        });
+        return;
+      }
+      st->done = true;
+      st->deadline.cancel();
+      start_http_session(snap, std::move(view), std::move(st->stream), bytes);
+    };
+    st->deadline.expires_after(kWait);
+    st->deadline.async_wait([st, pipe, step](const boost::system::error_code& ec) {
+      if (ec || st->done) return;
+      pipe->cancel();
+      (*step)(true);
+    });
+    (*step)(false);
+    return;
+  }
+  auto held = std::make_shared<ByteStream>(std::move(stream));
+  peek_until(held->tcp(), kWait, kEnough,
              [this, held, snap = snapshot, view = std::move(view)](std::string_view bytes,
                                                                    bool final) mutable {
-               const PrefaceMatch m = match_h2_preface(bytes);
-               if (m == PrefaceMatch::partial && !final) return false;
-               if (m == PrefaceMatch::yes)
-                 std::make_shared<H2Downstream>(http_env_, snap, std::move(view), std::move(*held))
-                     ->start();
-               else
-                 std::make_shared<HttpSession>(http_env_, snap, std::move(view), std::move(*held))
-                     ->start();
+               if (match_h2_preface(bytes) == PrefaceMatch::partial && !final) return false;
+               start_http_session(snap, std::move(view), std::move(*held), bytes);
                return true;
              });
+}
+
+// HTTP/1.1 or prior-knowledge HTTP/2, told by the first bytes (which are left in the stream).
+void Worker::start_http_session(const SnapshotPtr& snapshot, HttpListenerView view,
+                                ByteStream stream, std::string_view first_bytes) {
+  if (match_h2_preface(first_bytes) == PrefaceMatch::yes)
+    std::make_shared<H2Downstream>(http_env_, snapshot, std::move(view), std::move(stream))
+        ->start();
+  else
+    std::make_shared<HttpSession>(http_env_, snapshot, std::move(view), std::move(stream))->start();
 }
 
 void Worker::open_mesh(const ServiceConfig& service_ref, tcp::socket socket, AccessLogEntry entry,
@@ -215,7 +255,7 @@ void Worker::dial_http_upstream(const Cluster& c, int ep, std::shared_ptr<Upstre
                                 UpstreamPool::Opened done) {
   const EndpointConfig& e = c.endpoints()[ep].config;
   if (e.direct) {
-    auto* socket = &conn->socket;
+    auto* socket = &conn->socket.tcp();
     connect_to(io_, *socket, e.address,
                [this, conn = std::move(conn),
                 done = std::move(done)](const boost::system::error_code& ec) mutable {
@@ -224,17 +264,14 @@ void Worker::dial_http_upstream(const Cluster& c, int ep, std::shared_ptr<Upstre
                    return done(nullptr, "connect: " + ec.message());
                  }
                  boost::system::error_code ignored;
-                 conn->socket.set_option(tcp::no_delay(true), ignored);
+                 conn->socket.tcp().set_option(tcp::no_delay(true), ignored);
                  done(std::move(conn), "");
                });
     return;
   }
-  // A socket pair: our end speaks HTTP, the tunnel's end is spliced into the HBONE stream.
-  int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0)
-    return done(nullptr, std::string("socketpair: ") + std::strerror(errno));
-  conn->socket = tcp::socket(io_, tcp::v4(), fds[0]);
-  tcp::socket tunnel_end(io_, tcp::v4(), fds[1]);
+  // The HTTP code reads and writes the pipe; the tunnel moves its bytes into the HBONE stream.
+  auto pipe = std::make_shared<TunnelPipe>(io_.get_executor());
+  conn->socket = ByteStream(pipe);
   // One pool entry per (service, proxy address): tunnels to a proxy carry streams for all of
   // the service's endpoints behind it, each CONNECT naming its own target.
   ServiceConfig s = c.service();
@@ -242,7 +279,7 @@ void Worker::dial_http_upstream(const Cluster& c, int ep, std::shared_ptr<Upstre
   s.addresses = {e.address};
   s.authority = e.authority;
   auto stream =
-      std::make_shared<TunnelStream>(std::move(tunnel_end), std::make_shared<TcpCounters>(), true,
+      std::make_shared<TunnelStream>(std::move(pipe), std::make_shared<TcpCounters>(), true,
                                      metrics_, [](const TunnelStream&, const std::string&) {});
   std::weak_ptr<TunnelStream> weak = stream;
   stream->set_on_open(
@@ -363,7 +400,7 @@ void Worker::start_inbound_tunnel(std::unique_ptr<TlsSocket> tls, const std::str
 }
 
 // An inbound CONNECT to a `protocol: http` target: the stream is accepted at once and its bytes
-// go through a socket pair to an HttpSession (HTTP/1.1) or an H2Downstream (HTTP/2), which
+// go through a TunnelPipe to an HttpSession (HTTP/1.1) or an H2Downstream (HTTP/2), which
 // check each request (HMAC, authorization, rate limit) and forward it to the app over pooled
 // connections.
 H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap,
@@ -371,8 +408,7 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
                                                          const std::string& peer,
                                                          AccessLogEntry entry) {
   const InboundHttp* state = snap->http->inbound(target.authority);
-  int fds[2];
-  if (!state || ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0) {
+  if (!state) {
     entry.result = "internal_error: no http state for the target";
     access_log_.write(entry);
     return H2Connection::ConnectDecision{503, nullptr};
@@ -382,8 +418,9 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
   const std::string downstream_ip = entry.downstream.substr(0, entry.downstream.rfind(':'));
   auto counters =
       metrics_.tcp({"destination", peer, snap->tls->spiffe_id, target.authority, "mutual_tls"});
+  auto pipe = std::make_shared<TunnelPipe>(io_.get_executor());
   auto stream = std::make_shared<TunnelStream>(
-      tcp::socket(io_, tcp::v4(), fds[0]), std::move(counters), false, metrics_,
+      pipe, std::move(counters), false, metrics_,
       [this, entry = std::move(entry)](const TunnelStream& s, const std::string& result) mutable {
         entry.bytes_received = s.bytes_to_tcp();
         entry.bytes_sent = s.bytes_from_tcp();
@@ -394,7 +431,7 @@ H2Connection::ConnectDecision Worker::accept_http_stream(const SnapshotPtr& snap
                         &target,          state,          peer,
                         downstream_ip,    "http/1.1"};
   // The peer proxy sends HTTP/1.1 or, for a stream it forwards as HTTP/2, the HTTP/2 preface.
-  serve_http(snap, std::move(view), tcp::socket(io_, tcp::v4(), fds[1]));
+  serve_http(snap, std::move(view), ByteStream(std::move(pipe)));
   // Answered after this returns, once the stream is attached.
   asio::post(io_, [stream] {
     if (auto c = stream->connection()) {

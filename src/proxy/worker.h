@@ -55,8 +55,9 @@ class Worker {
   void handle_inbound_capture(boost::asio::ip::tcp::socket socket);
   void explicit_socks5(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
   void serve_http(const OutboundListenerConfig& listener, boost::asio::ip::tcp::socket socket);
-  void serve_http(const SnapshotPtr& snapshot, HttpListenerView view,
-                  boost::asio::ip::tcp::socket socket);
+  void serve_http(const SnapshotPtr& snapshot, HttpListenerView view, ByteStream stream);
+  void start_http_session(const SnapshotPtr& snapshot, HttpListenerView view, ByteStream stream,
+                          std::string_view first_bytes);
   void explicit_http(std::shared_ptr<boost::asio::ip::tcp::socket> socket, AccessLogEntry entry);
   // Where a captured connection goes: a mesh service over HBONE, or straight out (egress).
   // `ready(downstream, failure)` runs once the path is open (failure empty) or could not be,

@@ -33,6 +33,34 @@ from harness import Harness, wait_for  # noqa: E402
 import grpc  # noqa: E402
 
 cancelled = threading.Event()
+slow_started = threading.Event()
+
+
+def raw_h2_call(addr, path, body, extra):
+    """One gRPC call from a bare HTTP/2 client (python3-h2) that enforces no deadline itself:
+    what comes back is the proxy's doing. Returns (response fields + trailers, seconds)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    host, port = addr.rsplit(":", 1)
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        c.initiate_connection()
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "echo"),
+                             (":path", path), ("content-type", "application/grpc"), ("te", "trailers")] + extra)
+        c.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        s.sendall(c.data_to_send())
+        fields = {}
+        while data := s.recv(65536):
+            for ev in c.receive_data(data):
+                if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    fields.update(dict(ev.headers))
+                if isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and ev.stream_id == sid:
+                    return fields, time.monotonic() - start
+            s.sendall(c.data_to_send())
+    return fields, time.monotonic() - start
 
 
 def make_server(name):
@@ -64,6 +92,13 @@ def make_server(name):
         for msg in it:
             yield b"echo:" + msg
 
+    def slow(req, ctx):
+        slow_started.set()
+        deadline = time.monotonic() + 10
+        while ctx.is_active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return b"late"
+
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
@@ -72,6 +107,7 @@ def make_server(name):
         "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
         "Endless": grpc.unary_stream_rpc_method_handler(endless),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
@@ -110,6 +146,9 @@ def main():
             "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n"
             "      - {name: limited, match: {path: {exact: /echo.Echo/Limited}}, service: echo,"
             " rate_limit: {per_second: 1, burst: 1}, retries: {attempts: 2}}\n"
+            # Held 3 s at the proxy (fault delay) before it goes on: a client deadline passes first.
+            "      - {name: delayed, match: {path: {exact: /echo.Echo/Slow}}, service: echo,"
+            " fault: {delay: {percent: 100, duration: 3s}}}\n"
             "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
             " retries: {attempts: 2, on: [connect-failure]}, request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
         target = client["outbound/web"]
@@ -180,6 +219,14 @@ def main():
         it.cancel()
         check(len(got) == 5 and cancelled.wait(10), "a cancelled stream is cancelled at the server too")
 
+        # A client's deadline (grpc-timeout) bounds the wait for the answer at the proxy, well
+        # inside the route's 15 s: DEADLINE_EXCEEDED from the proxy, said by it (the call is
+        # held by a fault delay, so the app never sees it and cannot be the one answering).
+        fields, took = raw_h2_call(target, "/echo.Echo/Slow", b"x", [("grpc-timeout", "300m")])
+        check(fields.get("grpc-status") == "4" and "grpc-timeout" in fields.get("grpc-message", "")
+              and not slow_started.is_set() and 0.25 < took < 2.5,
+              f"grpc-timeout 300m: the proxy answers DEADLINE_EXCEEDED in {took:.2f} s: {fields}")
+
         # The route's rate limit, per stream: a local answer in gRPC's terms (grpc-status
         # UNAVAILABLE with the reason in grpc-message, as Envoy does), not a bare HTTP 429.
         limited = channel.unary_unary("/echo.Echo/Limited")
@@ -223,12 +270,14 @@ def main():
             return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
                        if l.startswith("istio_requests_total{") and f'reporter="{reporter}"' in l
                        and 'destination_service="echo' in l)
-        # (26 calls as HTTP/2, 4 over HTTP/1.1; the 429 has no destination service)
-        src = wait_for("client metrics", lambda: (lambda n: n >= 30 and n)(count(scrape(client_admin), "source")))
+        # (26 calls as HTTP/2, 4 over HTTP/1.1, the 429 (no destination service), and the
+        # deadline-exceeded call that only the client proxy saw)
+        src = wait_for("client metrics", lambda: (lambda n: n >= 31 and n)(count(scrape(client_admin), "source")))
         dst = wait_for("server metrics",
                        lambda: (lambda n: n >= 30 and n)(count(scrape(server_admin), "destination")))
         text = scrape(client_admin)
-        check(src == 30 and dst == 30 and 'response_code="429",response_flags="RL"} 1' in text and
+        check(src == 31 and dst == 30 and 'response_code="429",response_flags="RL"} 1' in text and
+              'response_code="504",response_flags="UT"} 1' in text and
               'response_flags=""' not in text,
               f"istio_requests_total: {src:.0f} source, {dst:.0f} destination, the 429 flagged RL")
         log = open(os.path.join(h.work, "client.log")).read()

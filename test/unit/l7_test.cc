@@ -10,6 +10,7 @@
 #include "proxy/http/h2_downstream.h"
 #include "proxy/http/hmac_signing.h"
 #include "proxy/http/http_session.h"
+#include "proxy/http/request_policy.h"
 #include "proxy/http/router.h"
 
 namespace weft {
@@ -313,6 +314,18 @@ TEST(L7Http2, ThePrefaceIsToldFromHttp1ByItsFirstBytes) {
   EXPECT_EQ(match_h2_preface(""), PrefaceMatch::partial);  // nothing yet: wait for more
   EXPECT_EQ(match_h2_preface("GET / HTTP/1.1\r\n"), PrefaceMatch::no);
   EXPECT_EQ(match_h2_preface("PRIVATE / HTTP/1.1\r\n"), PrefaceMatch::no);
+}
+
+TEST(L7, GrpcTimeoutHeader) {
+  EXPECT_EQ(parse_grpc_timeout("2S"), Millis(2000));
+  EXPECT_EQ(parse_grpc_timeout("150m"), Millis(150));
+  EXPECT_EQ(parse_grpc_timeout("1H"), Millis(3600000));
+  EXPECT_EQ(parse_grpc_timeout("3M"), Millis(180000));
+  EXPECT_EQ(parse_grpc_timeout("1500u"), Millis(2));  // rounded up: never shorter
+  EXPECT_EQ(parse_grpc_timeout("1n"), Millis(1));
+  EXPECT_EQ(parse_grpc_timeout("99999999H"), Millis(99999999LL * 3600000));
+  for (const char* bad : {"", "S", "10", "10s", "-1S", "1.5S", "123456789S", " 1S"})
+    EXPECT_FALSE(parse_grpc_timeout(bad)) << bad;
 }
 
 }  // namespace

@@ -2,9 +2,6 @@
 
 #include <nghttp2/nghttp2.h>
 #include <spdlog/spdlog.h>
-#include <sys/socket.h>
-
-#include <cerrno>
 
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -17,6 +14,7 @@
 #include "proxy/http/h2_fields.h"
 #include "proxy/http/h2_forward.h"
 #include "proxy/http/h2_stream.h"
+#include "transport/hbone/pipe_pair.h"
 
 namespace weft {
 
@@ -88,7 +86,7 @@ PrefaceMatch match_h2_preface(std::string_view bytes) {
 }
 
 H2Downstream::H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
-                           tcp::socket downstream)
+                           ByteStream downstream)
     : env_(env),
       snap_(std::move(snapshot)),
       view_(std::move(view)),
@@ -108,9 +106,9 @@ H2Downstream::H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListene
   nghttp2_session_server_new2(&session_, cbs, this, opt);
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);
-  boost::system::error_code ec;
-  down_.set_option(tcp::no_delay(true), ec);
-  if (auto ep = down_.remote_endpoint(ec); !ec) client_ip_ = ep.address().to_string();
+  boost::system::error_code ignored;
+  if (!down_.pipe()) down_.tcp().set_option(tcp::no_delay(true), ignored);
+  client_ip_ = down_.remote_ip();
 }
 
 H2Downstream::~H2Downstream() {
@@ -211,8 +209,7 @@ void H2Downstream::flush() {
 void H2Downstream::linger_close() {
   if (closed_ || lingering_) return;
   lingering_ = true;
-  boost::system::error_code ignored;
-  down_.shutdown(tcp::socket::shutdown_send, ignored);
+  down_.shutdown_send();
   idle_timer_.expires_after(std::chrono::seconds(2));
   idle_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (!ec) self->terminate();
@@ -223,17 +220,15 @@ void H2Downstream::terminate() {
   if (closed_) return;
   closed_ = true;
   idle_timer_.cancel();
-  boost::system::error_code ignored;
-  down_.shutdown(tcp::socket::shutdown_both, ignored);
-  down_.close(ignored);
-  // Each HttpSession sees its socket pair close and ends its request.
+  down_.close();
+  // Each HttpSession sees its bridge close and ends its request.
   for (auto& [id, s] : streams_) {
     s->closed = true;
-    if (s->bridge) s->bridge->close(ignored);
+    if (s->bridge) s->bridge->close();
     if (s->forward) s->forward->downstream_closed();
   }
   streams_.clear();
-  for (auto& b : idle_bridges_) b->close(ignored);
+  for (auto& b : idle_bridges_) b->close();
   idle_bridges_.clear();
 }
 
@@ -338,8 +333,7 @@ int H2Downstream::on_stream_close(int32_t stream_id) {
   if (going_away_ && streams_.empty())
     nghttp2_session_terminate_session(session_, NGHTTP2_NO_ERROR);
   s->closed = true;
-  boost::system::error_code ignored;
-  if (s->bridge) s->bridge->close(ignored);  // a reset mid-request ends the session's request
+  if (s->bridge) s->bridge->close();  // a reset mid-request ends the session's request
   if (s->forward) s->forward->downstream_closed();
   return 0;
 }
@@ -350,15 +344,12 @@ void H2Downstream::start_exchange(const std::shared_ptr<Stream>& s, bool end_str
   if (H2Forward::take(*this, s, end_stream)) return;
   s->bridge = take_bridge();
   if (!s->bridge) {
-    int fds[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0)
-      return local_answer(s, 503, "out of file descriptors\n");
-    s->bridge = std::make_unique<tcp::socket>(env_.io, tcp::v4(), fds[0]);
+    auto [ours, theirs] = PipePair::make(env_.io.get_executor());
+    s->bridge = std::make_unique<ByteStream>(std::move(ours));
     HttpListenerView view = view_;
     view.protocol = "http/2";
     if (view.downstream.empty()) view.downstream = client_ip_;
-    std::make_shared<HttpSession>(env_, snap_, std::move(view),
-                                  tcp::socket(env_.io, tcp::v4(), fds[1]))
+    std::make_shared<HttpSession>(env_, snap_, std::move(view), ByteStream(std::move(theirs)))
         ->start();
   }
 
@@ -415,16 +406,13 @@ void H2Downstream::recycle_bridge(const std::shared_ptr<Stream>& s) {
   s->bridge.reset();
 }
 
-std::unique_ptr<tcp::socket> H2Downstream::take_bridge() {
+std::unique_ptr<ByteStream> H2Downstream::take_bridge() {
   while (!idle_bridges_.empty()) {
     auto b = std::move(idle_bridges_.back());
     idle_bridges_.pop_back();
     // Still open with nothing unread (its session closes it when idle for long).
-    char c;
-    const ssize_t n = ::recv(b->native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return b;
-    boost::system::error_code ignored;
-    b->close(ignored);
+    if (b->pipe()->reusable()) return b;
+    b->close();
   }
   return nullptr;
 }

@@ -1,6 +1,6 @@
 // One downstream HTTP/2 connection (prior-knowledge h2c, as gRPC clients and h2load speak it)
 // on an L7 listener. nghttp2 decodes the frames; each stream becomes one HTTP/1.1 exchange
-// handed over a socket pair to an HttpSession, so every L7 feature (routing, balancing,
+// handed over an in-process pipe pair to an HttpSession, so every L7 feature (routing, balancing,
 // retries, breakers, rate limits, HMAC, authorization, metrics, access log) applies per stream
 // exactly as it does for HTTP/1.1. The response streams back as HEADERS and DATA frames.
 //
@@ -28,7 +28,7 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream>, public D
  public:
   // The snapshot keeps everything `view` points to alive.
   H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
-               boost::asio::ip::tcp::socket downstream);
+               ByteStream downstream);
   ~H2Downstream() override;
   H2Downstream(const H2Downstream&) = delete;
   H2Downstream& operator=(const H2Downstream&) = delete;
@@ -69,17 +69,17 @@ class H2Downstream : public std::enable_shared_from_this<H2Downstream>, public D
   // A stream's session, once both its request and response are through and it stays alive,
   // serves a later stream: no socket pair and no session set up per request.
   void recycle_bridge(const std::shared_ptr<Stream>& s);
-  std::unique_ptr<boost::asio::ip::tcp::socket> take_bridge();
+  std::unique_ptr<ByteStream> take_bridge();
 
   HttpWorkerEnv& env_;
   SnapshotPtr snap_;
   const HttpListenerView view_;
   std::string client_ip_;  // the app's address: rate limits and ring hashes are per source
-  boost::asio::ip::tcp::socket down_;
+  ByteStream down_;
   boost::asio::steady_timer idle_timer_;
   nghttp2_session* session_ = nullptr;
   std::map<int32_t, std::shared_ptr<Stream>> streams_;
-  std::vector<std::unique_ptr<boost::asio::ip::tcp::socket>> idle_bridges_;
+  std::vector<std::unique_ptr<ByteStream>> idle_bridges_;
   std::unique_ptr<uint8_t[]> in_;
   std::string out_;
   bool writing_ = false;

@@ -150,6 +150,14 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
   hash_key_ = hash_header.empty()                       ? source_
               : find_field(s.get(), hash_header, value) ? std::string(value)
                                                         : std::string();
+  // The route timeout bounds the wait for the response header (a stream may then run on); a
+  // gRPC client's own deadline (grpc-timeout) shortens it, as Envoy's max_grpc_timeout does.
+  Millis limit = route.timeout;
+  if (grpc_ && find_field(s.get(), "grpc-timeout", value))
+    if (auto deadline = parse_grpc_timeout(value); deadline && *deadline < limit) {
+      limit = *deadline;
+      deadline_from_client_ = true;
+    }
   const std::string_view incoming = find_field(s.get(), "traceparent", value) ? value : "";
   const std::string traceparent =
       next_traceparent(incoming, d_.env_.rng(), d_.env_.rng(), d_.env_.rng(), &entry_.trace_id);
@@ -166,8 +174,7 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
   rewrite(upstream_head_, route.request_headers);
   set_field(upstream_head_, "traceparent", traceparent);
 
-  // The route timeout bounds the wait for the response header (a stream may then run on).
-  timer_.expires_after(route.timeout);
+  timer_.expires_after(limit);
   timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (ec || self->finished_ || self->head_received_ || self->answered_) return;
     if (self->up_ && self->up_id_ >= 0) self->up_->reset(self->up_id_);
@@ -175,8 +182,10 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
     if (self->endpoint_ >= 0) self->cluster_->record(self->endpoint_, true, steady_now_ms());
     self->end_endpoint_count();
     self->answer({504,
-                  "upstream request timeout: route " + self->route_->name + " allows " +
-                      format_duration(self->route_->timeout) + " for the response header\n",
+                  self->deadline_from_client_
+                      ? std::string("the client's grpc-timeout passed before the response header\n")
+                      : "upstream request timeout: route " + self->route_->name + " allows " +
+                            format_duration(self->route_->timeout) + " for the response header\n",
                   "UT",
                   {}});
   });

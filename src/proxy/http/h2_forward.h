@@ -81,6 +81,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   bool in_retry_ = false;
   unsigned refusals_ = 0;
   bool grpc_ = false;  // content-type application/grpc*: local answers carry a grpc-status
+  bool deadline_from_client_ = false;  // the header wait is the client's grpc-timeout
   std::string source_, hash_key_;
   std::string req_body_;  // DATA not yet sent upstream (bounded by the stream window)
   size_t req_off_ = 0;

@@ -28,8 +28,8 @@ struct H2Downstream::Stream {
   bool has_length = false;
   bool head_done = false;
   bool chunked = false;
-  // The HttpSession's end of the socket pair.
-  std::unique_ptr<boost::asio::ip::tcp::socket> bridge;
+  // Our end of the PipePair whose other end an HttpSession reads (the HTTP/1.1 bridge).
+  std::unique_ptr<ByteStream> bridge;
   std::string to_bridge, writing_now;
   size_t data_pending = 0, data_writing = 0;  // request DATA bytes not yet credited back
   bool writing = false;

@@ -212,7 +212,7 @@ void H2Upstream::fail_all(uint32_t error_code) {
   closed_ = true;
   idle_.cancel();
   boost::system::error_code ignored;
-  conn_->socket.close(ignored);
+  conn_->socket.close();
   auto sinks = std::move(sinks_);
   sinks_.clear();
   for (auto& [id, p] : sinks)

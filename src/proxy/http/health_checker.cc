@@ -84,7 +84,7 @@ void HealthChecker::check(std::shared_ptr<const HttpRuntime> rt, const Cluster& 
     probe->timer->cancel();
     if (probe->conn) {
       boost::system::error_code ignored;
-      probe->conn->socket.close(ignored);
+      probe->conn->socket.close();
     }
     self->in_flight_[probe->key] = false;
     report(*probe->cluster, probe->ep, ok);

@@ -70,12 +70,6 @@ void rewrite(Fields& f, const HeaderRewrite& r) {
   for (const auto& [name, value] : r.add) f.set(name, value);
 }
 
-std::string ip_of(const tcp::socket& s) {
-  boost::system::error_code ec;
-  const auto ep = s.remote_endpoint(ec);
-  return ec ? std::string() : ep.address().to_string();
-}
-
 }  // namespace
 
 std::string next_traceparent(std::string_view in, uint64_t r1, uint64_t r2, uint64_t r3,
@@ -93,7 +87,7 @@ std::string next_traceparent(std::string_view in, uint64_t r1, uint64_t r2, uint
 }
 
 HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView listener,
-                         tcp::socket downstream)
+                         ByteStream downstream)
     : env_(env),
       snap_(std::move(snapshot)),
       listener_(std::move(listener)),
@@ -101,9 +95,9 @@ HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerV
       timer_(env.io),
       backoff_(env.io),
       try_timer_(env.io) {
-  source_ip_ = listener_.downstream.empty() ? ip_of(down_) : listener_.downstream;
+  source_ip_ = listener_.downstream.empty() ? down_.remote_ip() : listener_.downstream;
   boost::system::error_code ignored;
-  down_.set_option(tcp::no_delay(true), ignored);
+  if (!down_.pipe()) down_.tcp().set_option(tcp::no_delay(true), ignored);
 }
 
 HttpSession::~HttpSession() {
@@ -386,8 +380,8 @@ void HttpSession::send_request() {
 // already read past the request or the 101 go first. One access-log line when both are done.
 void HttpSession::start_tunnel() {
   struct Direction {
-    tcp::socket* from;
-    tcp::socket* to;
+    ByteStream* from;
+    ByteStream* to;
     std::vector<char> buf = std::vector<char>(16 * 1024);
     std::string pending;
     uint64_t bytes = 0;
@@ -409,11 +403,10 @@ void HttpSession::start_tunnel() {
   auto conn = up_;
   // EOF passes the half-close on; an error (a reset) ends both directions.
   auto done_one = [self, t, conn](Direction& d, const boost::system::error_code& ec) {
-    boost::system::error_code ignored;
-    d.to->shutdown(tcp::socket::shutdown_send, ignored);
+    d.to->shutdown_send();
     if (ec && ec != asio::error::eof) {
-      self->down_.cancel(ignored);
-      conn->socket.cancel(ignored);
+      self->down_.cancel();
+      conn->socket.cancel();
     }
     if (--t->open == 0) {
       self->req_bytes_ += t->up.bytes;
@@ -785,8 +778,7 @@ void HttpSession::finish_request(unsigned status, const std::string& flags,
 // moment (as nginx's lingering_close), then close.
 void HttpSession::linger_close() {
   ++generation_;
-  boost::system::error_code ignored;
-  down_.shutdown(tcp::socket::shutdown_send, ignored);
+  down_.shutdown_send();
   timer_.expires_after(std::chrono::seconds(2));
   timer_.async_wait(
       [self = shared_from_this(), g = generation_](const boost::system::error_code& ec) {
@@ -808,8 +800,7 @@ void HttpSession::drain_downstream() {
 void HttpSession::abandon_upstream() {
   drop_h2();
   if (!up_) return;
-  boost::system::error_code ignored;
-  up_->socket.close(ignored);
+  up_->socket.close();
   up_.reset();
 }
 
@@ -828,9 +819,7 @@ void HttpSession::close() {
     in_retry_ = false;
   }
   abandon_upstream();
-  boost::system::error_code ignored;
-  down_.shutdown(tcp::socket::shutdown_both, ignored);
-  down_.close(ignored);
+  down_.close();
 }
 
 }  // namespace weft

@@ -74,7 +74,7 @@ struct HttpListenerView {
   const InboundTargetConfig* inbound = nullptr;  // inbound only
   const InboundHttp* inbound_state = nullptr;
   std::string peer_identity;
-  std::string downstream;             // the client's address when the socket is a socket pair
+  std::string downstream;             // the client's address when the stream is a pipe or pair
   std::string protocol = "http/1.1";  // what the client speaks (http/2: through H2Downstream)
 
   static HttpListenerView outbound(const OutboundListenerConfig& l) {
@@ -86,7 +86,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
  public:
   // The snapshot keeps everything `view` points to alive.
   HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView view,
-              boost::asio::ip::tcp::socket downstream);
+              ByteStream downstream);
   ~HttpSession() override;
   HttpSession(const HttpSession&) = delete;
   HttpSession& operator=(const HttpSession&) = delete;
@@ -142,10 +142,10 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   HttpWorkerEnv& env_;
   SnapshotPtr snap_;
   const HttpListenerView listener_;
-  boost::asio::ip::tcp::socket down_;
+  ByteStream down_;
   boost::beast::flat_buffer down_buf_;
   std::string source_ip_;
-  bool counted_ = false;  // an app's own connection (not a socket pair): drain waits for it
+  bool counted_ = false;  // an app's own connection (not a tunnel or bridge): drain waits for it
   bool idle_ = false;     // waiting for the next request's first bytes
 
   // The request in flight.

@@ -137,4 +137,38 @@ void record_request(HttpWorkerEnv& env, const HttpListenerView& listener, const 
   env.access_log.write(entry);
 }
 
+std::optional<Millis> parse_grpc_timeout(std::string_view value) {
+  if (value.size() < 2 || value.size() > 9) return std::nullopt;
+  uint64_t n = 0;
+  for (char c : value.substr(0, value.size() - 1)) {
+    if (c < '0' || c > '9') return std::nullopt;
+    n = n * 10 + static_cast<uint64_t>(c - '0');
+  }
+  // In milliseconds (8 digits of hours in nanoseconds would overflow 64 bits).
+  uint64_t ms = 0;
+  switch (value.back()) {
+    case 'H':
+      ms = n * 3'600'000;
+      break;
+    case 'M':
+      ms = n * 60'000;
+      break;
+    case 'S':
+      ms = n * 1'000;
+      break;
+    case 'm':
+      ms = n;
+      break;
+    case 'u':
+      ms = (n + 999) / 1'000;
+      break;
+    case 'n':
+      ms = (n + 999'999) / 1'000'000;
+      break;
+    default:
+      return std::nullopt;
+  }
+  return Millis(static_cast<Millis::rep>(ms));
+}
+
 }  // namespace weft

@@ -51,4 +51,8 @@ bool fault_roll(std::mt19937_64& rng, double percent);
 void record_request(HttpWorkerEnv& env, const HttpListenerView& listener, const Cluster* cluster,
                     const AccessLogEntry& entry, double duration_ms);
 
+// A gRPC client's deadline, `grpc-timeout: 1*8DIGIT unit` (H M S m u n), rounded up to whole
+// milliseconds; nullopt when malformed (the header is then ignored, as gRPC servers do).
+std::optional<Millis> parse_grpc_timeout(std::string_view value);
+
 }  // namespace weft

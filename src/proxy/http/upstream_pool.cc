@@ -27,8 +27,9 @@ namespace {
 // EOF here mean it closed or is misbehaving).
 bool still_open(UpstreamConn& c) {
   if (c.buffer.size() != 0) return false;
+  if (const auto& pipe = c.socket.pipe()) return pipe->reusable();
   char byte;
-  const ssize_t n = ::recv(c.socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  const ssize_t n = ::recv(c.socket.tcp().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
   return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 

@@ -1,7 +1,7 @@
 // Per-worker pool of upstream HTTP/1.1 connections, one set per (service, endpoint). A mesh
 // endpoint's connection is an HBONE CONNECT stream to the endpoint's proxy, which the HTTP side
-// sees as a plain socket (one end of a socket pair, the tunnel holds the other); an inbound
-// proxy's local app is a plain TCP connection. The L7 code is the same either way.
+// reads and writes in process through a TunnelPipe; an inbound proxy's local app is a plain TCP
+// connection. Both are a ByteStream, so the L7 code is the same either way.
 //
 // Idle connections close after the service's idle_timeout, chosen below the app's keep-alive,
 // and one the app closed anyway is noticed (a peek) before it is reused: a request is never
@@ -20,13 +20,14 @@
 #include <boost/beast/core/flat_buffer.hpp>
 
 #include "proxy/http/cluster.h"
+#include "transport/hbone/byte_stream.h"
 
 namespace weft {
 
 class H2Upstream;
 
 struct UpstreamConn {
-  UpstreamConn(boost::asio::ip::tcp::socket s, std::string k, std::shared_ptr<BreakerState> b)
+  UpstreamConn(ByteStream s, std::string k, std::shared_ptr<BreakerState> b)
       : socket(std::move(s)), key(std::move(k)), breakers(std::move(b)) {
     breakers->connections.fetch_add(1, std::memory_order_relaxed);
   }
@@ -34,7 +35,7 @@ struct UpstreamConn {
   UpstreamConn(const UpstreamConn&) = delete;
   UpstreamConn& operator=(const UpstreamConn&) = delete;
 
-  boost::asio::ip::tcp::socket socket;
+  ByteStream socket;  // TCP to a direct endpoint or an app; an HBONE stream's pipe otherwise
   boost::beast::flat_buffer buffer;
   std::string key;  // service|endpoint
   std::shared_ptr<BreakerState> breakers;

@@ -27,7 +27,16 @@ TunnelStream::TunnelStream(asio::ip::tcp::socket socket, std::shared_ptr<TcpCoun
   if (counters_) counters_->opened.fetch_add(1, std::memory_order_relaxed);
 }
 
+TunnelStream::TunnelStream(std::shared_ptr<TunnelPipe> pipe, std::shared_ptr<TcpCounters> counters,
+                           bool tcp_is_downstream, Metrics& metrics, Finished finished)
+    : TunnelStream(asio::ip::tcp::socket(pipe->get_executor()), std::move(counters),
+                   tcp_is_downstream, metrics, std::move(finished)) {
+  pipe_ = std::move(pipe);
+  pipe_->attach(this);
+}
+
 TunnelStream::~TunnelStream() {
+  if (pipe_) pipe_->tunnel_finished(false);  // idempotent; detaches us
   metrics_.downstream_connections_active.dec();
   if (counters_) counters_->closed.fetch_add(1, std::memory_order_relaxed);
 }
@@ -51,6 +60,10 @@ void TunnelStream::start_relay() {
   if (done_ || relaying_) return;
   relaying_ = true;
   if (on_open_) std::exchange(on_open_, nullptr)("");
+  if (pipe_) {
+    if (conn_) conn_->resume(stream_id_);
+    return;
+  }
   if (!prefix_.empty() && prefix_.size() <= BufferPool::kBufferSize) {
     // Served like a first read; the socket is read once nghttp2 has taken it.
     rbuf_ = BufferPool::local().take();
@@ -67,7 +80,7 @@ void TunnelStream::start_relay() {
 }
 
 void TunnelStream::arm_tcp_read() {
-  if (reading_ || tcp_eof_ || done_ || !relaying_) return;
+  if (pipe_ || reading_ || tcp_eof_ || done_ || !relaying_) return;
   reading_ = true;
   socket_.async_wait(asio::socket_base::wait_read,
                      [self = shared_from_this()](const boost::system::error_code& ec) {
@@ -95,16 +108,37 @@ void TunnelStream::on_tcp_readable(const boost::system::error_code& wait_ec) {
   } else {
     rlen_ = n;
     roff_ = 0;
-    from_tcp_ += n;
-    if (counters_) {
-      auto& c = tcp_is_downstream_ ? counters_->received_bytes : counters_->sent_bytes;
-      c.fetch_add(n, std::memory_order_relaxed);
-    }
+    count_from_tcp(n);
   }
   if (conn_) conn_->resume(stream_id_);
 }
 
+void TunnelStream::count_from_tcp(size_t n) {
+  from_tcp_ += n;
+  if (counters_) {
+    auto& c = tcp_is_downstream_ ? counters_->received_bytes : counters_->sent_bytes;
+    c.fetch_add(n, std::memory_order_relaxed);
+  }
+}
+
+void TunnelStream::count_to_tcp(size_t n) {
+  to_tcp_ += n;
+  if (counters_) {
+    auto& c = tcp_is_downstream_ ? counters_->sent_bytes : counters_->received_bytes;
+    c.fetch_add(n, std::memory_order_relaxed);
+  }
+}
+
 long TunnelStream::read_for_h2(uint8_t* buf, size_t len, uint32_t* flags) {
+  if (pipe_) {
+    if (const size_t n = pipe_->pull(buf, len)) {
+      count_from_tcp(n);
+      return static_cast<long>(n);
+    }
+    if (!pipe_->output_ended()) return NGHTTP2_ERR_DEFERRED;
+    *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return 0;
+  }
   if (rlen_ > roff_) {
     const size_t n = std::min(len, rlen_ - roff_);
     std::memcpy(buf, rbuf_.get() + roff_, n);
@@ -125,6 +159,12 @@ long TunnelStream::read_for_h2(uint8_t* buf, size_t len, uint32_t* flags) {
 }
 
 void TunnelStream::on_h2_data(const uint8_t* data, size_t len) {
+  if (pipe_) {
+    if (done_) return;
+    if (!pipe_->push(data, len))  // the HTTP side closed: as a write to a closed socket
+      fail(tcp_is_downstream_ ? "downstream_write_error" : "upstream_write_error");
+    return;
+  }
   pending_.insert(pending_.end(), data, data + len);
   if (relaying_) write_to_tcp();
 }
@@ -150,12 +190,7 @@ void TunnelStream::write_to_tcp() {
                         return self->fail(self->tcp_is_downstream_ ? "downstream_write_error"
                                                                    : "upstream_write_error");
                       }
-                      self->to_tcp_ += n;
-                      if (self->counters_) {
-                        auto& c = self->tcp_is_downstream_ ? self->counters_->sent_bytes
-                                                           : self->counters_->received_bytes;
-                        c.fetch_add(n, std::memory_order_relaxed);
-                      }
+                      self->count_to_tcp(n);
                       self->inflight_.clear();
                       // Keep a moderate buffer for the next burst (freeing and re-faulting pages
                       // per write costs more than the copy); drop an outsized one.
@@ -168,6 +203,11 @@ void TunnelStream::write_to_tcp() {
 
 void TunnelStream::on_h2_end_stream() {
   h2_eof_ = true;
+  if (pipe_) {
+    pipe_->push_eof();
+    maybe_finish();
+    return;
+  }
   if (relaying_) write_to_tcp();
 }
 
@@ -202,6 +242,7 @@ void TunnelStream::finish(const std::string& result) {
   done_ = true;
   boost::system::error_code ignored;
   socket_.close(ignored);
+  if (pipe_) pipe_->tunnel_finished(result == "ok");
   rbuf_.reset();
   if (on_open_) std::exchange(on_open_, nullptr)(result);
   auto conn = std::move(conn_);
@@ -209,6 +250,24 @@ void TunnelStream::finish(const std::string& result) {
     auto f = std::move(finished_);
     f(*this, result);
   }
+}
+
+void TunnelStream::pipe_has_output() {
+  if (conn_ && relaying_ && !done_) conn_->resume(stream_id_);
+}
+
+void TunnelStream::pipe_consumed(size_t n) {
+  count_to_tcp(n);
+  if (conn_) conn_->consume(stream_id_, n);
+}
+
+void TunnelStream::pipe_closed(bool unread) {
+  if (done_) return;
+  // As closing a socket: unread bytes reset the stream; otherwise our side ends after what
+  // was written, and whatever the peer still sends resets it (on_h2_data).
+  if (unread) return fail(tcp_is_downstream_ ? "downstream_reset" : "upstream_reset");
+  if (conn_ && relaying_) conn_->resume(stream_id_);
+  maybe_finish();
 }
 
 }  // namespace weft

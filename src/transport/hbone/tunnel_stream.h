@@ -1,6 +1,7 @@
 // TunnelStream joins one plain TCP socket to one HTTP/2 CONNECT stream. Both HBONE roles use it:
 // outbound, the socket is the local app's connection; inbound, it is our connection to the
-// local target. It lives on its worker's thread only.
+// local target. For the proxy's own HTTP code the other end is a TunnelPipe instead of a
+// socket (no kernel hop between the L7 code and the tunnel). It lives on its worker's thread.
 //
 // Bytes flow with backpressure both ways:
 //  - TCP -> h2: a pooled buffer is filled only when the previous one was taken by nghttp2, which
@@ -19,12 +20,13 @@
 
 #include "core/buffer_pool.h"
 #include "stats/metrics.h"
+#include "transport/hbone/tunnel_pipe.h"
 
 namespace weft {
 
 class H2Connection;
 
-class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
+class TunnelStream : public std::enable_shared_from_this<TunnelStream>, private TunnelPipeSink {
  public:
   // Called once, when both directions are done or the stream failed. `result` is "ok" or why.
   using Finished = std::function<void(const TunnelStream&, const std::string& result)>;
@@ -33,7 +35,10 @@ class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
   // from it count as received; false inbound, where they are the response and count as sent.
   TunnelStream(boost::asio::ip::tcp::socket socket, std::shared_ptr<TcpCounters> counters,
                bool tcp_is_downstream, Metrics& metrics, Finished finished);
-  ~TunnelStream();
+  // The other end is `pipe`, read and written by the proxy's HTTP code.
+  TunnelStream(std::shared_ptr<TunnelPipe> pipe, std::shared_ptr<TcpCounters> counters,
+               bool tcp_is_downstream, Metrics& metrics, Finished finished);
+  ~TunnelStream() override;
 
   boost::asio::ip::tcp::socket& socket() { return socket_; }
 
@@ -73,8 +78,15 @@ class TunnelStream : public std::enable_shared_from_this<TunnelStream> {
   void write_to_tcp();
   void finish(const std::string& result);
   void maybe_finish();
+  void count_from_tcp(size_t n);
+  void count_to_tcp(size_t n);
+  // TunnelPipeSink
+  void pipe_has_output() override;
+  void pipe_consumed(size_t n) override;
+  void pipe_closed(bool unread) override;
 
   boost::asio::ip::tcp::socket socket_;
+  std::shared_ptr<TunnelPipe> pipe_;  // set: the other end is in process, socket_ is unused
   std::shared_ptr<TcpCounters> counters_;
   bool tcp_is_downstream_;
   Metrics& metrics_;
