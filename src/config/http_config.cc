@@ -171,6 +171,16 @@ HeaderRewrite read_rewrite(const Reader& r, const YAML::Node& n, const std::stri
   return h;
 }
 
+// Envoy's names for the gRPC statuses worth another try; 0 for anything else.
+int grpc_retry_code(const std::string& name) {
+  if (name == "cancelled") return 1;
+  if (name == "deadline-exceeded") return 4;
+  if (name == "resource-exhausted") return 8;
+  if (name == "internal") return 13;
+  if (name == "unavailable") return 14;
+  return 0;
+}
+
 RetryPolicy read_retries(const Reader& r, const YAML::Node& n, const std::string& f) {
   RetryPolicy p;
   if (!n.IsDefined() || n.IsNull()) return p;
@@ -186,9 +196,13 @@ RetryPolicy read_retries(const Reader& r, const YAML::Node& n, const std::string
         p.on_reset = true;
       else if (v == "5xx")
         p.on_5xx = true;
+      else if (const int code = grpc_retry_code(v); code > 0)
+        p.on_grpc |= 1u << code;
       else
         r.fail(on[i], f + ".on[" + std::to_string(i) + "]",
-               "'" + v + "' is no retry condition; expected connect-failure, reset or 5xx");
+               "'" + v +
+                   "' is no retry condition; expected connect-failure, reset, 5xx, or for gRPC "
+                   "cancelled, deadline-exceeded, internal, resource-exhausted or unavailable");
     }
   }
   p.backoff = r.duration(n, f, "backoff", p.backoff);

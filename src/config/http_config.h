@@ -56,6 +56,10 @@ struct RetryPolicy {
   bool on_connect_failure = true;
   bool on_reset = true;
   bool on_5xx = false;
+  // gRPC: one bit per status code (1 << code) answered trailers-only that goes again, as
+  // Envoy's retry_on cancelled / deadline-exceeded / internal / resource-exhausted /
+  // unavailable. Only a request small enough to be kept whole (64 KiB) can be replayed.
+  uint32_t on_grpc = 0;
   Millis backoff = std::chrono::milliseconds(25);  // base; doubles per retry, with jitter
   Millis max_backoff = std::chrono::milliseconds(250);
   // Each try's own deadline (0: none), from the try's start to the response header. Expiring

@@ -255,19 +255,21 @@ void ControlServer::finish(std::list<Watcher>::iterator it, const WatchDelta& de
 
 void ControlServer::arm_watch_deadline(std::list<Watcher>::iterator it) {
   it->deadline->expires_after(it->interval);
-  it->deadline->async_wait([this, it](const boost::system::error_code& ec) {
-    if (ec) return;  // answered already, or the watcher is gone
-    if (it->stream && it->stream->closed()) {
-      watchers_.erase(it);
-      return;
-    }
-    // Nothing in scope changed up to now: the client may resume from here.
-    WatchDelta nothing;
-    nothing.revision = registry_.revision();
-    const bool streaming = it->stream != nullptr;
-    finish(it, nothing);                    // a long poll is erased here
-    if (streaming) arm_watch_deadline(it);  // a stream stays; the heartbeat repeats
-  });
+  it->deadline->async_wait(
+      [this, it, alive = std::weak_ptr<char>(it->alive)](const boost::system::error_code& ec) {
+        // Answered already, or the watcher is gone (a change answered it after this fired).
+        if (ec || alive.expired()) return;
+        if (it->stream && it->stream->closed()) {
+          watchers_.erase(it);
+          return;
+        }
+        // Nothing in scope changed up to now: the client may resume from here.
+        WatchDelta nothing;
+        nothing.revision = registry_.revision();
+        const bool streaming = it->stream != nullptr;
+        finish(it, nothing);                    // a long poll is erased here
+        if (streaming) arm_watch_deadline(it);  // a stream stays; the heartbeat repeats
+      });
 }
 
 void ControlServer::handle_watch(const HttpRequest& r, HttpServer::Reply reply) {

@@ -65,6 +65,9 @@ class ControlServer {
     std::unique_ptr<boost::asio::steady_timer> deadline;
     std::shared_ptr<ResponseStream> stream;
     Millis interval{0};
+    // Dies with the watcher. A deadline that already fired is not undone by cancel(): its
+    // queued handler checks this before touching the (maybe erased) list entry.
+    std::shared_ptr<char> alive = std::make_shared<char>();
   };
 
   void dispatch(const HttpRequest& r, HttpServer::Reply reply);

@@ -12,6 +12,7 @@ control, a cancelled stream reaching the server, the route's rate limit, request
 access logs from both proxies, and HTTP/1.1 clients translated to the HTTP/2 service.
 usage: grpc_l7.py path/to/weft
 """
+import hashlib
 import http.client
 import json
 import os
@@ -92,6 +93,11 @@ def make_server(name):
         for msg in it:
             yield b"echo:" + msg
 
+    def flaky(req, ctx):
+        if name == "one":
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "one is flaky")
+        return f"{name}:{len(req)}:{hashlib.sha256(req).hexdigest()[:16]}".encode()
+
     def slow(req, ctx):
         slow_started.set()
         deadline = time.monotonic() + 10
@@ -108,6 +114,7 @@ def make_server(name):
         "Endless": grpc.unary_stream_rpc_method_handler(endless),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
@@ -149,6 +156,9 @@ def main():
             # Held 3 s at the proxy (fault delay) before it goes on: a client deadline passes first.
             "      - {name: delayed, match: {path: {exact: /echo.Echo/Slow}}, service: echo,"
             " fault: {delay: {percent: 100, duration: 3s}}}\n"
+            # Server one answers UNAVAILABLE: retried (with the request kept) to another server.
+            "      - {name: flaky, match: {path: {exact: /echo.Echo/Flaky}}, service: echo,"
+            " retries: {attempts: 4, on: [connect-failure, unavailable]}}\n"
             "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
             " retries: {attempts: 2, on: [connect-failure]}, request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
         target = client["outbound/web"]
@@ -287,6 +297,36 @@ def main():
         retried = [l for l in lines if l.get("path") == "/echo.Echo/Unary" and l.get("attempts", 0) > 1]
         check(retried and all(l["status"] == 200 for l in retried),
               f"calls that met the endpoint that is gone were retried: {len(retried)} with 2+ attempts")
+
+        # Retries on a gRPC status (retry_on: unavailable): server one always answers
+        # UNAVAILABLE, so every call ends at server two, with its 20 kB request intact.
+        channel = grpc.insecure_channel(target)
+        flaky = channel.unary_unary("/echo.Echo/Flaky")
+        payload = os.urandom(20000)
+        want = f"two:{len(payload)}:{hashlib.sha256(payload).hexdigest()[:16]}".encode()
+        got = []
+        for _ in range(6):
+            try:
+                got.append(flaky(payload, timeout=10))
+            except grpc.RpcError as e:
+                got.append(f"{e.code().name}: {e.details()}")
+        check(all(g == want for g in got), f"6 calls with retry on UNAVAILABLE all served by two: {got}")
+        # A request too big to keep (over 64 KiB) is not replayed: one's UNAVAILABLE reaches the
+        # client when a call lands there.
+        codes = []
+        for _ in range(4):
+            try:
+                flaky(os.urandom(100000), timeout=10)
+                codes.append("OK")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+        check("UNAVAILABLE" in codes and set(codes) <= {"OK", "UNAVAILABLE"},
+              f"over 64 KiB a call is not replayed: {codes}")
+        channel.close()
+        log = open(os.path.join(h.work, "client.log")).read()
+        flaky_lines = [json.loads(l) for l in log.splitlines() if l.startswith("{") and "/echo.Echo/Flaky" in l]
+        check(any(l.get("attempts", 0) > 1 and l["status"] == 200 for l in flaky_lines),
+              "the access log shows the retried gRPC calls with 2+ attempts")
 
         # Drain with pooled HTTP/2 connections open (idle timeout 60 s): they are closed at
         # once, so nothing holds the proxy until its drain timeout (15 s).

@@ -55,6 +55,18 @@ TEST(L7Config, Http2ServicesAndTargets) {
   EXPECT_FALSE(rt->cluster("inbound|127.0.0.1:8080")->service().http.h2);
 }
 
+TEST(L7Config, GrpcRetryConditions) {
+  auto cfg = parse(with_service(
+      "    http: {protocol: grpc}\n",
+      "      - {service: s, retries: {attempts: 2, on: [unavailable, resource-exhausted]}}\n"));
+  const auto& p = cfg->outbound[0].routes[0].retries;
+  EXPECT_EQ(p.on_grpc, (1u << 14) | (1u << 8));
+  EXPECT_FALSE(p.on_connect_failure || p.on_reset || p.on_5xx);  // `on` lists them all
+  EXPECT_NE(config_error(with_service("", "      - {service: s, retries: {on: [unavaliable]}}\n"))
+                .find("'unavaliable' is no retry condition"),
+            std::string::npos);
+}
+
 TEST(L7Config, ErrorsNameTheFieldAndWhatToWrite) {
   EXPECT_NE(
       config_error(with_service("", "      - {service: nope}\n")).find("no service named 'nope'"),

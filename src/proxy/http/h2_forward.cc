@@ -2,6 +2,7 @@
 
 #include <nghttp2/nghttp2.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "proxy/http/h2_stream.h"
@@ -12,6 +13,9 @@
 namespace weft {
 
 namespace {
+
+// The largest request kept for a retry on a gRPC status (Envoy keeps up to its buffer limit).
+constexpr size_t kMaxReplay = 64 * 1024;
 
 bool find_field(const void* ctx, std::string_view name, std::string_view& value) {
   const auto& s = *static_cast<const H2Downstream::Stream*>(ctx);
@@ -150,6 +154,7 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
   hash_key_ = hash_header.empty()                       ? source_
               : find_field(s.get(), hash_header, value) ? std::string(value)
                                                         : std::string();
+  replayable_ = grpc_ && route.retries.on_grpc != 0 && route.retries.attempts > 0;
   // The route timeout bounds the wait for the response header (a stream may then run on); a
   // gRPC client's own deadline (grpc-timeout) shortens it, as Envoy's max_grpc_timeout does.
   Millis limit = route.timeout;
@@ -202,8 +207,15 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
 
 void H2Forward::attempt() {
   ++attempts_;
-  endpoint_ = cluster_->pick(hash_key_, last_endpoint_, d_.env_.rng(), steady_now_ms());
+  // A retry goes to an endpoint not tried yet when there is one (as Envoy's previous_hosts
+  // predicate): avoiding only the last one can bounce between two bad ones forever.
+  const int n = static_cast<int>(cluster_->endpoints().size());
+  for (int k = 0; k <= n; ++k) {
+    endpoint_ = cluster_->pick(hash_key_, last_endpoint_, d_.env_.rng(), steady_now_ms());
+    if (endpoint_ < 0 || endpoint_ >= 64 || !(tried_ & (1ull << endpoint_))) break;
+  }
   if (endpoint_ < 0) return answer({503, "no endpoint\n", "UH", {}});
+  if (endpoint_ < 64) tried_ |= 1ull << endpoint_;
   cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
   endpoint_counted_ = true;
   // After a refusal, a new connection: a shared one may be as close to the app's
@@ -277,9 +289,19 @@ size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
   *eof = request_done_ && req_body_.empty();
   if (n == 0) return 0;
   pulled_any_ = true;
-  // Sent on: the client may send as much again.
-  if (!finished_ && !down_.expired()) {
-    nghttp2_session_consume(d_.session_, id_, n);
+  if (replayable_) {
+    if (replay_.size() + n > kMaxReplay) {
+      replayable_ = false;
+      std::string().swap(replay_);
+    } else {
+      replay_.append(reinterpret_cast<const char*>(buf), n);
+    }
+  }
+  // Sent on: the client may send as much again (a replay was credited the first time).
+  const size_t fresh = n - std::min(n, already_credited_);
+  already_credited_ -= n - fresh;
+  if (fresh && !finished_ && !down_.expired()) {
+    nghttp2_session_consume(d_.session_, id_, fresh);
     d_.flush();
   }
   return n;
@@ -288,6 +310,7 @@ size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
 void H2Forward::on_response_head(H2Fields fields, bool end_stream) {
   auto s = stream();
   if (finished_ || answered_ || !s) return;
+  if (end_stream && retry_on_grpc_status(fields)) return;
   head_received_ = true;
   timer_.cancel();
   const unsigned status =
@@ -317,6 +340,7 @@ void H2Forward::on_response_trailers(H2Fields fields) {
 }
 
 void H2Forward::on_stream_end(uint32_t error_code) {
+  if (std::exchange(ignore_stream_end_, false)) return;  // a try whose answer was retried
   auto s = stream();
   up_.reset();
   up_id_ = -1;
@@ -329,6 +353,7 @@ void H2Forward::on_stream_end(uint32_t error_code) {
     // each try is on a newer connection).
     if (error_code == NGHTTP2_REFUSED_STREAM && !pulled_any_ && ++refusals_ <= 3) {
       last_endpoint_ = -1;
+      if (endpoint_ >= 0 && endpoint_ < 64) tried_ &= ~(1ull << endpoint_);  // it may go again
       return attempt();
     }
     cluster_->record(endpoint_, true, steady_now_ms());
@@ -363,23 +388,52 @@ void H2Forward::attempt_failed(const std::string& why, bool retryable) {
   up_id_ = -1;
   const auto& p = route_->retries;
   const bool wanted = p.on_connect_failure || p.on_reset;
-  if (retryable && wanted && attempts_ <= p.attempts && cluster_->retry_allowed()) {
-    if (!in_retry_) {
-      cluster_->breakers().retries.fetch_add(1, std::memory_order_relaxed);
-      in_retry_ = true;
-    }
-    delay_.expires_after(p.backoff);
-    delay_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-      if (!ec && !self->finished_ && !self->answered_) self->attempt();
-    });
-    return;
-  }
+  if (retryable && wanted && attempts_ <= p.attempts && cluster_->retry_allowed())
+    return schedule_retry();
   answer({503,
           "upstream connect error or reset before headers (service '" + cluster_->service().name +
               "', " + std::to_string(attempts_) + " attempt" + (attempts_ > 1 ? "s" : "") +
               "): " + why + "\n",
           why.starts_with("connect") ? "UF" : "UR",
           {}});
+}
+
+void H2Forward::schedule_retry() {
+  if (!in_retry_) {
+    cluster_->breakers().retries.fetch_add(1, std::memory_order_relaxed);
+    in_retry_ = true;
+  }
+  delay_.expires_after(route_->retries.backoff);
+  delay_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (!ec && !self->finished_ && !self->answered_) self->attempt();
+  });
+}
+
+// A trailers-only answer (no message, just a status) whose grpc-status the route retries: the
+// app did not do the call, and the whole request is still here, so it goes again (to another
+// endpoint when there is one). Envoy's retry_on for gRPC.
+bool H2Forward::retry_on_grpc_status(const H2Fields& fields) {
+  const auto& p = route_->retries;
+  if (!replayable_ || !request_done_ || attempts_ > p.attempts || !cluster_->retry_allowed())
+    return false;
+  int code = -1;
+  for (const auto& [name, value] : fields)
+    if (name == "grpc-status" && value.size() <= 2) code = std::atoi(value.c_str());
+  if (code <= 0 || code > 16 || !(p.on_grpc & (1u << code))) return false;
+  cluster_->record(endpoint_, code == 14, steady_now_ms());  // UNAVAILABLE: an endpoint failure
+  // The request goes again from its first byte: what was sent, then what was not yet.
+  already_credited_ = replay_.size();
+  req_body_ = std::move(replay_) + req_body_.substr(req_off_);
+  replay_.clear();
+  req_off_ = 0;
+  pulled_any_ = false;
+  ignore_stream_end_ = true;
+  last_endpoint_ = endpoint_;
+  end_endpoint_count();
+  up_.reset();
+  up_id_ = -1;
+  schedule_retry();
+  return true;
 }
 
 void H2Forward::answer(const LocalReply& r) {

@@ -61,6 +61,8 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   void open_connection();
   void send(const std::shared_ptr<H2Upstream>& up);
   void attempt_failed(const std::string& why, bool retryable);
+  bool retry_on_grpc_status(const H2Fields& fields);
+  void schedule_retry();
   void answer(const LocalReply& r);
   void end_endpoint_count();
   std::shared_ptr<Stream> stream() const { return stream_.lock(); }
@@ -75,6 +77,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   std::shared_ptr<H2Upstream> up_;
   int32_t up_id_ = -1;
   int endpoint_ = -1, last_endpoint_ = -1;
+  uint64_t tried_ = 0;  // endpoints (index < 64) this request went to
   bool endpoint_counted_ = false;
   bool request_slot_ = false;
   unsigned attempts_ = 0;
@@ -87,6 +90,11 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   size_t req_off_ = 0;
   bool request_done_ = false;
   bool pulled_any_ = false;
+  // For retries on a gRPC status: what was sent, while the request fits in kMaxReplay.
+  std::string replay_;
+  bool replayable_ = false;
+  size_t already_credited_ = 0;     // replayed bytes the client's window got back before
+  bool ignore_stream_end_ = false;  // the retried try's stream ends after its answer
   bool head_received_ = false;
   bool upstream_done_ = false;       // the upstream stream ended (the rest of the request is moot)
   bool answered_ = false;            // a local answer went out instead
