@@ -252,16 +252,22 @@ void TunnelStream::finish(const std::string& result) {
   }
 }
 
+// The pipe holds only a plain pointer to us, and the connection's map may hold the last
+// reference: sending (resume, consume, reset) can close the stream and drop it while we are
+// still inside. Each callback keeps us alive until it returns.
 void TunnelStream::pipe_has_output() {
+  auto self = shared_from_this();
   if (conn_ && relaying_ && !done_) conn_->resume(stream_id_);
 }
 
 void TunnelStream::pipe_consumed(size_t n) {
+  auto self = shared_from_this();
   count_to_tcp(n);
   if (conn_) conn_->consume(stream_id_, n);
 }
 
 void TunnelStream::pipe_closed(bool unread) {
+  auto self = shared_from_this();
   if (done_) return;
   // As closing a socket: unread bytes reset the stream; otherwise our side ends after what
   // was written, and whatever the peer still sends resets it (on_h2_data).
