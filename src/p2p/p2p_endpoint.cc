@@ -266,7 +266,9 @@ void P2pEndpoint::dispatch(const udp::endpoint& from, const uint8_t* data, size_
   }
   // The peer sends from an address a probe verified: answer there (it moved, or restarted
   // on another port), as a QUIC server follows a migrating client.
-  if (PeerState* p = find(it->second); p && p->direct != from) {
+  if (PeerState* p = find(it->second);
+      p && p->direct != from &&
+      !(p->dead_direct == from && Clock::now() - p->dead_at < options_.fast_probing)) {
     p->last_pong = Clock::now();
     set_path(*p, from, "its packets now come from there");
   }
@@ -292,6 +294,8 @@ void P2pEndpoint::on_quic(const relay::NodeKey& peer, const uint8_t* data, size_
     return void(++counters_.unknown_source);
   }
   p->last_seen = Clock::now();
+  // It sends over the relay though we reach it directly: it lost the direct path, maybe we did.
+  if (via_relay && p->direct) suspect_direct(*p, "its packets arrive over the relay");
   const auto header = quic::peek_header(data, len);
   if (!header) return void(++counters_.udp_garbage);
   if (auto it = cids_.find(header->dcid); it != cids_.end()) {
@@ -382,8 +386,9 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
   outstanding_.erase(it);
   addresses_[*from] = pr->sender;
   p->last_pong = now;
+  const auto previous_rtt = p->probe_rtt;
   p->probe_rtt = rtt;
-  if (!p->direct || (*p->direct != *from && rtt < p->probe_rtt / 2))
+  if (!p->direct || (*p->direct != *from && rtt < previous_rtt / 2))
     set_path(*p, *from, fmt::format("probe answered in {:.1f} ms", rtt.count() / 1000.0));
 }
 
@@ -402,6 +407,8 @@ void P2pEndpoint::set_path(PeerState& p, std::optional<udp::endpoint> direct,
   p.direct = direct;
   if (!changed) return;
   p.last_change = Clock::now();
+  p.last_change_why = why;
+  p.suspect_since = {};
   ++p.path_changes;
   if (direct) send_unsent(p);
   spdlog::info("p2p: {} now {} ({})", p.info.name.empty() ? short_key(p.info.key) : p.info.name,
@@ -421,6 +428,7 @@ void P2pEndpoint::tick() {
     else
       ++it;
   }
+  bool watching = false;  // some direct path carries a connection: check it often
   for (auto& [key, p] : peers_) {
     if (!p.unsent.empty() && relay_ && relay_->connected()) send_unsent(p);
     if (p.conns.empty()) {
@@ -430,11 +438,17 @@ void P2pEndpoint::tick() {
     }
     if (p.direct) {
       if (now - p.last_pong > options_.direct_timeout) {
-        set_path(p, std::nullopt, "the direct path stopped answering");
-        p.fast_until = now + options_.fast_probing;
+        lose_direct(p, now, "the direct path stopped answering");
       } else {
-        send_probe(p, *p.direct);
-        continue;
+        check_direct(p, now);
+        if (p.direct) {
+          watching = true;
+          if (now - p.last_ping >= options_.direct_ping) {
+            send_probe(p, *p.direct);
+            p.last_ping = now;
+          }
+          continue;
+        }
       }
     }
     const auto every = now < p.fast_until ? options_.probe_interval : options_.reprobe_interval;
@@ -443,10 +457,61 @@ void P2pEndpoint::tick() {
     for (const auto& c : p.info.candidates) send_probe(p, c);
     for (const auto& c : p.seen_from) send_probe(p, c);
   }
-  ticker_.expires_after(std::min(options_.probe_interval, options_.direct_ping));
+  ticker_.expires_after(watching ? options_.suspect_probe_interval
+                                 : std::min(options_.probe_interval, options_.direct_ping));
   ticker_.async_wait([this](const boost::system::error_code& ec) {
     if (!ec) tick();
   });
+}
+
+void P2pEndpoint::suspect_direct(PeerState& p, const char* why) {
+  if (!p.direct || p.suspect_since != Clock::time_point{}) return;
+  const auto now = Clock::now();
+  p.suspect_since = now;
+  p.last_suspect_probe = now;
+  ++counters_.direct_suspected;
+  spdlog::debug("p2p: checking the direct path to {} ({})", p.info.name, why);
+  send_probe(p, *p.direct);
+}
+
+void P2pEndpoint::check_direct(PeerState& p, Clock::time_point now) {
+  if (!p.direct) return;
+  if (p.suspect_since == Clock::time_point{}) {
+    for (const auto& c : p.conns)
+      if (c->unanswered_probe_timeouts() > 0)
+        return suspect_direct(p, "QUIC's probe timeout fired with data unacknowledged");
+    return;
+  }
+  if (p.last_pong >= p.suspect_since) {  // a probe came back: the path works
+    p.suspect_since = {};
+    return;
+  }
+  std::chrono::microseconds quic_rtt{0};
+  for (const auto& c : p.conns)
+    if (c->established() && !c->closed()) quic_rtt = std::max(quic_rtt, c->smoothed_rtt());
+  const auto window = std::max({std::chrono::duration_cast<std::chrono::microseconds>(
+                                    options_.confirm_loss),
+                                4 * p.probe_rtt, 2 * quic_rtt});
+  const auto waited = now - p.suspect_since;
+  if (waited >= window)
+    return lose_direct(
+        p, now,
+        fmt::format("no probe answered for {} ms",
+                    std::chrono::duration_cast<std::chrono::milliseconds>(waited).count()));
+  if (now - p.last_suspect_probe >= options_.suspect_probe_interval) {
+    send_probe(p, *p.direct);
+    p.last_suspect_probe = now;
+  }
+}
+
+void P2pEndpoint::lose_direct(PeerState& p, Clock::time_point now, const std::string& why) {
+  ++counters_.direct_lost;
+  p.dead_direct = p.direct;
+  p.dead_at = now;
+  set_path(p, std::nullopt, why);
+  // Look for a way back at once, and keep looking quickly for a while.
+  p.fast_until = now + options_.fast_probing;
+  p.last_round = {};
 }
 
 // ---------------------------------------------------------------- sending
@@ -692,6 +757,7 @@ json::object P2pEndpoint::status() const {
       o["rtt_ms"] = static_cast<double>(conn->smoothed_rtt().count()) / 1000.0;
       o["streams"] = conn->open_streams();
     }
+    if (!p.last_change_why.empty()) o["last_change_reason"] = p.last_change_why;
     if (p.last_change != Clock::time_point{})
       o["last_change_ago_s"] =
           std::chrono::duration_cast<std::chrono::milliseconds>(now - p.last_change).count() /
@@ -727,6 +793,10 @@ std::string P2pEndpoint::metrics_text() const {
   counter("no_path_total", "Batches dropped with neither a direct path nor a relay.", c.no_path);
   counter("tunnels_opened_total", "Tunnels opened to peers.", c.tunnels_opened);
   counter("tunnels_accepted_total", "Tunnels peers opened to us.", c.tunnels_accepted);
+  counter("direct_suspected_total",
+          "Times a direct path was checked at once because QUIC or the peer saw loss.",
+          c.direct_suspected);
+  counter("direct_lost_total", "Direct paths given up for the relay.", c.direct_lost);
   out +=
       "# HELP weft_p2p_peer_path Current path per peer: 2 direct, 1 relay, 0 none.\n"
       "# TYPE weft_p2p_peer_path gauge\n";

@@ -55,6 +55,13 @@ struct P2pOptions {
   std::chrono::milliseconds fast_probing{10000};          // how long the fast round lasts
   std::chrono::milliseconds direct_ping{2000};            // keeps a direct path (and NAT) alive
   std::chrono::milliseconds direct_timeout{5000};         // no pong for this long: back to relay
+  // A direct path falls under suspicion when QUIC's probe timeout fires with data unacknowledged,
+  // or the peer's packets arrive over the relay instead; then it is probed every
+  // `suspect_probe_interval`, and it is dropped when none of those probes is answered within
+  // max(confirm_loss, 4 probe RTTs, 2 QUIC RTTs). Streams move to the relay in well under a
+  // second instead of waiting out direct_timeout and QUIC's doubling backoff.
+  std::chrono::milliseconds suspect_probe_interval{100};
+  std::chrono::milliseconds confirm_loss{300};
   std::chrono::milliseconds learned_peer_linger{120000};  // peers outside the view, once idle
   // Never look for a direct path: for networks whose policy forbids peer-to-peer UDP, and to
   // measure the relay (as Tailscale's TS_DEBUG_ALWAYS_USE_DERP).
@@ -106,6 +113,14 @@ class P2pEndpoint {
     std::optional<boost::asio::ip::udp::endpoint> direct;
     std::vector<boost::asio::ip::udp::endpoint> seen_from;  // where its signed pings came from
     std::chrono::steady_clock::time_point last_pong{}, last_change{}, fast_until{}, last_round{};
+    std::string last_change_why;
+    std::chrono::steady_clock::time_point last_ping{};      // keepalive probe on the direct path
+    std::chrono::steady_clock::time_point suspect_since{};  // zero: the direct path is trusted
+    std::chrono::steady_clock::time_point last_suspect_probe{};
+    // The direct path we just gave up on: stray QUIC packets from it do not bring it back (only
+    // an answered probe does), or a path that is dead one way would flap.
+    std::optional<boost::asio::ip::udp::endpoint> dead_direct;
+    std::chrono::steady_clock::time_point dead_at{};
     std::chrono::microseconds probe_rtt{0};
     uint64_t path_changes = 0;
     bool dialing = false;
@@ -139,6 +154,11 @@ class P2pEndpoint {
   void set_path(PeerState& p, std::optional<boost::asio::ip::udp::endpoint> direct,
                 const std::string& why);
   void tick();
+  // Fast detection of a dead direct path (see P2pOptions::confirm_loss).
+  void check_direct(PeerState& p, std::chrono::steady_clock::time_point now);
+  void suspect_direct(PeerState& p, const char* why);
+  void lose_direct(PeerState& p, std::chrono::steady_clock::time_point now,
+                   const std::string& why);
   void stun_send(const std::shared_ptr<StunQuery>& q);
   PeerState* find(const relay::NodeKey& key);
   // A node outside our view that proved its key (relay, signed probe); nullptr when too many.
@@ -167,7 +187,8 @@ class P2pEndpoint {
   struct Counters {
     uint64_t udp_in = 0, udp_garbage = 0, unknown_source = 0, probes_in = 0, probes_bad = 0,
              probes_unknown_key = 0, relay_in = 0, relay_out = 0, direct_out = 0, send_errors = 0,
-             stateless_resets = 0, no_path = 0, tunnels_opened = 0, tunnels_accepted = 0;
+             stateless_resets = 0, no_path = 0, tunnels_opened = 0, tunnels_accepted = 0,
+             direct_suspected = 0, direct_lost = 0;
   } counters_;
 };
 

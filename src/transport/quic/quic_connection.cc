@@ -566,6 +566,13 @@ std::chrono::microseconds Connection::smoothed_rtt() const {
   return std::chrono::microseconds(st.smoothed_rtt / 1000);
 }
 
+size_t Connection::unanswered_probe_timeouts() const {
+  if (!conn_ || closed_) return 0;
+  ngtcp2_conn_stat st;
+  ngtcp2_conn_get_conn_stat(conn_, &st);
+  return st.bytes_in_flight > 0 ? st.pto_count : 0;
+}
+
 // ---------------------------------------------------------------- streams
 
 int64_t Connection::open_stream(StreamHandler* handler) {

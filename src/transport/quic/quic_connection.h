@@ -153,6 +153,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Role role() const { return role_; }
   const std::string& peer_identity() const { return peer_identity_; }
   std::chrono::microseconds smoothed_rtt() const;
+  // QUIC's own sign that the path may have died: how many probe timeouts in a row fired while
+  // data waited for acknowledgement (0 on a path that acknowledges).
+  size_t unanswered_probe_timeouts() const;
   size_t open_streams() const { return streams_.size(); }
   std::vector<std::string> cids() const;
 
