@@ -489,6 +489,21 @@ void Connection::arm_timer() {
   // early is harmless (handle_expiry finds nothing due, and the flush re-arms).
   if (timer_armed_ && armed_expiry_ <= expiry) return;
   const ngtcp2_tstamp now = now_ts();
+  if (expiry <= now) {
+    // Already due (an acknowledgement to send, a pacing slot that has come): a zero-length
+    // wait would still cost timerfd_settime calls, and a receiver at full rate made tens of
+    // thousands a second. Run it after the handlers already queued instead.
+    if (!expiry_posted_) {
+      expiry_posted_ = true;
+      boost::asio::post(io_, [weak = weak_from_this()] {
+        if (auto self = weak.lock()) {
+          self->expiry_posted_ = false;
+          self->on_timer();
+        }
+      });
+    }
+    return;
+  }
   timer_armed_ = true;
   armed_expiry_ = expiry;
   const uint64_t generation = ++timer_generation_;

@@ -224,6 +224,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool established_ = false;
   bool closed_ = false;
   bool flush_scheduled_ = false;
+  bool expiry_posted_ = false;  // on_timer is queued for an expiry that was already due
   bool in_flush_ = false;
 };
 
