@@ -714,7 +714,7 @@ void AgentServer::rebuild_dataplane() {
 
 void AgentServer::start_p2p() {
   P2pOptions o;
-  o.listen = boost::asio::ip::udp::endpoint(boost::asio::ip::udp::v4(), options_.quic_port);
+  o.listen = boost::asio::ip::udp::endpoint(boost::asio::ip::udp::v6(), options_.quic_port);
   o.private_pem = slurp(options_.state_dir / "node.key");
   o.quic.keepalive = options_.quic_keepalive;
   o.quic.idle_timeout = options_.quic_idle_timeout;

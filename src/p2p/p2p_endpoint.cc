@@ -41,6 +41,14 @@ std::string to_string(const udp::endpoint& e) {
   return HostPort{e.address().to_string(), e.port()}.to_string();
 }
 
+// A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; everything above it (verified
+// addresses, candidates, status) speaks plain IPv4 for them.
+udp::endpoint unmapped(const udp::endpoint& e) {
+  if (e.address().is_v6() && e.address().to_v6().is_v4_mapped())
+    return {asio::ip::make_address_v4(asio::ip::v4_mapped, e.address().to_v6()), e.port()};
+  return e;
+}
+
 void set_buffer(int fd, int opt, int force_opt, int bytes) {
   // Big buffers carry bursts at line rate; FORCE works past rmem_max when we are root.
   if (::setsockopt(fd, SOL_SOCKET, force_opt, &bytes, sizeof bytes) != 0)
@@ -96,11 +104,23 @@ Result<std::unique_ptr<P2pEndpoint>> P2pEndpoint::start(asio::io_context& io, P2
     e->options_.quic.reset_secret = secret;
   }
   boost::system::error_code ec;
-  e->socket_.open(e->options_.listen.protocol(), ec);
-  if (!ec) e->socket_.bind(e->options_.listen, ec);
-  if (ec)
-    return make_error("P2P: cannot bind UDP " + to_string(e->options_.listen) + ": " +
-                      ec.message());
+  auto& listen = e->options_.listen;
+  e->socket_.open(listen.protocol(), ec);
+  if (ec && listen.address().is_v6() && listen.address().is_unspecified()) {
+    // A host without IPv6: the same port on IPv4 alone.
+    spdlog::info("p2p: no IPv6 here ({}); listening on IPv4 only", ec.message());
+    listen = udp::endpoint(udp::v4(), listen.port());
+    e->socket_.open(listen.protocol(), ec);
+  }
+  if (!ec && listen.address().is_v6() && listen.address().is_unspecified()) {
+    // One socket for both families, so a peer's IPv4 and IPv6 candidates are probed from the
+    // port it knows.
+    boost::system::error_code ignored;
+    e->socket_.set_option(asio::ip::v6_only(false), ignored);
+  }
+  if (!ec) e->socket_.bind(listen, ec);
+  if (ec) return make_error("P2P: cannot bind UDP " + to_string(listen) + ": " + ec.message());
+  e->v6_socket_ = listen.address().is_v6();
   e->socket_.non_blocking(true);
   const int fd = e->socket_.native_handle();
   set_buffer(fd, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
@@ -202,7 +222,7 @@ void P2pEndpoint::on_readable() {
       const auto* a = reinterpret_cast<const sockaddr_in6*>(&from);
       asio::ip::address_v6::bytes_type b;
       std::memcpy(b.data(), &a->sin6_addr, 16);
-      sender = udp::endpoint(asio::ip::address_v6(b), ntohs(a->sin6_port));
+      sender = unmapped(udp::endpoint(asio::ip::address_v6(b), ntohs(a->sin6_port)));
     } else {
       continue;
     }
@@ -544,9 +564,15 @@ void P2pEndpoint::send_unsent(PeerState& p) {
   for (const auto& d : unsent) send_to_peer(p.info.key, d.data(), d.size(), d.size());
 }
 
-void P2pEndpoint::send_udp(const udp::endpoint& to, const uint8_t* data, size_t len,
+void P2pEndpoint::send_udp(const udp::endpoint& to_endpoint, const uint8_t* data, size_t len,
                            size_t segment) {
   const int fd = socket_.native_handle();
+  udp::endpoint to = to_endpoint;
+  if (v6_socket_ && to.address().is_v4())
+    to = udp::endpoint(asio::ip::make_address_v6(asio::ip::v4_mapped, to.address().to_v4()),
+                       to.port());
+  else if (!v6_socket_ && to.address().is_v6())
+    return void(++counters_.send_errors);  // an IPv6 candidate, and no IPv6 here
   if (len > segment && gso_) {
     iovec iov{const_cast<uint8_t*>(data), len};
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(uint16_t))] = {};

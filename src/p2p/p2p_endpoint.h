@@ -47,7 +47,8 @@ struct P2pPeer {
 };
 
 struct P2pOptions {
-  boost::asio::ip::udp::endpoint listen{boost::asio::ip::udp::v4(), 51820};
+  // [::] is dual stack (IPv4 and IPv6 peers on one port), falling back to IPv4 alone.
+  boost::asio::ip::udp::endpoint listen{boost::asio::ip::udp::v6(), 51820};
   std::string private_pem;  // the node key, for probes
   quic::Settings quic;
   std::chrono::milliseconds probe_interval{1000};         // while looking for a direct path
@@ -183,6 +184,7 @@ class P2pEndpoint {
   std::vector<std::shared_ptr<StunQuery>> stun_;
   std::vector<uint8_t> rbuf_;
   bool gso_ = true;
+  bool v6_socket_ = false;  // dual stack: IPv4 destinations go out v4-mapped
 
   struct Counters {
     uint64_t udp_in = 0, udp_garbage = 0, unknown_source = 0, probes_in = 0, probes_bad = 0,

@@ -59,10 +59,11 @@ class P2pTest : public ::testing::Test {
     return {read_file(dir_ / name / "cert.pem"), read_file(dir_ / name / "key.pem"),
             read_file(dir_ / name / "ca.crt")};
   }
-  P2pEndpoint* start(const Node& n, uint16_t target_port, uint16_t udp_port = 0) {
+  P2pEndpoint* start(const Node& n, uint16_t target_port, uint16_t udp_port = 0,
+                     const char* listen_ip = "127.0.0.1") {
     return on_io([&]() -> P2pEndpoint* {
       P2pOptions o;
-      o.listen = udp::endpoint(asio::ip::make_address("127.0.0.1"), udp_port);
+      o.listen = udp::endpoint(asio::ip::make_address(listen_ip), udp_port);
       o.private_pem = n.key;
       auto e = P2pEndpoint::start(io_, o);
       EXPECT_TRUE(e.ok()) << e.error();
@@ -83,12 +84,12 @@ class P2pTest : public ::testing::Test {
       return endpoints_.back().get();
     });
   }
-  P2pPeer peer_of(P2pEndpoint* e, const std::string& name) {
+  P2pPeer peer_of(P2pEndpoint* e, const std::string& name, const char* ip = "127.0.0.1") {
     return on_io([&] {
       P2pPeer p;
       p.key = e->node_key();
       p.name = name;
-      p.candidates = {udp::endpoint(asio::ip::make_address("127.0.0.1"), e->port())};
+      p.candidates = {udp::endpoint(asio::ip::make_address(ip), e->port())};
       return p;
     });
   }
@@ -112,6 +113,15 @@ class P2pTest : public ::testing::Test {
       (*loop)();
       loops_.push_back(loop);
       return acc->local_endpoint().port();
+    });
+  }
+  std::string direct_address(P2pEndpoint* e, const std::string& name) {
+    return on_io([&] {
+      const auto status = e->status();
+      for (const auto& p : status.at("peers").as_array())
+        if (p.at("name").as_string() == name && p.as_object().contains("direct_address"))
+          return std::string(p.at("direct_address").as_string());
+      return std::string("none");
     });
   }
   std::string status_path(P2pEndpoint* e) {
@@ -181,6 +191,40 @@ TEST_F(P2pTest, TunnelsOverADirectQuicPathAndSurvivesAPeerRestart) {
   on_io([&] { ea->set_peers({pb2}); });
   EXPECT_EQ(eventually_echo(gw, "after restart"), "after restart")
       << on_io([&] { return ea->metrics_text() + eb->metrics_text(); });
+}
+
+bool have_ipv6_loopback() {
+  asio::io_context io;
+  udp::socket s(io);
+  boost::system::error_code ec;
+  s.open(udp::v6(), ec);
+  if (!ec) s.bind(udp::endpoint(asio::ip::make_address("::1"), 0), ec);
+  return !ec;
+}
+
+TEST_F(P2pTest, ADualStackSocketReachesPeersOverIpv6AndIpv4) {
+  if (!have_ipv6_loopback()) {
+    std::fprintf(stderr, "\n*** SKIP: no IPv6 loopback (::1) on this host ***\n\n");
+    GTEST_SKIP() << "no IPv6 loopback";
+  }
+  EchoServer echo;
+  const Node a = node("a"), b = node("b"), c = node("c");
+  // a listens on [::] (both families); b only on IPv6, c only on IPv4.
+  P2pEndpoint* ea = start(a, 0, 0, "::");
+  P2pEndpoint* eb = start(b, echo.port(), 0, "::1");
+  P2pEndpoint* ec = start(c, echo.port(), 0, "127.0.0.1");
+  const P2pPeer pb = peer_of(eb, "b", "::1"), pc = peer_of(ec, "c", "127.0.0.1");
+  on_io([&] { ea->set_peers({pb, pc}); });
+  const uint16_t to_b = gateway(ea, pb.key, "echo"), to_c = gateway(ea, pc.key, "echo");
+  EXPECT_EQ(eventually_echo(to_b, "over ipv6"), "over ipv6");
+  EXPECT_EQ(eventually_echo(to_c, "over ipv4"), "over ipv4");
+  // Both direct, and the IPv4 peer's address is plain IPv4 (not ::ffff:127.0.0.1), so its
+  // probes and its QUIC packets are recognised as the same peer.
+  EXPECT_EQ(direct_address(ea, "b"), "[::1]:" + std::to_string(on_io([&] { return eb->port(); })));
+  EXPECT_EQ(direct_address(ea, "c"),
+            "127.0.0.1:" + std::to_string(on_io([&] { return ec->port(); })));
+  const std::string metrics = on_io([&] { return ea->metrics_text(); });
+  EXPECT_NE(metrics.find("weft_p2p_unknown_source_total 0"), std::string::npos) << metrics;
 }
 
 TEST_F(P2pTest, RefusesAPeerOfAnotherTrustDomainAndUnknownAuthorities) {
