@@ -66,7 +66,8 @@ Result<NatCandidates> discover_nat(const std::string& stun_host, uint16_t stun_p
 
 NatCandidates candidates_from(const NatReport& report) {
   NatCandidates out;
-  out.reflexive = HostPort{report.reflexive.address().to_string(), report.reflexive.port()}.to_string();
+  out.reflexive =
+      HostPort{report.reflexive.address().to_string(), report.reflexive.port()}.to_string();
   out.mapping = report.mapping();
   out.candidates.push_back(out.reflexive);
   for (const auto& a : interface_addresses()) {

@@ -509,9 +509,9 @@ void P2pEndpoint::check_direct(PeerState& p, Clock::time_point now) {
   std::chrono::microseconds quic_rtt{0};
   for (const auto& c : p.conns)
     if (c->established() && !c->closed()) quic_rtt = std::max(quic_rtt, c->smoothed_rtt());
-  const auto window = std::max({std::chrono::duration_cast<std::chrono::microseconds>(
-                                    options_.confirm_loss),
-                                4 * p.probe_rtt, 2 * quic_rtt});
+  const auto window =
+      std::max({std::chrono::duration_cast<std::chrono::microseconds>(options_.confirm_loss),
+                4 * p.probe_rtt, 2 * quic_rtt});
   const auto waited = now - p.suspect_since;
   if (waited >= window)
     return lose_direct(

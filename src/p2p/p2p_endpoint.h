@@ -51,11 +51,11 @@ struct P2pOptions {
   boost::asio::ip::udp::endpoint listen{boost::asio::ip::udp::v6(), 51820};
   std::string private_pem;  // the node key, for probes
   quic::Settings quic;
-  std::chrono::milliseconds probe_interval{1000};         // while looking for a direct path
-  std::chrono::milliseconds reprobe_interval{30000};      // after the fast round found nothing
-  std::chrono::milliseconds fast_probing{10000};          // how long the fast round lasts
-  std::chrono::milliseconds direct_ping{2000};            // keeps a direct path (and NAT) alive
-  std::chrono::milliseconds direct_timeout{5000};         // no pong for this long: back to relay
+  std::chrono::milliseconds probe_interval{1000};     // while looking for a direct path
+  std::chrono::milliseconds reprobe_interval{30000};  // after the fast round found nothing
+  std::chrono::milliseconds fast_probing{10000};      // how long the fast round lasts
+  std::chrono::milliseconds direct_ping{2000};        // keeps a direct path (and NAT) alive
+  std::chrono::milliseconds direct_timeout{5000};     // no pong for this long: back to relay
   // A direct path falls under suspicion when QUIC's probe timeout fires with data unacknowledged,
   // or the peer's packets arrive over the relay instead; then it is probed every
   // `suspect_probe_interval`, and it is dropped when none of those probes is answered within
@@ -158,8 +158,7 @@ class P2pEndpoint {
   // Fast detection of a dead direct path (see P2pOptions::confirm_loss).
   void check_direct(PeerState& p, std::chrono::steady_clock::time_point now);
   void suspect_direct(PeerState& p, const char* why);
-  void lose_direct(PeerState& p, std::chrono::steady_clock::time_point now,
-                   const std::string& why);
+  void lose_direct(PeerState& p, std::chrono::steady_clock::time_point now, const std::string& why);
   void stun_send(const std::shared_ptr<StunQuery>& q);
   PeerState* find(const relay::NodeKey& key);
   // A node outside our view that proved its key (relay, signed probe); nullptr when too many.
