@@ -530,6 +530,16 @@ void AgentServer::heartbeat_loop() {
         if (auto found = probe_nat_via_control(res->body)) {
           const bool changed = !nat || nat->candidates != found->candidates;
           nat = std::move(*found);
+          std::vector<boost::asio::ip::udp::endpoint> own;
+          for (const auto& c : nat->candidates) {
+            auto hp = parse_host_port(c);
+            boost::system::error_code ec;
+            auto ip = hp ? boost::asio::ip::make_address(hp->host, ec) : boost::asio::ip::address();
+            if (hp && !ec) own.emplace_back(ip, hp->port);
+          }
+          boost::asio::post(io_, [this, own = std::move(own)]() mutable {
+            if (p2p_) p2p_->set_own_candidates(std::move(own));
+          });
           if (changed) next_beat = now;  // tell control at once
         }
       }
@@ -959,6 +969,13 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
     return json_error(
         401, "changes need 'Authorization: Bearer <token>' (the token is in <state>/api.token)");
   if (r.path == "/health" && get) return {200, "{\"status\":\"ok\"}\n"};
+  if (r.path == "/metrics" && get) {
+    // Resource proxies' traffic, and the P2P endpoint: each peer's path and RTT, probes,
+    // relay use, call-me-maybe offers.
+    HttpResponse out{200, metrics_.prometheus() + (p2p_ ? p2p_->metrics_text() : std::string())};
+    out.content_type = "text/plain; version=0.0.4";
+    return out;
+  }
   if (r.path == "/agent" && get) return {200, json::serialize(agent_json()) + "\n"};
   if (r.path == "/agent/keys" && get)
     return {200, json::serialize(json::object{

@@ -159,6 +159,11 @@ void P2pEndpoint::set_peers(std::vector<P2pPeer> peers) {
   }
 }
 
+void P2pEndpoint::set_own_candidates(std::vector<udp::endpoint> candidates) {
+  if (candidates.size() > probe::kMaxOffered) candidates.resize(probe::kMaxOffered);
+  own_candidates_ = std::move(candidates);
+}
+
 void P2pEndpoint::forget(std::map<relay::NodeKey, PeerState>::iterator it) {
   for (auto a = addresses_.begin(); a != addresses_.end();)
     a = a->second == it->first ? addresses_.erase(a) : std::next(a);
@@ -298,7 +303,7 @@ void P2pEndpoint::dispatch(const udp::endpoint& from, const uint8_t* data, size_
 void P2pEndpoint::on_relay_packet(const relay::NodeKey& from, const uint8_t* data, size_t len) {
   ++counters_.relay_in;
   if (len == 0) return;
-  if (probe::looks_like_probe(data, len)) return on_probe(std::nullopt, data, len);
+  if (probe::looks_like_probe(data, len)) return on_call_me_maybe(from, data, len);
   on_quic(from, data, len, true);  // the connection flushes once this burst is read
 }
 
@@ -378,8 +383,9 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
     spdlog::debug("p2p: probe dropped: {}", pr.error());
     return;
   }
-  if (!from) return;                // probes test direct paths; over the relay they prove nothing
   if (options_.relay_only) return;  // neither answered nor taken: no direct path may form
+  if (pr->type == probe::Type::call_me_maybe || !from)
+    return void(++counters_.probes_bad);  // offers come over the relay only
   PeerState* p = find(pr->sender);
   // Signed by a key we do not know: a node outside our view (it reaches what we host) or a
   // stranger. Answering costs one probe-sized datagram; its QUIC handshake must then show a
@@ -389,7 +395,7 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
   p->last_seen = Clock::now();
   const auto now = Clock::now();
   if (pr->type == probe::Type::ping) {
-    probe::Probe pong{probe::Type::pong, self_key_, pr->tx, from};
+    probe::Probe pong{probe::Type::pong, self_key_, pr->tx, from, {}};
     if (auto bytes = probe::encode(pong, key_.get()))
       send_udp(*from, bytes->data(), bytes->size(), bytes->size());
     // Its packets may come from here now; and pinging back opens our side of the NAT.
@@ -412,9 +418,68 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
     set_path(*p, *from, fmt::format("probe answered in {:.1f} ms", rtt.count() / 1000.0));
 }
 
+void P2pEndpoint::on_call_me_maybe(const relay::NodeKey& from, const uint8_t* data, size_t len) {
+  ++counters_.probes_in;
+  auto pr = probe::parse(data, len);
+  // Pings and pongs test a direct path and prove nothing over the relay; an offer must come
+  // from the very key the relay authenticated.
+  if (!pr || pr->type != probe::Type::call_me_maybe || pr->sender != from) {
+    spdlog::debug("p2p: relayed probe dropped: {}",
+                  pr ? "not an offer from its sender" : pr.error());
+    return void(++counters_.probes_bad);
+  }
+  if (options_.relay_only) return;
+  PeerState* p = find(from);
+  if (!p) p = learn(from);  // the relay vouches that control registered it
+  if (!p) return;
+  ++counters_.calls_in;
+  const auto now = Clock::now();
+  p->last_seen = now;
+  if (now - p->last_call_in < std::chrono::seconds(1)) return;  // a peer cannot make us flood
+  p->last_call_in = now;
+  p->offered.clear();
+  for (const auto& e : pr->offered)
+    if (e.port() != 0 && !e.address().is_unspecified() && !e.address().is_multicast())
+      p->offered.push_back(e);
+  p->fast_until = now + options_.fast_probing;
+  if (p->direct) {
+    // It has no direct path to us, though we send to it directly: check ours.
+    suspect_direct(*p, "the peer asks for a direct path");
+    return;
+  }
+  spdlog::debug("p2p: {} offers {} addresses; probing them", p->info.name, p->offered.size());
+  probe_round(*p);
+}
+
+void P2pEndpoint::probe_round(PeerState& p) {
+  p.last_round = Clock::now();
+  std::vector<udp::endpoint> sent;
+  for (const auto* list : {&p.info.candidates, &p.offered, &p.seen_from})
+    for (const auto& c : *list)
+      if (std::find(sent.begin(), sent.end(), c) == sent.end()) {
+        sent.push_back(c);
+        send_probe(p, c);
+      }
+  send_call_me_maybe(p);
+}
+
+void P2pEndpoint::send_call_me_maybe(PeerState& p) {
+  const auto now = Clock::now();
+  if (options_.relay_only || own_candidates_.empty() || !relay_ || !relay_->connected() ||
+      now - p.last_call_out < options_.call_me_maybe_interval)
+    return;
+  probe::Probe call{probe::Type::call_me_maybe, self_key_, probe::new_tx(), std::nullopt,
+                    own_candidates_};
+  auto bytes = probe::encode(call, key_.get());
+  if (!bytes) return;
+  p.last_call_out = now;
+  ++counters_.calls_out;
+  relay_->send(p.info.key, bytes->data(), bytes->size());
+}
+
 void P2pEndpoint::send_probe(PeerState& p, const udp::endpoint& to) {
   if (options_.relay_only) return;
-  probe::Probe ping{probe::Type::ping, self_key_, probe::new_tx(), std::nullopt};
+  probe::Probe ping{probe::Type::ping, self_key_, probe::new_tx(), std::nullopt, {}};
   auto bytes = probe::encode(ping, key_.get());
   if (!bytes) return;
   outstanding_[ping.tx] = Outstanding{p.info.key, to, Clock::now()};
@@ -473,9 +538,7 @@ void P2pEndpoint::tick() {
     }
     const auto every = now < p.fast_until ? options_.probe_interval : options_.reprobe_interval;
     if (now - p.last_round < every) continue;
-    p.last_round = now;
-    for (const auto& c : p.info.candidates) send_probe(p, c);
-    for (const auto& c : p.seen_from) send_probe(p, c);
+    probe_round(p);
   }
   ticker_.expires_after(watching ? options_.suspect_probe_interval
                                  : std::min(options_.probe_interval, options_.direct_ping));
@@ -660,8 +723,7 @@ void P2pEndpoint::dial(PeerState& p) {
   p.fast_until = Clock::now() + options_.fast_probing;
   p.last_round = {};
   (*conn)->flush();
-  for (const auto& c : p.info.candidates) send_probe(p, c);
-  p.last_round = Clock::now();
+  probe_round(p);
 }
 
 void P2pEndpoint::on_established(const relay::NodeKey& peer) {
@@ -670,10 +732,7 @@ void P2pEndpoint::on_established(const relay::NodeKey& peer) {
   p->dialing = false;
   // The peer knows us now (the relay carried the handshake): probe at once, so the direct
   // path is found in one round trip rather than at the next probe round.
-  if (!p->direct) {
-    for (const auto& c : p->info.candidates) send_probe(*p, c);
-    p->last_round = Clock::now();
-  }
+  if (!p->direct) probe_round(*p);
   auto waiting = std::move(p->waiting);
   p->waiting.clear();
   for (auto& w : waiting) connect(peer, std::move(w.socket), w.authority, std::move(w.finished));
@@ -823,6 +882,9 @@ std::string P2pEndpoint::metrics_text() const {
           "Times a direct path was checked at once because QUIC or the peer saw loss.",
           c.direct_suspected);
   counter("direct_lost_total", "Direct paths given up for the relay.", c.direct_lost);
+  counter("calls_me_maybe_sent_total",
+          "Offers of our addresses sent to peers over the relay (call-me-maybe).", c.calls_out);
+  counter("calls_me_maybe_received_total", "Offers of addresses received from peers.", c.calls_in);
   out +=
       "# HELP weft_p2p_peer_path Current path per peer: 2 direct, 1 relay, 0 none.\n"
       "# TYPE weft_p2p_peer_path gauge\n";

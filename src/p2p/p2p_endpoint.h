@@ -63,7 +63,8 @@ struct P2pOptions {
   // second instead of waiting out direct_timeout and QUIC's doubling backoff.
   std::chrono::milliseconds suspect_probe_interval{100};
   std::chrono::milliseconds confirm_loss{300};
-  std::chrono::milliseconds learned_peer_linger{120000};  // peers outside the view, once idle
+  std::chrono::milliseconds learned_peer_linger{120000};   // peers outside the view, once idle
+  std::chrono::milliseconds call_me_maybe_interval{5000};  // at most one offer per peer per
   // Never look for a direct path: for networks whose policy forbids peer-to-peer UDP, and to
   // measure the relay (as Tailscale's TS_DEBUG_ALWAYS_USE_DERP).
   bool relay_only = false;
@@ -79,6 +80,9 @@ class P2pEndpoint {
   // The node certificate changed (or arrived): new connections use it.
   void set_tls(std::shared_ptr<const quic::QuicTls> tls);
   void set_peers(std::vector<P2pPeer> peers);
+  // Where peers may reach us (reflexive and interface addresses), offered to a peer over the
+  // relay when we look for a direct path to it (call-me-maybe).
+  void set_own_candidates(std::vector<boost::asio::ip::udp::endpoint> candidates);
   void set_relay(RelayGroup* relay) { relay_ = relay; }
   void on_relay_packet(const relay::NodeKey& from, const uint8_t* data, size_t len);
   // What a peer's tunnel request may reach here.
@@ -113,6 +117,8 @@ class P2pEndpoint {
     std::vector<Waiting> waiting;
     std::optional<boost::asio::ip::udp::endpoint> direct;
     std::vector<boost::asio::ip::udp::endpoint> seen_from;  // where its signed pings came from
+    std::vector<boost::asio::ip::udp::endpoint> offered;    // its last call-me-maybe
+    std::chrono::steady_clock::time_point last_call_out{}, last_call_in{};
     std::chrono::steady_clock::time_point last_pong{}, last_change{}, fast_until{}, last_round{};
     std::string last_change_why;
     std::chrono::steady_clock::time_point last_ping{};      // keepalive probe on the direct path
@@ -143,6 +149,11 @@ class P2pEndpoint {
   void on_probe(const std::optional<boost::asio::ip::udp::endpoint>& from, const uint8_t* data,
                 size_t len);
   void send_probe(PeerState& p, const boost::asio::ip::udp::endpoint& to);
+  // Pings every address the peer may have (published, offered, seen); offers ours over the
+  // relay so that its pings and ours cross.
+  void probe_round(PeerState& p);
+  void send_call_me_maybe(PeerState& p);
+  void on_call_me_maybe(const relay::NodeKey& from, const uint8_t* data, size_t len);
   void send_to_peer(const relay::NodeKey& peer, const uint8_t* data, size_t len, size_t segment);
   void send_unsent(PeerState& p);
   void send_udp(const boost::asio::ip::udp::endpoint& to, const uint8_t* data, size_t len,
@@ -182,6 +193,7 @@ class P2pEndpoint {
   std::map<probe::TxId, Outstanding> outstanding_;
   std::vector<std::shared_ptr<StunQuery>> stun_;
   std::vector<uint8_t> rbuf_;
+  std::vector<boost::asio::ip::udp::endpoint> own_candidates_;
   bool gso_ = true;
   bool v6_socket_ = false;  // dual stack: IPv4 destinations go out v4-mapped
 
@@ -189,7 +201,7 @@ class P2pEndpoint {
     uint64_t udp_in = 0, udp_garbage = 0, unknown_source = 0, probes_in = 0, probes_bad = 0,
              probes_unknown_key = 0, relay_in = 0, relay_out = 0, direct_out = 0, send_errors = 0,
              stateless_resets = 0, no_path = 0, tunnels_opened = 0, tunnels_accepted = 0,
-             direct_suspected = 0, direct_lost = 0;
+             direct_suspected = 0, direct_lost = 0, calls_out = 0, calls_in = 0;
   } counters_;
 };
 

@@ -9,6 +9,12 @@
 // Ed25519 signature by the sender over everything before it (64).
 // A pong echoes the ping's transaction and says where the ping came from. Probes that do not
 // verify against the key they name are dropped; the endpoint also drops keys it does not know.
+//
+// Call-me-maybe (type 3, Tailscale's name) travels over the relay only and offers the sender's
+// current candidates, so the receiver pings them at once while the sender pings the receiver's:
+// both NATs open their mappings at the same moment. Layout: magic | type 3 | key (32) |
+// transaction (12) | count (1, at most kMaxOffered) | count x (family, port (2), address (16)) |
+// signature (64) over everything before it.
 #pragma once
 
 #include <array>
@@ -25,8 +31,9 @@
 
 namespace weft::probe {
 
-inline constexpr size_t kSize = 136;
-enum class Type : uint8_t { ping = 1, pong = 2 };
+inline constexpr size_t kSize = 136;  // ping and pong
+inline constexpr size_t kMaxOffered = 16;
+enum class Type : uint8_t { ping = 1, pong = 2, call_me_maybe = 3 };
 using TxId = std::array<uint8_t, 12>;
 
 struct Probe {
@@ -34,6 +41,7 @@ struct Probe {
   relay::NodeKey sender{};
   TxId tx{};
   std::optional<boost::asio::ip::udp::endpoint> observed;  // pongs: where the ping came from
+  std::vector<boost::asio::ip::udp::endpoint> offered;     // call-me-maybe: try these
 };
 
 bool looks_like_probe(const uint8_t* data, size_t len);

@@ -6,13 +6,19 @@
 // Hostile datagrams that look like path probes: parse must never crash, must refuse anything
 // not signed by the key it names, and what it accepts must re-encode to the same bytes when we
 // sign it ourselves with that key (only possible for our own key, so: accepted probes are
-// exactly kSize bytes with a valid type).
+// pings and pongs of exactly kSize bytes, or calls-me-maybe whose size matches their count).
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)weft::probe::looks_like_probe(data, size);
   auto p = weft::probe::parse(data, size);
   if (!p) return 0;
-  if (size != weft::probe::kSize ||
-      (p->type != weft::probe::Type::ping && p->type != weft::probe::Type::pong))
+  using weft::probe::Type;
+  if (p->type == Type::call_me_maybe) {
+    if (p->offered.size() > weft::probe::kMaxOffered || size != 54 + 19 * p->offered.size() + 64 ||
+        p->observed)
+      __builtin_trap();
+  } else if (size != weft::probe::kSize || (p->type != Type::ping && p->type != Type::pong) ||
+             !p->offered.empty()) {
     __builtin_trap();
+  }
   return 0;
 }

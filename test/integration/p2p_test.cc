@@ -10,8 +10,10 @@
 #include <future>
 #include <thread>
 
+#include <openssl/pem.h>
 #include <spdlog/spdlog.h>
 #include "identity/certificate_authority.h"
+#include "identity/openssl_ptr.h"
 #include "p2p/p2p_endpoint.h"
 #include "p2p/probe.h"
 #include "support/harness.h"
@@ -225,6 +227,61 @@ TEST_F(P2pTest, ADualStackSocketReachesPeersOverIpv6AndIpv4) {
             "127.0.0.1:" + std::to_string(on_io([&] { return ec->port(); })));
   const std::string metrics = on_io([&] { return ea->metrics_text(); });
   EXPECT_NE(metrics.find("weft_p2p_unknown_source_total 0"), std::string::npos) << metrics;
+}
+
+// What `signer` would send over the relay to offer `offered`.
+std::vector<uint8_t> offer(const Node& signer, const relay::NodeKey& key,
+                           std::vector<udp::endpoint> offered,
+                           probe::Type type = probe::Type::call_me_maybe) {
+  ossl::Bio bio(BIO_new_mem_buf(signer.key.data(), static_cast<int>(signer.key.size())));
+  ossl::Key pkey(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
+  probe::Probe call{type, key, probe::new_tx(), std::nullopt, std::move(offered)};
+  if (type != probe::Type::call_me_maybe) call.offered.clear();
+  auto bytes = probe::encode(call, pkey.get());
+  EXPECT_TRUE(bytes.ok()) << bytes.error();
+  return *bytes;
+}
+
+TEST_F(P2pTest, ACallMeMaybeOverTheRelayMakesThePeerProbeTheOfferedAddresses) {
+  const Node a = node("a"), b = node("b"), c = node("c");
+  P2pEndpoint* ea = start(a, 0);
+  P2pEndpoint* eb = start(b, 0);
+  const relay::NodeKey ka = on_io([&] { return ea->node_key(); });
+  const uint16_t port_a = on_io([&] { return ea->port(); });
+  // Neither has the other in its view: b learns where a is only from a's offer (relayed, so
+  // handed to b as if the relay had authenticated a's key). Unusable addresses are skipped.
+  const auto call = offer(a, ka,
+                          {udp::endpoint(asio::ip::make_address("0.0.0.0"), 9),
+                           udp::endpoint(asio::ip::make_address("127.0.0.1"), port_a)});
+  on_io([&] { eb->on_relay_packet(ka, call.data(), call.size()); });
+  std::string found = "none";
+  for (int i = 0; i < 500 && found == "none"; ++i) {
+    found = on_io([&] {
+      const auto s = eb->status();
+      for (const auto& p : s.at("peers").as_array())
+        if (p.as_object().contains("direct_address"))
+          return std::string(p.at("direct_address").as_string());
+      return std::string("none");
+    });
+    if (found == "none") std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(found, "127.0.0.1:" + std::to_string(port_a));
+  std::string m = on_io([&] { return eb->metrics_text(); });
+  EXPECT_NE(m.find("weft_p2p_calls_me_maybe_received_total 1"), std::string::npos) << m;
+
+  // An offer the relay delivers for another key than the one that signed it, and a ping over
+  // the relay (pings test direct paths only): both refused and counted, neither probed.
+  P2pEndpoint* ec = start(c, 0);
+  const relay::NodeKey kc = on_io([&] { return ec->node_key(); });
+  const auto forged = offer(a, ka, {udp::endpoint(asio::ip::make_address("127.0.0.1"), 9)});
+  const auto ping = offer(c, kc, {}, probe::Type::ping);
+  on_io([&] {
+    ec->on_relay_packet(kc, forged.data(), forged.size());
+    ec->on_relay_packet(kc, ping.data(), ping.size());
+  });
+  m = on_io([&] { return ec->metrics_text(); });
+  EXPECT_NE(m.find("weft_p2p_probes_rejected_total 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("weft_p2p_calls_me_maybe_received_total 0"), std::string::npos) << m;
 }
 
 TEST_F(P2pTest, RefusesAPeerOfAnotherTrustDomainAndUnknownAuthorities) {

@@ -275,6 +275,21 @@ def main():
             want = "direct" if expected_direct(ka, kb) else "relay"
             print(f"{label:34} {want:9} {path or '-':8} {f'{t:.2f} s' if t else '-'}")
 
+        # Every agent that looked for a direct path offered its addresses over the relay
+        # (call-me-maybe), and the peers received them.
+        sent = received = 0
+        for n, _ in SITES:
+            m = sh("curl", "-s", "-m", "2", "http://127.0.0.1:8081/metrics", ns=f"{TAG}s{n}",
+                   capture=True, check=False)
+            for line in m.splitlines():
+                if line.startswith("weft_p2p_calls_me_maybe_sent_total "):
+                    sent += int(float(line.split()[1]))
+                if line.startswith("weft_p2p_calls_me_maybe_received_total "):
+                    received += int(float(line.split()[1]))
+        print(f"call-me-maybe: {sent} offers sent, {received} received")
+        if sent == 0 or received == 0:
+            failures.append(f"call-me-maybe: {sent} offers sent, {received} received")
+
         failures += cut_and_restore(w)
         if failures:
             print("\nFAIL:\n  " + "\n  ".join(failures))

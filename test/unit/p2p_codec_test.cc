@@ -26,8 +26,11 @@ struct Signer {
 TEST(Probe, SignedProbesRoundTripAndAnyChangeIsRefused) {
   Signer s;
   probe::Probe pong{
-      probe::Type::pong, s.pub, probe::new_tx(),
-      boost::asio::ip::udp::endpoint(boost::asio::ip::make_address("198.51.100.7"), 51820)};
+      probe::Type::pong,
+      s.pub,
+      probe::new_tx(),
+      boost::asio::ip::udp::endpoint(boost::asio::ip::make_address("198.51.100.7"), 51820),
+      {}};
   auto bytes = probe::encode(pong, s.key.get());
   ASSERT_TRUE(bytes.ok()) << bytes.error();
   ASSERT_EQ(bytes->size(), probe::kSize);
@@ -57,6 +60,46 @@ TEST(Probe, SignedProbesRoundTripAndAnyChangeIsRefused) {
   auto r = probe::parse(f->data(), f->size());
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.error().find("signature"), std::string::npos) << r.error();
+}
+
+TEST(Probe, CallMeMaybeCarriesSignedAddressesOfBothFamilies) {
+  Signer s;
+  using boost::asio::ip::make_address;
+  using boost::asio::ip::udp;
+  probe::Probe call{probe::Type::call_me_maybe,
+                    s.pub,
+                    probe::new_tx(),
+                    std::nullopt,
+                    {udp::endpoint(make_address("203.0.113.9"), 41641),
+                     udp::endpoint(make_address("2001:db8::7"), 51820),
+                     udp::endpoint(make_address("10.0.0.4"), 51820)}};
+  auto bytes = probe::encode(call, s.key.get());
+  ASSERT_TRUE(bytes.ok()) << bytes.error();
+  EXPECT_EQ(bytes->size(), 54 + 3 * 19 + 64);
+  auto back = probe::parse(bytes->data(), bytes->size());
+  ASSERT_TRUE(back.ok()) << back.error();
+  EXPECT_EQ(back->type, probe::Type::call_me_maybe);
+  EXPECT_EQ(back->offered, call.offered);
+  EXPECT_FALSE(back->observed.has_value());
+
+  // An address changed in flight, a count that lies about the length, a truncated offer: refused.
+  auto tampered = *bytes;
+  tampered[54 + 19 + 5] ^= 0x01;  // inside the IPv6 address
+  EXPECT_FALSE(probe::parse(tampered.data(), tampered.size()).ok());
+  auto lying = *bytes;
+  lying[53] = 2;
+  auto l = probe::parse(lying.data(), lying.size());
+  ASSERT_FALSE(l.ok());
+  EXPECT_NE(l.error().find("expected"), std::string::npos) << l.error();
+  EXPECT_FALSE(probe::parse(bytes->data(), bytes->size() - 19).ok());
+  auto many = *bytes;
+  many[53] = probe::kMaxOffered + 1;
+  auto m = probe::parse(many.data(), many.size());
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.error().find("at most"), std::string::npos) << m.error();
+
+  call.offered.resize(probe::kMaxOffered + 1, call.offered[0]);
+  EXPECT_FALSE(probe::encode(call, s.key.get()).ok());
 }
 
 TEST(TunnelHeader, RequestAndResponseParseIncrementallyAndRefuseBadInput) {
