@@ -37,9 +37,10 @@ cancelled = threading.Event()
 slow_started = threading.Event()
 
 
-def raw_h2_call(addr, path, body, extra):
+def raw_h2_call(addr, path, body, extra, trailers=None):
     """One gRPC call from a bare HTTP/2 client (python3-h2) that enforces no deadline itself:
-    what comes back is the proxy's doing. Returns (response fields + trailers, seconds)."""
+    what comes back is the proxy's doing. With `trailers`, the request ends with them.
+    Returns (response fields + trailers, seconds)."""
     import h2.config
     import h2.connection
     import h2.events
@@ -51,7 +52,9 @@ def raw_h2_call(addr, path, body, extra):
         sid = c.get_next_available_stream_id()
         c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "echo"),
                              (":path", path), ("content-type", "application/grpc"), ("te", "trailers")] + extra)
-        c.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        c.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=not trailers)
+        if trailers:
+            c.send_headers(sid, trailers, end_stream=True)
         s.sendall(c.data_to_send())
         fields = {}
         while data := s.recv(65536):
@@ -62,6 +65,51 @@ def raw_h2_call(addr, path, body, extra):
                     return fields, time.monotonic() - start
             s.sendall(c.data_to_send())
     return fields, time.monotonic() - start
+
+
+def trailers_echo_server():
+    """A bare HTTP/2 server (python3-h2; gRPC's servers ignore request trailers): answers each
+    request with its body length, and its trailers echoed back as response trailers x-got-*."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+
+    def serve(conn):
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        c.initiate_connection()
+        conn.sendall(c.data_to_send())
+        sizes, got = {}, {}
+        try:
+            while data := conn.recv(65536):
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        sizes[ev.stream_id], got[ev.stream_id] = 0, []
+                    elif isinstance(ev, h2.events.DataReceived):
+                        sizes[ev.stream_id] += len(ev.data)
+                        c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        got[ev.stream_id] = list(ev.headers)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        sid = ev.stream_id
+                        c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                        c.send_data(sid, b"\0" + (4).to_bytes(4, "big") + sizes[sid].to_bytes(4, "big"))
+                        c.send_headers(sid, [("grpc-status", "0")] + [("x-got-" + k, v) for k, v in got[sid]],
+                                       end_stream=True)
+                conn.sendall(c.data_to_send())
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def accept():
+        while True:
+            conn, _ = lsock.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return lsock.getsockname()[1]
 
 
 def make_server(name):
@@ -136,11 +184,13 @@ def main():
         s1, p1 = make_server("one")
         s2, p2 = make_server("two")
         servers = [s1, s2]
+        pt = trailers_echo_server()
         server_admin, server = h.proxy(
             "server", h.identity("server") + "admin: {listen: 127.0.0.1:0}\n"
             "inbound:\n  listen: 127.0.0.1:0\n  targets:\n"
             f"    - {{authority: 'echo-1:50051', address: '127.0.0.1:{p1}', protocol: grpc}}\n"
-            f"    - {{authority: 'echo-2:50051', address: '127.0.0.1:{p2}', protocol: grpc}}\n")
+            f"    - {{authority: 'echo-2:50051', address: '127.0.0.1:{p2}', protocol: grpc}}\n"
+            f"    - {{authority: 'trailers:50051', address: '127.0.0.1:{pt}', protocol: grpc}}\n")
         sid = f"spiffe://{TD}/ns/default/sa/server"
         client_admin, client = h.proxy(
             "client", h.identity("client") + "admin: {listen: 127.0.0.1:0}\n"
@@ -150,6 +200,8 @@ def main():
             # No such target at the server proxy: its CONNECT is refused, a connect failure
             # that the route's retries take to another endpoint.
             f"      - {{address: '{server['inbound']}', authority: 'gone:50051'}}\n"
+            "  - name: trailers\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
+            f"    endpoints: [{{address: '{server['inbound']}', authority: 'trailers:50051'}}]\n"
             "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n"
             "      - {name: limited, match: {path: {exact: /echo.Echo/Limited}}, service: echo,"
             " rate_limit: {per_second: 1, burst: 1}, retries: {attempts: 2}}\n"
@@ -159,6 +211,7 @@ def main():
             # Server one answers UNAVAILABLE: retried (with the request kept) to another server.
             "      - {name: flaky, match: {path: {exact: /echo.Echo/Flaky}}, service: echo,"
             " retries: {attempts: 4, on: [connect-failure, unavailable]}}\n"
+            "      - {name: trailers, match: {path: {prefix: /trailers/}}, service: trailers}\n"
             "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
             " retries: {attempts: 2, on: [connect-failure]}, request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
         target = client["outbound/web"]
@@ -229,9 +282,17 @@ def main():
         it.cancel()
         check(len(got) == 5 and cancelled.wait(10), "a cancelled stream is cancelled at the server too")
 
+        # Request trailers pass both proxies to an HTTP/2 service.
+        fields, _ = raw_h2_call(target, "/trailers/Echo", b"hello", [],
+                                trailers=[("x-checksum", "c0ffee"), ("x-count", "5")])
+        check(fields.get("x-got-x-checksum") == "c0ffee" and fields.get("x-got-x-count") == "5" and
+              fields.get("grpc-status") == "0",
+              f"request trailers reach the service through both proxies: {fields}")
+
         # A client's deadline (grpc-timeout) bounds the wait for the answer at the proxy, well
         # inside the route's 15 s: DEADLINE_EXCEEDED from the proxy, said by it (the call is
         # held by a fault delay, so the app never sees it and cannot be the one answering).
+
         fields, took = raw_h2_call(target, "/echo.Echo/Slow", b"x", [("grpc-timeout", "300m")])
         check(fields.get("grpc-status") == "4" and "grpc-timeout" in fields.get("grpc-message", "")
               and not slow_started.is_set() and 0.25 < took < 2.5,

@@ -241,7 +241,14 @@ int H2Downstream::on_header(int32_t stream_id, std::string_view name, std::strin
   auto it = streams_.find(stream_id);
   if (it == streams_.end()) return 0;
   Stream& s = *it->second;
-  if (s.head_done) return 0;  // request trailers: not passed on (gRPC sends none)
+  if (s.head_done) {
+    // Request trailers. An HTTP/2 service gets them; the HTTP/1.1 bridge drops them (as Envoy
+    // does for HTTP/1.1 upstreams by default): its framing may not be chunked.
+    s.header_bytes += name.size() + value.size() + 32;
+    if (s.header_bytes > kMaxHeaderBytes) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (name[0] != ':') s.request_trailers.emplace_back(name, value);
+    return 0;
+  }
   // nghttp2 has validated names and values (no CR, LF or NUL; lower-case names; pseudo-headers
   // first and well-formed), so they can be written as HTTP/1.1 field lines as they are.
   s.header_bytes += name.size() + value.size() + 32;
@@ -283,6 +290,7 @@ int H2Downstream::on_frame_recv(int32_t stream_id, uint8_t type, uint8_t flags, 
   if ((type == NGHTTP2_DATA || type == NGHTTP2_HEADERS) && end_stream && !s->request_done) {
     s->request_done = true;
     if (s->forward) {
+      if (type == NGHTTP2_HEADERS) s->forward->request_trailers(std::move(s->request_trailers));
       s->forward->request_end();
       return 0;
     }

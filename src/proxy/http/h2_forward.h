@@ -41,6 +41,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
 
   void request_data(const uint8_t* data, size_t len);
   void request_end();
+  void request_trailers(H2Fields fields) { req_trailers_ = std::move(fields); }
   // The downstream sent `n` response body bytes: the upstream may send as many more.
   void response_sent(size_t n);
   // The downstream stream closed (answered, reset or the connection is gone): the upstream
@@ -53,6 +54,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   void on_response_trailers(H2Fields fields) override;
   void on_stream_end(uint32_t error_code) override;
   size_t pull_request_body(uint8_t* buf, size_t len, bool* eof) override;
+  const H2Fields* request_trailers() const override { return &req_trailers_; }
 
  private:
   void start(const RouteConfig& route, bool end_stream);
@@ -89,6 +91,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   std::string req_body_;  // DATA not yet sent upstream (bounded by the stream window)
   size_t req_off_ = 0;
   bool request_done_ = false;
+  H2Fields req_trailers_;  // kept for a retry, as the body is
   bool pulled_any_ = false;
   // For retries on a gRPC status: what was sent, while the request fits in kMaxReplay.
   std::string replay_;

@@ -23,7 +23,8 @@ struct H2Downstream::Stream {
   int32_t id;
   // The request, as it arrives.
   std::string method, authority, path, cookie;
-  H2Fields fields;  // without pseudo-headers and cookies
+  H2Fields fields;            // without pseudo-headers and cookies
+  H2Fields request_trailers;  // after the body; passed on only to HTTP/2 services
   size_t header_bytes = 0;
   bool has_length = false;
   bool head_done = false;

@@ -279,7 +279,15 @@ long H2Upstream::pull(int32_t stream_id, uint8_t* buf, size_t len, uint32_t* fla
   if (!sink) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets the stream
   bool eof = false;
   const size_t n = sink->pull_request_body(buf, len, &eof);
-  if (eof) *flags |= NGHTTP2_DATA_FLAG_EOF;
+  if (eof) {
+    *flags |= NGHTTP2_DATA_FLAG_EOF;
+    if (const H2Fields* trailers = sink->request_trailers(); trailers && !trailers->empty()) {
+      // The trailers end the stream instead of the last DATA frame.
+      const auto nva = to_nva(*trailers);
+      if (nghttp2_submit_trailer(session_, stream_id, nva.data(), nva.size()) == 0)
+        *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    }
+  }
   if (n == 0 && !eof) return NGHTTP2_ERR_DEFERRED;
   return static_cast<long>(n);
 }

@@ -41,6 +41,8 @@ class H2Upstream : public std::enable_shared_from_this<H2Upstream> {
     // Up to `len` request body bytes into `buf`; *eof once the body is complete. 0 bytes
     // without eof: nothing yet (call resume() when there is).
     virtual size_t pull_request_body(uint8_t* buf, size_t len, bool* eof) = 0;
+    // Sent after the body when not empty (read once the body is complete).
+    virtual const H2Fields* request_trailers() const { return nullptr; }
   };
 
   H2Upstream(boost::asio::io_context& io, std::shared_ptr<UpstreamConn> conn);
