@@ -119,6 +119,16 @@ Result<std::unique_ptr<P2pEndpoint>> P2pEndpoint::start(asio::io_context& io, P2
     e->socket_.set_option(asio::ip::v6_only(false), ignored);
   }
   if (!ec) e->socket_.bind(listen, ec);
+  if (ec && listen.address().is_v6() && listen.address().is_unspecified()) {
+    // IPv6 present but unusable (disabled on every interface): IPv4 alone, same port.
+    spdlog::info("p2p: cannot bind {} ({}); listening on IPv4 only", to_string(listen),
+                 ec.message());
+    boost::system::error_code ignored;
+    e->socket_.close(ignored);
+    listen = udp::endpoint(udp::v4(), listen.port());
+    e->socket_.open(listen.protocol(), ec);
+    if (!ec) e->socket_.bind(listen, ec);
+  }
   if (ec) return make_error("P2P: cannot bind UDP " + to_string(listen) + ": " + ec.message());
   e->v6_socket_ = listen.address().is_v6();
   e->socket_.non_blocking(true);
