@@ -294,6 +294,10 @@ PairKey AgentServer::fetch_pair_key(const std::string& source, const std::string
       return out;
     }
     out.key = json::value_to<std::string>(v.at("key"));
+    if (const auto* p = v.as_object().if_contains("previous_key"); p && p->is_string())
+      out.previous = std::string(p->as_string());
+    if (const auto* s = v.as_object().if_contains("sign_with_previous"); s && s->is_bool())
+      out.sign_with_previous = s->as_bool();
   } catch (const std::exception& e) {
     out.status = 502;
     out.error = std::string("control's answer: ") + e.what();

@@ -260,7 +260,12 @@ void SdsServer::handle_pair_key(const HttpRequest& r, HttpServer::Reply reply) {
       asio::post(io_, [reply = std::move(reply), k = std::move(k)]() mutable {
         if (k.status != 200) return reply(json_error(k.status ? k.status : 503, k.error));
         // The key leaves the agent only here, to a process whose uid was checked.
-        reply({200, json::serialize(json::object{{"key", k.key}}) + "\n"});
+        json::object out{{"key", k.key}};
+        if (!k.previous.empty()) {
+          out["previous_key"] = k.previous;
+          out["sign_with_previous"] = k.sign_with_previous;
+        }
+        reply({200, json::serialize(out) + "\n"});
       });
     };
     shared_->jobs.push_back(std::move(job));

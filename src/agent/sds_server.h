@@ -43,6 +43,8 @@ struct SignedWorkload {
 struct PairKey {
   int status = 0;
   std::string error, key;
+  std::string previous;  // the key before control's last rotation (still verifies), or empty
+  bool sign_with_previous = false;  // within the rotation's grace: signers keep the previous
 };
 
 class SdsServer {

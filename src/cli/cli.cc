@@ -79,6 +79,10 @@ int run_cli(int argc, char** argv) {
   proxy->add_option("--admin-address-path", admin_address_path,
                     "write the admin address (host:port) to this file once listening");
   proxy->add_flag("--check", check_only, "validate the config and exit");
+  std::string hmac_refresh = "30s";
+  proxy->add_option("--hmac-refresh", hmac_refresh,
+                    "how often HMAC keys from the agent are fetched again (control may rotate "
+                    "them)");
 
   // weft control
   auto* control =
@@ -108,6 +112,10 @@ int run_cli(int argc, char** argv) {
   control->add_option("--node-cert-ttl", node_ttl, "lifetime of node certificates");
   std::string workload_ttl = "24h";
   control->add_option("--workload-cert-ttl", workload_ttl, "lifetime of workload certificates");
+  std::string hmac_grace = "90s";
+  control->add_option("--hmac-rotation-grace", hmac_grace,
+                      "after an HMAC secret rotation, how long signers keep the previous key "
+                      "(longer than the proxies' --hmac-refresh)");
   control->add_option("--change-log-size", copt.change_log_size,
                       "changes kept for watchers to resume from; older ones get a full resync");
   control->add_option("--address-file", control_addr_file,
@@ -389,6 +397,7 @@ int run_cli(int argc, char** argv) {
       copt.listen = *listen;
       copt.node_cert_ttl = parse_ttl_flag(node_ttl, "--node-cert-ttl");
       copt.workload_cert_ttl = parse_ttl_flag(workload_ttl, "--workload-cert-ttl");
+      copt.hmac_rotation_grace = parse_ttl_flag(hmac_grace, "--hmac-rotation-grace");
       copt.address_file = control_addr_file;
       if (control_relay == "off") {
         copt.relay_listen.reset();
@@ -493,7 +502,8 @@ int run_cli(int argc, char** argv) {
         std::cout << config_file << ": ok\n";
         return 0;
       }
-      ProxyServer server({config_file, admin_address_path});
+      ProxyServer server(
+          {config_file, admin_address_path, parse_ttl_flag(hmac_refresh, "--hmac-refresh")});
       return server.run();
     }
   } catch (const ConfigError& e) {

@@ -140,6 +140,9 @@ struct HmacVerifyConfig {
     std::string source;  // SPIFFE ID pattern of the calling proxy (exact with from_agent)
     std::string key;
     bool from_agent = false;
+    // The pair's key before control's last rotation, added beside the current one from the
+    // agent: requests signed before the signer refreshed still verify.
+    bool previous = false;
   };
   std::vector<Key> keys;  // empty: no verification
   Millis max_skew = std::chrono::minutes(5);

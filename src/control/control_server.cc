@@ -114,12 +114,17 @@ ControlServer::ControlServer(ControlOptions options)
   store_ = open_sqlite_store(options_.data_dir, &pool_);
   admin_token_ = load_or_create_admin_token(options_.data_dir);
   {
-    // The secret every pair key derives from; made once, kept with the data (0600).
+    // The secret every pair key derives from; made once, kept with the data (0600). A second
+    // line is the secret before the last rotation: its keys still verify.
     const auto path = options_.data_dir / "hmac.secret";
     std::ifstream in(path);
     if (!(in && std::getline(in, hmac_master_) && hmac_master_.size() >= 32)) {
       hmac_master_ = random_hex(32);
       write_file_atomic(path, hmac_master_ + "\n", 0600);
+    } else if (!std::getline(in, hmac_previous_) || hmac_previous_.size() < 32) {
+      hmac_previous_.clear();
+    } else if (std::string when; std::getline(in, when)) {
+      hmac_rotated_at_ = std::strtoll(when.c_str(), nullptr, 10);
     }
   }
   registry_ = Registry(ca_.trust_domain());
@@ -480,6 +485,13 @@ HttpResponse ControlServer::handle(const HttpRequest& r) {
       if (r.method != "POST") return json_error(405, "use POST");
       return handle_hmac_key(r);
     }
+    if (r.path == "/v1/hmac-keys/rotate") {
+      if (!is_operator(r))
+        return json_error(
+            401, "missing or wrong bearer token (the operator token is in <data-dir>/admin.token)");
+      if (r.method != "POST") return json_error(405, "use POST");
+      return rotate_hmac_secret();
+    }
     if (r.path.rfind("/v1/", 0) == 0) {
       const std::string rest = r.path.substr(4);
       const auto slash = rest.find('/');
@@ -788,12 +800,48 @@ HttpResponse ControlServer::handle_hmac_key(const HttpRequest& r) {
                       "agent " + node + " hosts neither " + ids[0].to_string() + " nor " +
                           ids[1].to_string() + "; register its endpoint first",
                       "source");
-  const std::string key = hmac_sha256_hex(
-      hmac_master_, "weft-hmac-pair-v1\n" + ids[0].to_string() + "\n" + ids[1].to_string());
-  return {200,
-          json::serialize(json::object{
-              {"source", ids[0].to_string()}, {"destination", ids[1].to_string()}, {"key", key}}) +
-              "\n"};
+  const std::string label = "weft-hmac-pair-v1\n" + ids[0].to_string() + "\n" + ids[1].to_string();
+  json::object out{{"source", ids[0].to_string()},
+                   {"destination", ids[1].to_string()},
+                   {"key", hmac_sha256_hex(hmac_master_, label)}};
+  // Until the next rotation, what was signed with the key before this one still verifies; and
+  // for a grace after the rotation signers keep using it, until every verifier has the new one.
+  if (!hmac_previous_.empty()) {
+    out["previous_key"] = hmac_sha256_hex(hmac_previous_, label);
+    const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+    const int64_t grace =
+        std::chrono::duration_cast<std::chrono::seconds>(options_.hmac_rotation_grace).count();
+    out["sign_with_previous"] = now < hmac_rotated_at_ + grace;
+  }
+  return {200, json::serialize(out) + "\n"};
+}
+
+HttpResponse ControlServer::rotate_hmac_secret() {
+  // Every pair key changes; proxies pick the new ones up within their refresh interval and
+  // verify the previous ones meanwhile, so no signed request is refused on the way.
+  std::string next = random_hex(32);
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  try {
+    write_file_atomic(options_.data_dir / "hmac.secret",
+                      next + "\n" + hmac_master_ + "\n" + std::to_string(now) + "\n", 0600);
+  } catch (const std::exception& e) {
+    return json_error(500, std::string("cannot store the new HMAC secret: ") + e.what());
+  }
+  hmac_previous_ = std::exchange(hmac_master_, std::move(next));
+  hmac_rotated_at_ = now;
+  spdlog::info(
+      "control: HMAC secret rotated; keys of the previous one still verify until the "
+      "next rotation");
+  return {200, json::serialize(json::object{
+                   {"rotated", true},
+                   {"signers_switch_after_s",
+                    std::chrono::duration_cast<std::chrono::seconds>(options_.hmac_rotation_grace)
+                        .count()}}) +
+                   "\n"};
 }
 
 HttpResponse ControlServer::handle_agents() {

@@ -37,6 +37,9 @@ struct ControlOptions {
   std::string mesh_cidr = "100.64.0.0/10";
   Millis node_cert_ttl = std::chrono::hours(24);
   Millis workload_cert_ttl = std::chrono::hours(24);
+  // After an HMAC secret rotation, signers keep the previous key this long, so every verifier
+  // (refreshing every --hmac-refresh, 30 s by default) holds the new key before it is used.
+  Millis hmac_rotation_grace = std::chrono::seconds(90);
   size_t change_log_size = 10000;
   Millis heartbeat_interval = std::chrono::seconds(10);  // 3 missed: unhealthy
   std::filesystem::path address_file;  // if set, the bound host:port is written here
@@ -78,6 +81,7 @@ class ControlServer {
   HttpResponse handle_workload_certificate(const HttpRequest& r);
   // HMAC request-signing key of a (source, destination) workload pair, for a node hosting one.
   HttpResponse handle_hmac_key(const HttpRequest& r);
+  HttpResponse rotate_hmac_secret();  // POST /v1/hmac-keys/rotate (operator token)
   HttpResponse handle_register(const HttpRequest& r);
   HttpResponse handle_agents();
   HttpResponse handle_heartbeat(const HttpRequest& r);
@@ -106,7 +110,9 @@ class ControlServer {
   std::unique_ptr<ControlStore> store_;
   SigningCa ca_;
   std::string admin_token_;
-  std::string hmac_master_;  // <data-dir>/hmac.secret: pair keys derive from it
+  std::string hmac_master_;      // <data-dir>/hmac.secret: pair keys derive from it
+  std::string hmac_previous_;    // the secret before the last rotation (its keys still verify)
+  int64_t hmac_rotated_at_ = 0;  // unix seconds of the last rotation (third line of the file)
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;
   std::unique_ptr<HttpServer> http_;

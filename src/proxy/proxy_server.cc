@@ -49,6 +49,15 @@ void raise_fd_limit() {
   }
 }
 
+bool uses_agent_hmac_keys(const ProxyConfig& config) {
+  for (const auto& s : config.services)
+    if (s.http.hmac.from_agent) return true;
+  for (const auto& t : config.inbound.targets)
+    for (const auto& k : t.hmac.keys)
+      if (k.from_agent) return true;
+  return false;
+}
+
 }  // namespace
 
 ProxyServer::ProxyServer(ProxyOptions options)
@@ -59,7 +68,12 @@ ProxyServer::ProxyServer(ProxyOptions options)
   std::shared_ptr<const TlsContexts> tls;
   if (config->needs_identity()) tls = load_identity(*config);
   config = with_hmac_keys(config, tls ? tls->spiffe_id : "");
+  if (uses_agent_hmac_keys(*config))
+    spdlog::info("HMAC request-signing keys fetched from the agent");
   file_config_ = config;
+  hmac_base_ = config;
+  hmac_local_id_ = tls ? tls->spiffe_id : "";
+  if (uses_agent_hmac_keys(*config)) hmac_thread_ = std::thread([this] { hmac_refresh_loop(); });
   if (config->services_from_agent) {
     // The certificate came through, so the agent is there; its services complete the config.
     if (auto got = fetch_sds_services(config->identity, "", std::chrono::seconds(5))) {
@@ -124,6 +138,7 @@ ProxyServer::~ProxyServer() {
   sds_stop_ = true;
   if (sds_thread_.joinable()) sds_thread_.join();
   if (services_thread_.joinable()) services_thread_.join();
+  if (hmac_thread_.joinable()) hmac_thread_.join();
   for (auto& w : workers_) w->stop_and_join();
 }
 
@@ -355,16 +370,87 @@ std::shared_ptr<const ProxyConfig> ProxyServer::with_hmac_keys(
   for (size_t i = 0; i < config->services.size(); ++i) {
     const auto& s = config->services[i];
     if (s.http.hmac.from_agent)
-      mutable_config().services[i].http.hmac.key = fetch(local_id, s.spiffe_ids.front());
+      mutable_config().services[i].http.hmac.key =
+          fetch(local_id, s.spiffe_ids.front()).signing_key();
   }
-  for (size_t i = 0; i < config->inbound.targets.size(); ++i)
-    for (size_t k = 0; k < config->inbound.targets[i].hmac.keys.size(); ++k) {
-      const auto& key = config->inbound.targets[i].hmac.keys[k];
-      if (key.from_agent)
-        mutable_config().inbound.targets[i].hmac.keys[k].key = fetch(key.source, local_id);
+  for (size_t i = 0; i < config->inbound.targets.size(); ++i) {
+    const auto& keys = config->inbound.targets[i].hmac.keys;
+    if (std::none_of(keys.begin(), keys.end(), [](const auto& k) { return k.from_agent; }))
+      continue;
+    // Rebuilt from the configured keys (a previous key added by the last fetch is dropped and
+    // fetched again), so re-keying a keyed config is the same as keying the file's.
+    std::vector<HmacVerifyConfig::Key> next;
+    for (const auto& key : keys) {
+      if (key.previous) continue;
+      if (!key.from_agent) {
+        next.push_back(key);
+        continue;
+      }
+      const auto got = fetch(key.source, local_id);
+      next.push_back({key.source, got.key, true, false});
+      if (!got.previous.empty()) next.push_back({key.source, got.previous, true, true});
     }
-  if (copy) spdlog::info("HMAC request-signing keys fetched from the agent");
+    mutable_config().inbound.targets[i].hmac.keys = std::move(next);
+  }
   return copy ? copy : config;
+}
+
+namespace {
+bool same_hmac_keys(const ProxyConfig& a, const ProxyConfig& b) {
+  if (a.services.size() != b.services.size() ||
+      a.inbound.targets.size() != b.inbound.targets.size())
+    return false;
+  for (size_t i = 0; i < a.services.size(); ++i)
+    if (a.services[i].http.hmac.key != b.services[i].http.hmac.key) return false;
+  for (size_t i = 0; i < a.inbound.targets.size(); ++i) {
+    const auto &x = a.inbound.targets[i].hmac.keys, &y = b.inbound.targets[i].hmac.keys;
+    if (x.size() != y.size()) return false;
+    for (size_t k = 0; k < x.size(); ++k)
+      if (x[k].key != y[k].key || x[k].source != y[k].source) return false;
+  }
+  return true;
+}
+}  // namespace
+
+// Control may rotate its HMAC secret (POST /v1/hmac-keys/rotate): the keys are fetched again
+// every --hmac-refresh, and a change is published like a reload. Verifiers keep the previous
+// key beside the new one, so requests signed before the signer refreshed still pass.
+void ProxyServer::hmac_refresh_loop() {
+  std::string last_error;
+  while (!sds_stop_) {
+    for (auto waited = Millis{0}; waited < options_.hmac_refresh && !sds_stop_;
+         waited += std::chrono::milliseconds(50))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (sds_stop_) return;
+    std::shared_ptr<const ProxyConfig> base;
+    std::string local_id;
+    {
+      std::lock_guard lock(sds_mutex_);
+      base = hmac_base_;
+      local_id = hmac_local_id_;
+    }
+    std::shared_ptr<const ProxyConfig> next;
+    try {
+      next = with_hmac_keys(base, local_id);
+    } catch (const std::exception& e) {
+      if (e.what() != last_error) spdlog::warn("HMAC keys: {}; keeping the current ones", e.what());
+      last_error = e.what();
+      continue;
+    }
+    last_error.clear();
+    if (same_hmac_keys(*next, *base)) continue;
+    asio::post(io_, [this, base, next] {
+      if (draining_ || file_config_ != base) return;  // reloaded meanwhile: that one counts
+      spdlog::info("HMAC keys changed (control rotated its secret); in use now");
+      file_config_ = next;
+      {
+        std::lock_guard lock(sds_mutex_);
+        hmac_base_ = next;
+      }
+      publish(std::make_shared<const ProxySnapshot>(
+          ProxySnapshot{with_agent_services(file_config_), current_->tls, nullptr}));
+    });
+  }
 }
 
 void ProxyServer::publish(SnapshotPtr snapshot) {
@@ -395,6 +481,11 @@ void ProxyServer::reload() {
     config = with_hmac_keys(config, tls ? tls->spiffe_id : "");
     auto next = bind_listeners(*config);
     file_config_ = config;
+    {
+      std::lock_guard lock(sds_mutex_);
+      hmac_base_ = config;
+      hmac_local_id_ = tls ? tls->spiffe_id : "";
+    }
     publish(std::make_shared<const ProxySnapshot>(
         ProxySnapshot{with_agent_services(config), tls, nullptr}));
     swap_listeners(std::move(next));

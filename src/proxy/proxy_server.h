@@ -28,6 +28,8 @@ namespace weft {
 struct ProxyOptions {
   std::filesystem::path config_file;
   std::filesystem::path admin_address_path;  // if set, "host:port" of admin is written here
+  // How often HMAC keys that come from the agent are fetched again (control may rotate them).
+  std::chrono::milliseconds hmac_refresh{30000};
 };
 
 class ProxyServer {
@@ -96,7 +98,11 @@ class ProxyServer {
   IdentityConfig sds_identity_;
   std::string sds_serial_;
   std::atomic<bool> sds_stop_{false};
-  std::thread sds_thread_, services_thread_;
+  std::thread sds_thread_, services_thread_, hmac_thread_;
+  // What the HMAC refresh thread re-keys: the file's config and our identity (under sds_mutex_).
+  std::shared_ptr<const ProxyConfig> hmac_base_;
+  std::string hmac_local_id_;
+  void hmac_refresh_loop();
   // services_from_agent: the file's config, and the services the agent last sent.
   std::shared_ptr<const ProxyConfig> file_config_;
   std::vector<ServiceConfig> agent_services_;

@@ -89,8 +89,8 @@ Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
   return out;
 }
 
-Result<std::string> fetch_sds_pair_key(const IdentityConfig& identity, const std::string& source,
-                                       const std::string& destination) {
+Result<SdsPairKey> fetch_sds_pair_key(const IdentityConfig& identity, const std::string& source,
+                                      const std::string& destination) {
   const std::string where = "agent SDS socket " + identity.sds.string();
   HttpCall call;
   call.unix_socket = identity.sds;
@@ -109,7 +109,12 @@ Result<std::string> fetch_sds_pair_key(const IdentityConfig& identity, const std
                            : r->body));
   if (!o.contains("key") || !o.at("key").is_string() || o.at("key").as_string().size() < 16)
     return make_error(where + ": no key in the answer");
-  return std::string(o.at("key").as_string());
+  SdsPairKey out{std::string(o.at("key").as_string()), {}, false};
+  if (const auto* p = o.if_contains("previous_key"); p && p->is_string())
+    out.previous = std::string(p->as_string());
+  if (const auto* s = o.if_contains("sign_with_previous"); s && s->is_bool())
+    out.sign_with_previous = s->as_bool();
+  return out;
 }
 
 }  // namespace weft

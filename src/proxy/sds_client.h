@@ -38,8 +38,17 @@ Result<SdsServices> fetch_sds_services(const IdentityConfig& identity,
                                        const std::string& known_revision, Millis wait,
                                        const std::atomic<bool>* cancel = nullptr);
 
-// The HMAC request-signing key of a workload pair, from the agent (which asks control).
-Result<std::string> fetch_sds_pair_key(const IdentityConfig& identity, const std::string& source,
-                                       const std::string& destination);
+// The HMAC request-signing key of a workload pair, from the agent (which asks control), and
+// the one before control's last rotation (empty if none), which verifiers still accept.
+struct SdsPairKey {
+  std::string key, previous;
+  bool sign_with_previous = false;  // just after a rotation: sign with `previous` still
+  const std::string& signing_key() const {
+    return sign_with_previous && !previous.empty() ? previous : key;
+  }
+  bool operator==(const SdsPairKey&) const = default;
+};
+Result<SdsPairKey> fetch_sds_pair_key(const IdentityConfig& identity, const std::string& source,
+                                      const std::string& destination);
 
 }  // namespace weft

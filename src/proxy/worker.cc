@@ -65,7 +65,7 @@ Worker::Worker(unsigned index, Metrics& metrics, AccessLog& access_log)
                    dial_http_upstream(c, ep, std::move(conn), std::move(done));
                  }),
       http_env_{io_, http_pool_, metrics, access_log, {}, std::mt19937_64(std::random_device{}()),
-                {},  64,         false} {}
+                {},  64,         false,   nullptr} {}
 
 Worker::~Worker() { stop_and_join(); }
 
@@ -96,6 +96,7 @@ void Worker::stop_and_join() {
 void Worker::post_snapshot(SnapshotPtr snapshot) {
   asio::post(io_, [this, snapshot = std::move(snapshot)] {
     snapshot_ = snapshot;
+    http_env_.current = snapshot;
     pool_.update(snapshot_->tls, snapshot_->config->pool);
     // Health checks run once per process, on the first worker.
     if (index_ == 0 && !draining_) {

@@ -1142,7 +1142,7 @@ class HttpOrigin {
 // verifying sidecar each fetch the key of (web -> api) and hold no key file; a pair whose ends
 // the node hosts neither of gets no key; keys never reach a log.
 TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
-  start({"--heartbeat-interval", "200ms"});
+  start({"--heartbeat-interval", "200ms", "--hmac-rotation-grace", "1s"});
   const fs::path socket = dir_ / "run" / "sds.sock";
   fs::create_directories(socket.parent_path());
   start_agent(west_, "west", "127.0.0.2",
@@ -1169,7 +1169,7 @@ TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
                  "\n      protocol: http\n"
                  "      hmac: {keys: [{source: spiffe://mesh.test/ns/shop/sa/web, from_agent: "
                  "true}]}\n");
-  WeftProxy api(dir_ / "api" / "api.yaml", dir_ / "api");
+  WeftProxy api(dir_ / "api" / "api.yaml", dir_ / "api", {"--hmac-refresh", "200ms"});
   ASSERT_TRUE(api.wait_ready()) << api.log();
   const std::string endpoint =
       "    endpoints: [{address: '127.0.0.1:" + std::to_string(api.port("inbound")) +
@@ -1186,7 +1186,7 @@ TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
                  endpoint +
                  "outbound:\n  - {name: app, listen: 127.0.0.1:0, service: api, protocol: http}\n"
                  "  - {name: raw, listen: 127.0.0.1:0, service: api-unsigned, protocol: http}\n");
-  WeftProxy web(dir_ / "web" / "web.yaml", dir_ / "web");
+  WeftProxy web(dir_ / "web" / "web.yaml", dir_ / "web", {"--hmac-refresh", "200ms"});
   ASSERT_TRUE(web.wait_ready()) << web.log();
   EXPECT_NE(web.log().find("HMAC request-signing keys fetched from the agent"), std::string::npos)
       << web.log();
@@ -1221,6 +1221,51 @@ TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
   EXPECT_EQ(read_file(dir_ / "west.log").find(key), std::string::npos);
   EXPECT_EQ(web.log().find(key), std::string::npos);
   EXPECT_EQ(api.log().find(key), std::string::npos);
+
+  // Rotation of control's secret (operator only): every pair key changes, the agent hands out
+  // the new key with the previous one; the verifier takes both at its next refresh, the signer
+  // keeps the previous key for the grace (1 s here) and then switches, and signed requests
+  // pass all along.
+  EXPECT_EQ(request("POST", "/v1/hmac-keys/rotate", "", "").status, 401);
+  ASSERT_EQ(op("POST", "/v1/hmac-keys/rotate", "").status, 200);
+  call.url =
+      "http://sds/v1/sds/hmac-key?source=spiffe://mesh.test/ns/shop/sa/web"
+      "&destination=spiffe://mesh.test/ns/shop/sa/api";
+  auto rotated = http_call(call);
+  ASSERT_TRUE(rotated && rotated->status == 200);
+  const auto rotated_json = boost::json::parse(rotated->body);
+  const std::string new_key(rotated_json.at("key").as_string());
+  EXPECT_NE(new_key, key);
+  EXPECT_EQ(rotated_json.at("previous_key").as_string(), key);
+  EXPECT_TRUE(rotated_json.at("sign_with_previous").as_bool()) << "within the grace";
+  int calls = 0, refused = 0;
+  for (int i = 0; i < 800; ++i) {
+    const auto r =
+        http_request("127.0.0.1:" + std::to_string(web.port("outbound/app")), "GET", "/orders");
+    ++calls;
+    refused += r.status != 200;
+    if (web.log().find("HMAC keys changed") != std::string::npos &&
+        api.log().find("HMAC keys changed") != std::string::npos)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));  // polling interval
+  }
+  EXPECT_NE(web.log().find("HMAC keys changed"), std::string::npos) << web.log();
+  EXPECT_NE(api.log().find("HMAC keys changed"), std::string::npos) << api.log();
+  EXPECT_EQ(refused, 0) << "of " << calls << " calls during the rotation; " << api.log();
+  const auto after =
+      http_request("127.0.0.1:" + std::to_string(web.port("outbound/app")), "GET", "/orders");
+  EXPECT_EQ(after.status, 200) << after.body;
+  // A second rotation drops the oldest secret: the file keeps the current one, the previous one
+  // and when it rotated, 0600 like every secret.
+  ASSERT_EQ(op("POST", "/v1/hmac-keys/rotate", "").status, 200);
+  const std::string hmac_secret = read_file(dir_ / "data" / "hmac.secret");
+  EXPECT_EQ(std::count(hmac_secret.begin(), hmac_secret.end(), '\n'), 3)
+      << "current, previous, time of the rotation";
+  struct stat secret_stat {};
+  ::stat((dir_ / "data" / "hmac.secret").c_str(), &secret_stat);
+  EXPECT_EQ(secret_stat.st_mode & 0777, 0600u);
+  EXPECT_EQ(web.log().find(new_key), std::string::npos);
+  EXPECT_EQ(api.log().find(new_key), std::string::npos);
 }
 
 TEST_F(TwoAgentTest, SidecarGetsItsWorkloadCertificateOverSdsAndRotatesIt) {

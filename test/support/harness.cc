@@ -104,16 +104,17 @@ HttpResult http_request(const std::string& host_port, const std::string& method,
   return r;
 }
 
-WeftProxy::WeftProxy(fs::path config, fs::path workdir)
+WeftProxy::WeftProxy(fs::path config, fs::path workdir, std::vector<std::string> extra_args)
     : config_(std::move(config)), workdir_(std::move(workdir)) {
   static int counter = 0;
   const std::string tag = config_.stem().string() + "-" + std::to_string(counter++);
   admin_file_ = workdir_ / (tag + ".admin");
   out_ = workdir_ / (tag + ".out");
   err_ = workdir_ / (tag + ".err");
-  pid_ = spawn(
-      {WEFT_BINARY, "proxy", "-c", config_.string(), "--admin-address-path", admin_file_.string()},
-      out_, err_);
+  std::vector<std::string> args{
+      WEFT_BINARY, "proxy", "-c", config_.string(), "--admin-address-path", admin_file_.string()};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  pid_ = spawn(args, out_, err_);
 }
 
 WeftProxy::~WeftProxy() {

@@ -55,7 +55,7 @@ HttpResult http_request(const std::string& host_port, const std::string& method,
 // A running `weft proxy`.
 class WeftProxy {
  public:
-  explicit WeftProxy(fs::path config, fs::path workdir);
+  explicit WeftProxy(fs::path config, fs::path workdir, std::vector<std::string> extra_args = {});
   ~WeftProxy();
 
   // Polls the admin /ready until 200; false (with the log dumped) if it exits or 20 s pass.

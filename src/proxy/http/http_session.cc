@@ -446,7 +446,10 @@ void HttpSession::start_tunnel() {
 
 // Each attempt is signed afresh: a retry with the first attempt's nonce would be a replay.
 void HttpSession::sign_request() {
-  const auto& hmac = cluster_->service().http.hmac;
+  const auto* service = &cluster_->service();
+  if (env_.current && env_.current != snap_)
+    if (const auto* newer = env_.current->config->find_service(service->name)) service = newer;
+  const auto& hmac = service->http.hmac;
   if (hmac.key.empty()) return;
   SignedRequest s{req_.method_string(), req_.target(), req_.body(), {}};
   for (const auto& name : hmac.signed_headers)
@@ -465,23 +468,29 @@ bool HttpSession::admit_inbound(std::string_view path) {
     local_reply(*r);
     return false;
   }
-  if (!t.hmac.keys.empty()) {
-    const HmacVerifyConfig::Key* key = nullptr;
-    for (const auto& k : t.hmac.keys)
-      if (spiffe_pattern_matches(k.source, peer)) {
-        key = &k;
-        break;
-      }
+  // The keys of the newest config (a rotation reaches this open connection too).
+  const InboundTargetConfig* newest = &t;
+  if (env_.current && env_.current != snap_)
+    if (const auto* n = env_.current->config->find_target(t.authority)) newest = n;
+  if (!newest->hmac.keys.empty()) {
     const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
                             std::chrono::system_clock::now().time_since_epoch())
                             .count();
-    const std::string verdict =
-        key ? verify_request(
-                  key->key, req_["x-weft-signature"], req_.method_string(), req_.target(),
-                  req_.body(), [this](const std::string& name) { return std::string(req_[name]); },
-                  now, std::chrono::duration_cast<std::chrono::seconds>(t.hmac.max_skew),
-                  *listener_.inbound_state->nonces)
-            : "no HMAC key for caller " + peer;
+    // Every key for this caller is tried (after a rotation: the current one, then the one
+    // before); a failed check takes no nonce slot, so a second try is sound.
+    std::string verdict = "no HMAC key for caller " + peer;
+    bool tried = false;
+    for (const auto& k : newest->hmac.keys) {
+      if (!spiffe_pattern_matches(k.source, peer)) continue;
+      std::string v = verify_request(
+          k.key, req_["x-weft-signature"], req_.method_string(), req_.target(), req_.body(),
+          [this](const std::string& name) { return std::string(req_[name]); }, now,
+          std::chrono::duration_cast<std::chrono::seconds>(t.hmac.max_skew),
+          *listener_.inbound_state->nonces);
+      if (!tried || v.empty()) verdict = std::move(v);
+      tried = true;
+      if (verdict.empty()) break;
+    }
     if (!verdict.empty()) {
       local_reply(401, "request signature refused: " + verdict + "\n", "UAEX");
       return false;

@@ -53,6 +53,9 @@ struct HttpWorkerEnv {
   // Set when the proxy drains: HTTP/1.1 answers say `Connection: close`, HTTP/2 sends GOAWAY,
   // idle connections close after a grace, so clients move on without losing a request.
   bool draining = false;
+  // The worker's newest snapshot. Sessions keep the one they started with, but HMAC keys come
+  // from this one, so a rotation of control's secret reaches long-lived connections too.
+  SnapshotPtr current;
 
   void track(std::weak_ptr<DrainableHttp> c) {
     live.push_back(std::move(c));
