@@ -414,7 +414,7 @@ bool same_hmac_keys(const ProxyConfig& a, const ProxyConfig& b) {
 
 // Control may rotate its HMAC secret (POST /v1/hmac-keys/rotate): the keys are fetched again
 // every --hmac-refresh, and a change is published like a reload. Verifiers keep the previous
-// key beside the new one, so requests signed before the signer refreshed still pass.
+// key beside the new one; signers switch only after control's grace (see SdsPairKey).
 void ProxyServer::hmac_refresh_loop() {
   std::string last_error;
   while (!sds_stop_) {
@@ -489,6 +489,8 @@ void ProxyServer::reload() {
     publish(std::make_shared<const ProxySnapshot>(
         ProxySnapshot{with_agent_services(config), tls, nullptr}));
     swap_listeners(std::move(next));
+    if (uses_agent_hmac_keys(*config) && !hmac_thread_.joinable())
+      hmac_thread_ = std::thread([this] { hmac_refresh_loop(); });
     if (config->services_from_agent && !services_thread_.joinable())
       services_thread_ =
           std::thread([this] { sds_loop("services", [this] { return sds_services_step(); }); });
