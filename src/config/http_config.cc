@@ -317,10 +317,6 @@ HttpServiceConfig read_http_service(const Reader& r, const YAML::Node& n, const 
       r.fail(h, hf, "give key_file (a 0600 file) or from_agent: true (control's pair key), one");
     if (!c.hmac.from_agent) c.hmac.key = read_key_file(r, h, hf, "key_file");
     c.hmac.signed_headers = header_names(r, h, hf, "signed_headers", c.hmac.signed_headers);
-    if (c.h2)
-      r.fail(h, hf,
-             "needs protocol: http1 (HTTP/2 streams are forwarded as they come, their bodies "
-             "are never whole to be signed)");
   }
   const std::string lb = r.string_field(n, f, "load_balancer", false, "round_robin");
   if (lb == "round_robin")

@@ -223,10 +223,6 @@ ProxyConfig parse_checked(std::string_view yaml, const std::string& source, cons
         for (const char* k : {"hmac", "authorization", "rate_limit", "max_request_body"})
           if (n[k].IsDefined()) r.fail(n[k], f + "." + k, "needs protocol: http");
       t.hmac = read_hmac_verify(r, n["hmac"], f + ".hmac");
-      if (t.app_h2 && n["hmac"].IsDefined())
-        r.fail(n["hmac"], f + ".hmac",
-               "needs protocol: http (HTTP/2 streams are forwarded as they come, their bodies "
-               "are never whole to be signed)");
       t.authz = read_authz(r, n["authorization"], f + ".authorization");
       t.rate_limit = read_rate_limit(r, n["rate_limit"], f + ".rate_limit");
       if (n["rate_limit"].IsDefined()) t.rate_limit.per_source = true;

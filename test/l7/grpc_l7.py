@@ -9,10 +9,15 @@ implementation. Checks unary calls balanced per request over one client connecti
 and trailing metadata carried in trailers, server streaming, full-duplex bidi streaming (each
 reply before the next request is sent: nothing is buffered), a 3 MB message through flow
 control, a cancelled stream reaching the server, the route's rate limit, request metrics and
-access logs from both proxies, and HTTP/1.1 clients translated to the HTTP/2 service.
+access logs from both proxies, HTTP/1.1 clients translated to the HTTP/2 service, and HMAC
+request signing of HTTP/2 streams (the body's signature in a trailer), checked against a
+signer written here independently: tampered, truncated, replayed and unsigned streams never
+reach the app whole.
 usage: grpc_l7.py path/to/weft
 """
+import base64
 import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -38,6 +43,13 @@ slow_started = threading.Event()
 
 
 def raw_h2_call(addr, path, body, extra, trailers=None):
+    return raw_h2_exchange(addr, path, b"\0" + len(body).to_bytes(4, "big") + body, extra, trailers)
+
+
+ended_at_trailer_server = []  # the trailers echo server saw a whole request (its END_STREAM)
+
+
+def raw_h2_exchange(addr, path, framed, extra, trailers=None):
     """One gRPC call from a bare HTTP/2 client (python3-h2) that enforces no deadline itself:
     what comes back is the proxy's doing. With `trailers`, the request ends with them.
     Returns (response fields + trailers, seconds)."""
@@ -52,7 +64,7 @@ def raw_h2_call(addr, path, body, extra, trailers=None):
         sid = c.get_next_available_stream_id()
         c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "echo"),
                              (":path", path), ("content-type", "application/grpc"), ("te", "trailers")] + extra)
-        c.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=not trailers)
+        c.send_data(sid, framed, end_stream=not trailers)
         if trailers:
             c.send_headers(sid, trailers, end_stream=True)
         s.sendall(c.data_to_send())
@@ -81,12 +93,13 @@ def trailers_echo_server():
         c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         c.initiate_connection()
         conn.sendall(c.data_to_send())
-        sizes, got = {}, {}
+        sizes, got, signed = {}, {}, {}
         try:
             while data := conn.recv(65536):
                 for ev in c.receive_data(data):
                     if isinstance(ev, h2.events.RequestReceived):
                         sizes[ev.stream_id], got[ev.stream_id] = 0, []
+                        signed[ev.stream_id] = str(int(any(k == "x-weft-signature" for k, _ in ev.headers)))
                     elif isinstance(ev, h2.events.DataReceived):
                         sizes[ev.stream_id] += len(ev.data)
                         c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -94,10 +107,11 @@ def trailers_echo_server():
                         got[ev.stream_id] = list(ev.headers)
                     elif isinstance(ev, h2.events.StreamEnded):
                         sid = ev.stream_id
+                        ended_at_trailer_server.append(sid)
                         c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
                         c.send_data(sid, b"\0" + (4).to_bytes(4, "big") + sizes[sid].to_bytes(4, "big"))
-                        c.send_headers(sid, [("grpc-status", "0")] + [("x-got-" + k, v) for k, v in got[sid]],
-                                       end_stream=True)
+                        c.send_headers(sid, [("grpc-status", "0"), ("x-had-signature", signed[sid])] +
+                                       [("x-got-" + k, v) for k, v in got[sid]], end_stream=True)
                 conn.sendall(c.data_to_send())
         except OSError:
             pass
@@ -117,7 +131,7 @@ def make_server(name):
         md = dict(ctx.invocation_metadata())
         ctx.set_trailing_metadata((("x-served-by-trailer", name),))
         return json.dumps({"server": name, "echo": req.decode(), "traceparent": md.get("traceparent", ""),
-                           "x-test": md.get("x-test", "")}).encode()
+                           "x-test": md.get("x-test", ""), "signature": md.get("x-weft-signature", "")}).encode()
 
     def fail(req, ctx):
         ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + req.decode())
@@ -185,12 +199,21 @@ def main():
         s2, p2 = make_server("two")
         servers = [s1, s2]
         pt = trailers_echo_server()
+        key_file = os.path.join(h.work, "pair.key")
+        with open(key_file, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        os.chmod(key_file, 0o600)
+        pair_key = open(key_file).read().strip().encode()
+        cid = f"spiffe://{TD}/ns/default/sa/client"
+        verify = f"hmac: {{keys: [{{source: '{cid}', key_file: '{key_file}'}}]}}"
         server_admin, server = h.proxy(
             "server", h.identity("server") + "admin: {listen: 127.0.0.1:0}\n"
             "inbound:\n  listen: 127.0.0.1:0\n  targets:\n"
             f"    - {{authority: 'echo-1:50051', address: '127.0.0.1:{p1}', protocol: grpc}}\n"
             f"    - {{authority: 'echo-2:50051', address: '127.0.0.1:{p2}', protocol: grpc}}\n"
-            f"    - {{authority: 'trailers:50051', address: '127.0.0.1:{pt}', protocol: grpc}}\n")
+            f"    - {{authority: 'trailers:50051', address: '127.0.0.1:{pt}', protocol: grpc}}\n"
+            f"    - {{authority: 'guarded-1:50051', address: '127.0.0.1:{p1}', protocol: grpc, {verify}}}\n"
+            f"    - {{authority: 'guarded-t:50051', address: '127.0.0.1:{pt}', protocol: grpc, {verify}}}\n")
         sid = f"spiffe://{TD}/ns/default/sa/server"
         client_admin, client = h.proxy(
             "client", h.identity("client") + "admin: {listen: 127.0.0.1:0}\n"
@@ -202,7 +225,13 @@ def main():
             f"      - {{address: '{server['inbound']}', authority: 'gone:50051'}}\n"
             "  - name: trailers\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
             f"    endpoints: [{{address: '{server['inbound']}', authority: 'trailers:50051'}}]\n"
-            "outbound:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n"
+            "  - name: guarded\n    spiffe_ids: ['" + sid + f"']\n    http: {{protocol: grpc, hmac: {{key_file: '{key_file}'}}}}\n"
+            f"    endpoints: [{{address: '{server['inbound']}', authority: 'guarded-1:50051'}}]\n"
+            "  - name: guarded-t\n    spiffe_ids: ['" + sid + f"']\n    http: {{protocol: grpc, hmac: {{key_file: '{key_file}'}}}}\n"
+            f"    endpoints: [{{address: '{server['inbound']}', authority: 'guarded-t:50051'}}]\n"
+            "  - name: guarded-raw\n    spiffe_ids: ['" + sid + "']\n"
+            f"    endpoints: [{{address: '{server['inbound']}', authority: 'guarded-t:50051'}}]\n"
+            "outbound:\n  - {name: raw, listen: 127.0.0.1:0, service: guarded-raw}\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n"
             "      - {name: limited, match: {path: {exact: /echo.Echo/Limited}}, service: echo,"
             " rate_limit: {per_second: 1, burst: 1}, retries: {attempts: 2}}\n"
             # Held 3 s at the proxy (fault delay) before it goes on: a client deadline passes first.
@@ -212,6 +241,8 @@ def main():
             "      - {name: flaky, match: {path: {exact: /echo.Echo/Flaky}}, service: echo,"
             " retries: {attempts: 4, on: [connect-failure, unavailable]}}\n"
             "      - {name: trailers, match: {path: {prefix: /trailers/}}, service: trailers}\n"
+            "      - {name: guarded, match: {headers: [{name: x-to, value: guarded}]}, service: guarded}\n"
+            "      - {name: guarded-t, match: {path: {prefix: /guarded-t/}}, service: guarded-t}\n"
             "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
             " retries: {attempts: 2, on: [connect-failure]}, request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
         target = client["outbound/web"]
@@ -289,6 +320,71 @@ def main():
               fields.get("grpc-status") == "0",
               f"request trailers reach the service through both proxies: {fields}")
 
+        # HMAC signing of HTTP/2 streams: the client proxy signs the header and puts the
+        # body's signature in a trailer; the server proxy verifies both. A unary call, a bidi
+        # stream (answers flow while the request is still open: nothing waits for the whole
+        # body) and 3 MB through flow control.
+        md = (("x-to", "guarded"),)
+        resp = json.loads(unary(b"signed", metadata=md, timeout=10))
+        check(resp["server"] == "one" and resp["echo"] == "signed" and resp["signature"] == "",
+              f"a signed gRPC call verifies; the signature stops at the verifier: {resp}")
+        replies = []
+        for r in channel.stream_stream("/echo.Echo/Bidi")(requests(), timeout=20, metadata=md):
+            replies.append(r)
+            with cond:
+                q.clear()
+                cond.notify_all()
+        check(replies == [f"echo:m{i}".encode() for i in range(10)],
+              f"a signed bidi stream runs both ways before its request ends: {len(replies)} replies")
+        resp = channel.unary_unary("/echo.Echo/Big")(payload, timeout=20, metadata=md)
+        check(len(resp) == 3 * 1024 * 1024, f"a signed 3 MB request verifies ({len(resp)} bytes back)")
+        fields, _ = raw_h2_call(target, "/guarded-t/Echo", b"hello", [], trailers=[("x-checksum", "c0ffee")])
+        check(fields.get("grpc-status") == "0" and fields.get("x-got-x-checksum") == "c0ffee" and
+              fields.get("x-had-signature") == "0" and "x-got-x-weft-body-signature" not in fields,
+              f"the client's trailers pass, the signature header and trailer stop at the verifier: {fields}")
+        fields, _ = raw_h2_call(target, "/guarded-t/Echo", b"no trailers of its own", [])
+        check(fields.get("grpc-status") == "0", f"a stream without trailers gets the signer's: {fields}")
+
+        # A signer written here from docs/ (hmac_signing.h), through a plain tunnel (L4) to the
+        # same verifying target: valid, replayed, tampered, truncated, unsigned.
+        raw_addr = client["outbound/raw"]
+
+        def signed_call(body, signed_body=None, trailer=True, nonce=None, whole=False):
+            path = "/guarded-t/Echo"
+            framed = b"\0" + len(body).to_bytes(4, "big") + body
+            sb = signed_body if signed_body is not None else body
+            digest = hashlib.sha256(b"\0" + len(sb).to_bytes(4, "big") + sb).hexdigest()
+            ts, nonce = int(time.time()), nonce or os.urandom(16).hex()
+            canonical = (f"v1\nPOST\n{path}\n{ts}\n{nonce}\nhost:echo\ncontent-type:application/grpc\n"
+                         + (digest if whole else "trailer"))
+            sig = hmac.new(pair_key, canonical.encode(), hashlib.sha256).hexdigest()
+            header = (f"v1;ts={ts};nonce={nonce};headers=host,content-type;"
+                      + ("" if whole else "body=trailer;") + f"sig={sig}")
+            body_sig = hmac.new(pair_key, f"v1-body\n{sig}\n{digest}".encode(), hashlib.sha256).hexdigest()
+            fields, _ = raw_h2_exchange(raw_addr, path, framed, [("x-weft-signature", header)],
+                                        trailers=[("x-weft-body-signature", body_sig)] if trailer else None)
+            return fields, nonce
+
+        def refused(fields, why):
+            return fields.get("x-weft-status") == "401" and fields.get("grpc-status") == "16" and \
+                why in fields.get("grpc-message", "")
+        fields, nonce = signed_call(b"by hand")
+        check(fields.get("grpc-status") == "0" and "x-got-x-weft-body-signature" not in fields,
+              f"a stream signed by an independent implementation verifies: {fields}")
+        ends = len(ended_at_trailer_server)
+        fields, _ = signed_call(b"by hand", nonce=nonce)
+        check(refused(fields, "replayed"), f"a replayed nonce -> 401 before anything goes on: {fields}")
+        fields, _ = signed_call(b"pay 1000", signed_body=b"pay 1")
+        check(refused(fields, "does not match"), f"a tampered body -> 401 at its end: {fields}")
+        fields, _ = signed_call(b"by hand", trailer=False)
+        check(refused(fields, "does not match"), f"a body without its signature trailer -> 401: {fields}")
+        fields, _ = signed_call(b"by hand", whole=True)
+        check(refused(fields, "x-weft-body-signature"), f"a whole-body signature on a stream -> 401: {fields}")
+        fields, _ = raw_h2_call(raw_addr, "/guarded-t/Echo", b"unsigned", [])
+        check(refused(fields, "missing"), f"an unsigned stream -> 401: {fields}")
+        check(len(ended_at_trailer_server) == ends,
+              f"none of the refused streams reached the app whole ({len(ended_at_trailer_server) - ends})")
+
         # A client's deadline (grpc-timeout) bounds the wait for the answer at the proxy, well
         # inside the route's 15 s: DEADLINE_EXCEEDED from the proxy, said by it (the call is
         # held by a fault delay, so the app never sees it and cannot be the one answering).
@@ -328,6 +424,18 @@ def main():
         check(head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower() and
               b"over http/1.1" in rest and b"grpc-status: 0" in rest and b"x-served-by-trailer:" in rest,
               f"an HTTP/1.1 client reaches the HTTP/2 service; trailers in the last chunk: {raw[-160:]!r}")
+        # An HTTP/1.1 request to a signed HTTP/2 service: the whole body is in hand, and is
+        # still signed in a trailer, the form an HTTP/2 verifier takes.
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /guarded-t/Echo HTTP/1.1\r\nHost: echo\r\ncontent-type: application/grpc\r\n"
+                      b"te: trailers\r\nconnection: close\r\ncontent-length: " + str(len(framed)).encode() +
+                      b"\r\n\r\n" + framed)
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        check(raw.startswith(b"HTTP/1.1 200") and b"grpc-status: 0" in raw and b"x-had-signature: 0" in raw and
+              b"x-weft-body-signature" not in raw and (18).to_bytes(4, "big") in raw,
+              f"an HTTP/1.1 request to a signed HTTP/2 service is signed and verified: {raw[-120:]!r}")
         c = http.client.HTTPConnection(host, int(port), timeout=10)
         for i in range(3):  # keep-alive: several requests on one client connection
             c.request("POST", "/echo.Echo/Unary", body=framed, headers={"content-type": "application/grpc"})

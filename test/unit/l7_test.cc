@@ -90,9 +90,9 @@ TEST(L7Config, ErrorsNameTheFieldAndWhatToWrite) {
   EXPECT_NE(config_error(with_service("    http: {protocol: h3}\n", "      - {service: s}\n"))
                 .find("http.protocol': 'h3' is unknown; expected http1, http2 or grpc"),
             std::string::npos);
-  EXPECT_NE(config_error(with_service("    http: {protocol: grpc, hmac: {from_agent: true}}\n",
+  EXPECT_NE(config_error(with_service("    http: {protocol: grpc, hmac: {from_agent: false}}\n",
                                       "      - {service: s}\n"))
-                .find("hmac': needs protocol: http1"),
+                .find("give key_file (a 0600 file) or from_agent: true"),
             std::string::npos);
   EXPECT_NE(config_error(with_service("", "      - {service: s, match: {host: 'a.b:80'}}\n"))
                 .find("without a port"),
@@ -279,7 +279,8 @@ TEST(L7Hmac, SignedRequestsVerifyOnceAndOnlyUnchangedAndFresh) {
   SignedRequest req{"POST",
                     "/api/pay?x=1",
                     "{\"amount\":5}",
-                    {{"host", "pay:80"}, {"content-type", "application/json"}}};
+                    {{"host", "pay:80"}, {"content-type", "application/json"}},
+                    false};
   const std::string header = sign_request(key, req, 1700000000, "00112233445566778899aabbccddeeff");
   std::map<std::string, std::string> h{{"host", "pay:80"}, {"content-type", "application/json"}};
   auto lookup = [&](const std::string& n) { return h.count(n) ? h[n] : std::string(); };
@@ -307,6 +308,55 @@ TEST(L7Hmac, SignedRequestsVerifyOnceAndOnlyUnchangedAndFresh) {
   for (const char* bad : {"", "v2;ts=1", "v1;ts=1;nonce=zz;headers=host;sig=00",
                           "v1;ts=-1;nonce=00112233445566778899aabbccddeeff;headers=host;sig=00"})
     EXPECT_NE(verify("POST", "/", "", 1, bad), "") << bad;
+}
+
+// An HTTP/2 stream's body is signed apart, in a trailer bound to the header's signature: the
+// header verifies alone (before the body comes), the trailer only with that body and that
+// header, and neither form passes for the other.
+TEST(L7Hmac, AStreamedBodyIsSignedInATrailerBoundToTheHeader) {
+  const std::string key = "0123456789abcdef0123456789abcdef";
+  const SignedRequest head{"POST", "/echo.Echo/Unary", "", {{"host", "echo:50051"}}, true};
+  const std::string header =
+      sign_request(key, head, 1700000000, "00112233445566778899aabbccddeeff");
+  EXPECT_NE(header.find(";body=trailer;sig="), std::string::npos) << header;
+  auto lookup = [](const std::string& n) { return n == "host" ? std::string("echo:50051") : ""; };
+  NonceCache nonces(std::chrono::seconds(600));
+  const auto verify = [&](std::optional<std::string_view> body, const std::string& hdr) {
+    return verify_request(key, hdr, "POST", "/echo.Echo/Unary", body, lookup, 1700000010,
+                          std::chrono::seconds(300), nonces);
+  };
+  // As an HTTP/1.1 request (the whole body in hand) it is refused: no trailer can follow.
+  EXPECT_NE(verify("hello", header).find("needs an HTTP/2 target"), std::string::npos);
+  EXPECT_EQ(verify(std::nullopt, header), "");
+  EXPECT_NE(verify(std::nullopt, header).find("replayed"), std::string::npos);
+
+  Sha256Stream body;
+  body.update("hel");
+  body.update("lo");
+  const std::string digest = body.finish_hex();
+  EXPECT_EQ(digest, sha256_hex("hello"));
+  EXPECT_EQ(body.finish_hex(), sha256_hex(""));  // starts over
+  const std::string trailer = body_signature(key, header, digest);
+  EXPECT_TRUE(body_signature_matches(key, header, digest, trailer));
+  EXPECT_FALSE(body_signature_matches(key, header, sha256_hex("hellO"), trailer));
+  EXPECT_FALSE(body_signature_matches("another key 0123456789abcdef0123", header, digest, trailer));
+  EXPECT_FALSE(body_signature_matches(key, header, digest, trailer.substr(1)));
+  // The same body under another header signature (a trailer moved to another request).
+  const std::string other = sign_request(key, head, 1700000000, "ffeeddccbbaa99887766554433221100");
+  EXPECT_FALSE(body_signature_matches(key, other, digest, trailer));
+
+  // Dropping body=trailer from the header (to skip the trailer check) breaks the signature,
+  // and a whole-body signature on a stream is refused.
+  std::string stripped = other;
+  stripped.erase(stripped.find(";body=trailer"), 13);
+  EXPECT_NE(verify(std::nullopt, stripped).find("must be signed in the x-weft-body-signature"),
+            std::string::npos);
+  EXPECT_NE(verify("", stripped).find("tampered"), std::string::npos);
+  EXPECT_NE(verify("", other).find("without a body"), std::string::npos);
+  EXPECT_FALSE(
+      parse_signature("v1;ts=1;nonce=00112233445566778899aabbccddeeff;headers=host;"
+                      "body=inline;sig=" +
+                      std::string(64, 'a')));
 }
 
 TEST(L7Hmac, TheNonceCacheForgetsOnlyOutsideTheWindowAndRefusesWhenFull) {

@@ -2,10 +2,13 @@
 
 #include <nghttp2/nghttp2.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
+#include "identity/spiffe_id.h"
 #include "proxy/http/h2_stream.h"
+#include "proxy/http/hmac_signing.h"
 #include "proxy/http/http_session.h"
 #include "proxy/http/request_policy.h"
 #include "proxy/http/router.h"
@@ -136,6 +139,7 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
   const std::string_view path = std::string_view(s->path).substr(0, s->path.find('?'));
   if (view.inbound) {
     if (auto r = inbound_rate_limited(view, now)) return answer(*r);
+    if (!admit_signature(end_stream)) return;
     if (auto r = authorization_refusal(view, s->method, path)) return answer(*r);
   }
   if (auto r = route_rate_limited(*d_.snap_->http, view.name, route, source_, now))
@@ -149,6 +153,16 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
     return answer({503, "service '" + backend.service + "' has no endpoints\n", "UH", {}});
   if (auto r = take_request_slot(*cluster_)) return answer(*r);
   request_slot_ = true;
+  if (!view.inbound) {
+    // The keys of the newest config (a rotation reaches open connections too).
+    const HttpServiceConfig* http = &cluster_->service().http;
+    if (d_.env_.current && d_.env_.current != d_.snap_)
+      if (const auto* n = d_.env_.current->config->find_service(cluster_->service().name))
+        http = &n->http;
+    hmac_key_ = http->hmac.key;
+    signed_headers_ = http->hmac.signed_headers;
+  }
+  hashing_ = !end_stream && (verifying_ || (!view.inbound && !hmac_key_.empty()));
 
   const auto& hash_header = cluster_->service().http.hash_header;
   hash_key_ = hash_header.empty()                       ? source_
@@ -171,8 +185,10 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
                     {":scheme", "http"},
                     {":authority", s->authority},
                     {":path", s->path}};
+  const bool verified = view.inbound && !hmac_key_.empty();  // the signature stops here
   for (auto& f : s->fields)
-    if (f.first != "traceparent" && (f.first != "te" || f.second == "trailers"))
+    if (f.first != "traceparent" && (f.first != "te" || f.second == "trailers") &&
+        !(verified && f.first == "x-weft-signature"))
       upstream_head_.push_back(std::move(f));
   s->fields.clear();
   if (!s->cookie.empty()) upstream_head_.emplace_back("cookie", std::move(s->cookie));
@@ -252,6 +268,7 @@ void H2Forward::send(const std::shared_ptr<H2Upstream>& up) {
   if (!d_.view_.inbound) entry_.peer_identity = up->conn().peer_identity;
   entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
   const bool has_body = !request_done_ || req_off_ < req_body_.size();
+  sign(has_body);
   up_id_ = up->submit(upstream_head_, has_body, weak_from_this());
   if (up_id_ < 0) {
     // A shared connection that filled up or is going away: a new one. A new one that takes
@@ -269,13 +286,119 @@ void H2Forward::request_data(const uint8_t* data, size_t len) {
     nghttp2_session_consume(d_.session_, id_, len);
     return;
   }
+  if (hashing_) body_hash_.update({reinterpret_cast<const char*>(data), len});
   req_body_.append(reinterpret_cast<const char*>(data), len);
   if (up_ && up_id_ >= 0) up_->resume(up_id_);
 }
 
 void H2Forward::request_end() {
+  if (hashing_) body_digest_ = body_hash_.finish_hex();
+  // The end of the request reaches the app only with a body that matches its signature.
+  if (std::exchange(verifying_, false) && !answered_ && !finished_ && !upstream_done_ &&
+      !verify_body())
+    return refuse_body();
   request_done_ = true;
   if (up_ && up_id_ >= 0) up_->resume(up_id_);
+}
+
+// Inbound: the caller's signature over the request header (and, with body=trailer, the
+// promise of a trailer over the body). Tried with each of the caller's keys, as on HTTP/1.1.
+bool H2Forward::admit_signature(bool end_stream) {
+  const InboundTargetConfig* t = d_.view_.inbound;
+  if (d_.env_.current && d_.env_.current != d_.snap_)
+    if (const auto* n = d_.env_.current->config->find_target(t->authority)) t = n;
+  if (t->hmac.keys.empty()) return true;
+  auto s = stream();
+  std::string_view header;
+  find_field(s.get(), "x-weft-signature", header);
+  const auto headers_of = [&s](const std::string& name) {
+    std::string_view v;
+    if (name == "host") return s->authority;  // HTTP/2 has :authority where Host was
+    return find_field(s.get(), name, v) ? std::string(v) : std::string();
+  };
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  const std::string& peer = d_.view_.peer_identity;
+  std::string verdict = "no HMAC key for caller " + peer;
+  bool tried = false;
+  for (const auto& k : t->hmac.keys) {
+    if (!spiffe_pattern_matches(k.source, peer)) continue;
+    std::string v = verify_request(
+        k.key, header, s->method, s->path,
+        end_stream ? std::optional<std::string_view>("") : std::nullopt, headers_of, now,
+        std::chrono::duration_cast<std::chrono::seconds>(d_.view_.inbound->hmac.max_skew),
+        *d_.view_.inbound_state->nonces);
+    if (!tried || v.empty()) verdict = std::move(v);
+    tried = true;
+    if (verdict.empty()) {
+      hmac_key_ = k.key;
+      break;
+    }
+  }
+  if (!verdict.empty()) {
+    answer({401, "request signature refused: " + verdict + "\n", "UAEX", {}});
+    return false;
+  }
+  signature_ = std::string(header);
+  verifying_ = !end_stream;
+  return true;
+}
+
+// The trailer the signer added (not passed on) against the body that came.
+bool H2Forward::verify_body() {
+  std::string got;
+  std::erase_if(req_trailers_, [&](const auto& f) {
+    if (f.first != kBodySignatureTrailer) return false;
+    got = f.second;
+    return true;
+  });
+  return body_signature_matches(hmac_key_, signature_, body_digest_, got);
+}
+
+void H2Forward::refuse_body() {
+  const std::string why =
+      "request signature refused: tampered: the body does not match its x-weft-body-signature "
+      "trailer (or it has none)";
+  // The app has seen the header and the body so far, never their end: its stream is reset.
+  if (up_ && up_id_ >= 0) up_->reset(up_id_);
+  up_.reset();
+  up_id_ = -1;
+  end_endpoint_count();
+  if (!head_received_) return answer({401, why + "\n", "UAEX", {}});
+  // Answered already (a stream that runs both ways): the client's stream is reset too.
+  upstream_done_ = true;
+  entry_.response_flags = "UAEX";
+  entry_.result = why;
+  if (auto s = stream()) d_.reset_stream(*s, NGHTTP2_CANCEL);
+}
+
+// Outbound: each try gets its own nonce (a retry with the first one's would be a replay).
+void H2Forward::sign(bool has_body) {
+  signing_ = false;
+  if (d_.view_.inbound || hmac_key_.empty()) return;
+  // (upstream_head_ starts :method, :scheme, :authority, :path: start() builds it so.)
+  SignedRequest r{upstream_head_[0].second, upstream_head_[3].second, "", {}, has_body};
+  for (const auto& name : signed_headers_) {
+    const std::string_view want = name == "host" ? std::string_view(":authority") : name;
+    std::string value;
+    for (const auto& [n, v] : upstream_head_)
+      if (n == want) {
+        value = v;
+        break;
+      }
+    r.headers.emplace_back(name, std::move(value));
+  }
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  char nonce[33];
+  std::snprintf(nonce, sizeof nonce, "%016llx%016llx",
+                static_cast<unsigned long long>(d_.env_.rng()),
+                static_cast<unsigned long long>(d_.env_.rng()));
+  signature_ = sign_request(hmac_key_, r, now, nonce);
+  set_field(upstream_head_, "x-weft-signature", signature_);
+  signing_ = has_body;
 }
 
 size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
@@ -287,6 +410,11 @@ size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
     req_off_ = 0;
   }
   *eof = request_done_ && req_body_.empty();
+  if (*eof && signing_) {
+    signed_trailers_ = req_trailers_;
+    signed_trailers_.emplace_back(kBodySignatureTrailer,
+                                  body_signature(hmac_key_, signature_, body_digest_));
+  }
   if (n == 0) return 0;
   pulled_any_ = true;
   if (replayable_) {

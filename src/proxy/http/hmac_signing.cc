@@ -24,9 +24,33 @@ std::string sign_request(std::string_view key, const SignedRequest& req, int64_t
     canonical.append(name).append(":").append(value).append("\n");
     names += (names.empty() ? "" : ",") + name;
   }
-  canonical.append(sha256_hex(req.body));
+  canonical.append(req.body_in_trailer ? std::string("trailer") : sha256_hex(req.body));
   return "v1;ts=" + std::to_string(ts) + ";nonce=" + std::string(nonce) + ";headers=" + names +
-         ";sig=" + hmac_sha256_hex(key, canonical);
+         (req.body_in_trailer ? ";body=trailer" : "") + ";sig=" + hmac_sha256_hex(key, canonical);
+}
+
+namespace {
+
+// The sig field of a well-formed header ("" otherwise).
+std::string sig_of(std::string_view header) {
+  auto p = parse_signature(header);
+  return p ? p->sig : std::string();
+}
+
+}  // namespace
+
+std::string body_signature(std::string_view key, std::string_view header,
+                           std::string_view body_sha256_hex) {
+  std::string text = "v1-body\n";
+  text.append(sig_of(header)).append("\n").append(body_sha256_hex);
+  return hmac_sha256_hex(key, text);
+}
+
+bool body_signature_matches(std::string_view key, std::string_view header,
+                            std::string_view body_sha256_hex, std::string_view trailer_value) {
+  if (trailer_value.size() != 64) return false;
+  const std::string want = body_signature(key, header, body_sha256_hex);
+  return CRYPTO_memcmp(want.data(), trailer_value.data(), 64) == 0;
 }
 
 Result<ParsedSignature> parse_signature(std::string_view h) {
@@ -69,6 +93,9 @@ Result<ParsedSignature> parse_signature(std::string_view h) {
         if (p.headers.size() > 32) return make_error("malformed signature: over 32 headers");
       }
       have_headers = true;
+    } else if (k == "body") {
+      if (v != "trailer") return make_error("malformed signature: body must be 'trailer'");
+      p.body_in_trailer = true;
     } else if (k == "sig") {
       if (v.size() != 64 || !is_hex(v))
         return make_error("malformed signature: sig must be 64 hex");
@@ -97,7 +124,7 @@ bool NonceCache::insert(const std::string& nonce, int64_t now) {
 }
 
 std::string verify_request(std::string_view key, std::string_view header, std::string_view method,
-                           std::string_view target, std::string_view body,
+                           std::string_view target, std::optional<std::string_view> body,
                            const std::function<std::string(const std::string&)>& headers_of,
                            int64_t now, std::chrono::seconds max_skew, NonceCache& nonces) {
   auto parsed = parse_signature(header);
@@ -106,7 +133,14 @@ std::string verify_request(std::string_view key, std::string_view header, std::s
   if (skew > max_skew.count())
     return "stale: signed " + std::to_string(skew) + " s away from now (at most " +
            std::to_string(max_skew.count()) + " s)";
-  SignedRequest req{method, target, body, {}};
+  if (parsed->body_in_trailer && body)
+    return body->empty() ? "tampered: body=trailer on a request without a body"
+                         : "malformed signature: body=trailer needs an HTTP/2 target (protocol: "
+                           "http2 or grpc), where the trailer can come";
+  if (!parsed->body_in_trailer && !body)
+    return "tampered: a streamed HTTP/2 body must be signed in the x-weft-body-signature trailer "
+           "(body=trailer)";
+  SignedRequest req{method, target, body.value_or(""), {}, parsed->body_in_trailer};
   for (const auto& name : parsed->headers) req.headers.emplace_back(name, headers_of(name));
   const std::string expected = sign_request(key, req, parsed->ts, parsed->nonce);
   const std::string_view want = std::string_view(expected).substr(expected.size() - 64);

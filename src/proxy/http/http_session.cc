@@ -445,20 +445,28 @@ void HttpSession::start_tunnel() {
 }
 
 // Each attempt is signed afresh: a retry with the first attempt's nonce would be a replay.
-void HttpSession::sign_request() {
+void HttpSession::sign_request(bool h2_stream) {
+  h2_request_trailers_.clear();
   const auto* service = &cluster_->service();
   if (env_.current && env_.current != snap_)
     if (const auto* newer = env_.current->config->find_service(service->name)) service = newer;
   const auto& hmac = service->http.hmac;
   if (hmac.key.empty()) return;
-  SignedRequest s{req_.method_string(), req_.target(), req_.body(), {}};
+  // Over HTTP/2 the verifier checks the header before the body comes, so a body is signed
+  // in a trailer (hmac_signing.h), as the HTTP/2 forwarder does.
+  const bool in_trailer = h2_stream && !req_.body().empty();
+  SignedRequest s{req_.method_string(), req_.target(), req_.body(), {}, in_trailer};
   for (const auto& name : hmac.signed_headers)
     s.headers.emplace_back(name, std::string(req_[name]));
   const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
                           std::chrono::system_clock::now().time_since_epoch())
                           .count();
-  req_.set("x-weft-signature",
-           weft::sign_request(hmac.key, s, now, hex(env_.rng(), 16) + hex(env_.rng(), 16)));
+  const std::string header =
+      weft::sign_request(hmac.key, s, now, hex(env_.rng(), 16) + hex(env_.rng(), 16));
+  req_.set("x-weft-signature", header);
+  if (in_trailer)
+    h2_request_trailers_.emplace_back(kBodySignatureTrailer,
+                                      body_signature(hmac.key, header, sha256_hex(req_.body())));
 }
 
 bool HttpSession::admit_inbound(std::string_view path) {

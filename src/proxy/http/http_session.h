@@ -133,7 +133,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   void local_reply(const LocalReply& r);
   // Inbound checks (HMAC, authorization, per-identity rate limit); false when it answered.
   bool admit_inbound(std::string_view path);
-  void sign_request();
+  // `h2_stream`: the request goes as an HTTP/2 stream, its body signed in a trailer.
+  void sign_request(bool h2_stream = false);
   void finish_request(unsigned status, const std::string& flags, const std::string& result);
   void end_attempt();
   void close();
@@ -190,6 +191,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   size_t h2_credit_ = 0;             // DATA bytes in h2_out_ (credited upstream once written)
   size_t h2_credit_writing_ = 0;     // ... and in h2_writing_
   H2Fields h2_trailers_;
+  H2Fields h2_request_trailers_;  // the body's signature, when signed
   bool h2_chunked_ = false, h2_ended_ = false, h2_write_busy_ = false;
   unsigned h2_refusals_ = 0;  // per request
 };

@@ -66,6 +66,10 @@ class HttpSession::H2Reply : public H2Upstream::Sink {
     *eof = s->h2_body_off_ == body.size();
     return n;
   }
+  const H2Fields* request_trailers() const override {
+    auto s = live();
+    return s ? &s->h2_request_trailers_ : nullptr;
+  }
 
  private:
   std::shared_ptr<HttpSession> live() const {
@@ -81,7 +85,7 @@ class HttpSession::H2Reply : public H2Upstream::Sink {
 void HttpSession::send_h2(std::shared_ptr<H2Upstream> up, bool fresh) {
   if (!listener_.inbound) entry_.peer_identity = up->conn().peer_identity;
   entry_.authority = cluster_->endpoints()[endpoint_].config.authority;
-  sign_request();
+  sign_request(true);
   H2Fields head{{":method", std::string(req_.method_string())},
                 {":scheme", "http"},
                 {":authority", std::string(req_[http::field::host])},
