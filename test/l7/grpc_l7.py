@@ -225,6 +225,10 @@ def main():
             f"      - {{address: '{server['inbound']}', authority: 'gone:50051'}}\n"
             "  - name: trailers\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
             f"    endpoints: [{{address: '{server['inbound']}', authority: 'trailers:50051'}}]\n"
+            "  - name: flaky11\n    spiffe_ids: ['" + sid + "']\n"
+            "    http: {protocol: grpc, outlier_detection: {consecutive_errors: 0}}\n"
+            f"    endpoints:\n      - {{address: '{server['inbound']}', authority: 'echo-1:50051'}}\n"
+            f"      - {{address: '{server['inbound']}', authority: 'echo-2:50051'}}\n"
             "  - name: guarded\n    spiffe_ids: ['" + sid + f"']\n    http: {{protocol: grpc, hmac: {{key_file: '{key_file}'}}}}\n"
             f"    endpoints: [{{address: '{server['inbound']}', authority: 'guarded-1:50051'}}]\n"
             "  - name: guarded-t\n    spiffe_ids: ['" + sid + f"']\n    http: {{protocol: grpc, hmac: {{key_file: '{key_file}'}}}}\n"
@@ -237,6 +241,8 @@ def main():
             # Held 3 s at the proxy (fault delay) before it goes on: a client deadline passes first.
             "      - {name: delayed, match: {path: {exact: /echo.Echo/Slow}}, service: echo,"
             " fault: {delay: {percent: 100, duration: 3s}}}\n"
+            "      - {name: flaky11, match: {path: {exact: /echo.Echo/Flaky}, headers: [{name: x-via, value: http11}]},"
+            " service: flaky11, retries: {attempts: 2, on: [unavailable]}}\n"
             # Server one answers UNAVAILABLE: retried (with the request kept) to another server.
             "      - {name: flaky, match: {path: {exact: /echo.Echo/Flaky}}, service: echo,"
             " retries: {attempts: 4, on: [connect-failure, unavailable]}}\n"
@@ -480,6 +486,25 @@ def main():
             except grpc.RpcError as e:
                 got.append(f"{e.code().name}: {e.details()}")
         check(all(g == want for g in got), f"6 calls with retry on UNAVAILABLE all served by two: {got}")
+        # The same over HTTP/1.1 (translated to the HTTP/2 service): retried on the status too
+        # (a service of its own, balanced over one and two, with no outlier ejection).
+        small = b"over http/1.1, retried"
+        framed = b"\0" + len(small).to_bytes(4, "big") + small
+        want11 = f"two:{len(small)}:{hashlib.sha256(small).hexdigest()[:16]}".encode()
+        answers = []
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        for _ in range(6):
+            c.request("POST", "/echo.Echo/Flaky", body=framed,
+                      headers={"content-type": "application/grpc", "x-via": "http11"})
+            r = c.getresponse()
+            answers.append(r.read())
+        c.close()
+        log = open(os.path.join(h.work, "client.log")).read()
+        retried11 = [json.loads(l) for l in log.splitlines() if l.startswith("{") and '"route":"flaky11"' in l]
+        check(all(want11 in a for a in answers) and
+              len(retried11) == 6 and any(l.get("attempts") == 2 for l in retried11),
+              f"6 HTTP/1.1 calls with retry on UNAVAILABLE all served by two, after one for "
+              f"some: {answers} attempts {[l.get('attempts') for l in retried11]}")
         # A request too big to keep (over 64 KiB) is not replayed: one's UNAVAILABLE reaches the
         # client when a call lands there.
         codes = []

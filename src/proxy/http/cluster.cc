@@ -24,6 +24,18 @@ uint64_t hash64(std::string_view s) {
   return h ^ (h >> 31);
 }
 
+int Cluster::pick_untried(std::string_view hash_key, int avoid, std::mt19937_64& rng,
+                          SteadyMillis now, uint64_t& tried) const {
+  const int n = static_cast<int>(endpoints_.size());
+  int e = -1;
+  for (int k = 0; k <= n; ++k) {
+    e = pick(hash_key, avoid, rng(), now);
+    if (e < 0 || e >= 64 || !(tried & (1ull << e))) break;
+  }
+  if (e >= 0 && e < 64) tried |= 1ull << e;
+  return e;
+}
+
 int Cluster::pick(std::string_view hash_key, int avoid, uint64_t random, SteadyMillis now) const {
   const int n = static_cast<int>(endpoints_.size());
   if (n == 0) return -1;

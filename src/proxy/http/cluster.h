@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -64,6 +65,11 @@ class Cluster {
   // unless all are, as Envoy's panic mode: better to try than to fail every request.
   // `hash_key` is for ring_hash; `random` is a per-worker random number.
   int pick(std::string_view hash_key, int avoid, uint64_t random, SteadyMillis now) const;
+  // pick() for a try of a request that already went to the endpoints in `tried` (bit i for
+  // endpoint i < 64): one not tried yet when there is one (Envoy's previous_hosts predicate;
+  // avoiding only the last can bounce between two bad ones). The pick joins `tried`.
+  int pick_untried(std::string_view hash_key, int avoid, std::mt19937_64& rng, SteadyMillis now,
+                   uint64_t& tried) const;
 
   // Outlier detection: the result of one attempt on endpoint `index`.
   void record(int index, bool failure, SteadyMillis now) const;

@@ -223,15 +223,9 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
 
 void H2Forward::attempt() {
   ++attempts_;
-  // A retry goes to an endpoint not tried yet when there is one (as Envoy's previous_hosts
-  // predicate): avoiding only the last one can bounce between two bad ones forever.
-  const int n = static_cast<int>(cluster_->endpoints().size());
-  for (int k = 0; k <= n; ++k) {
-    endpoint_ = cluster_->pick(hash_key_, last_endpoint_, d_.env_.rng(), steady_now_ms());
-    if (endpoint_ < 0 || endpoint_ >= 64 || !(tried_ & (1ull << endpoint_))) break;
-  }
+  endpoint_ =
+      cluster_->pick_untried(hash_key_, last_endpoint_, d_.env_.rng, steady_now_ms(), tried_);
   if (endpoint_ < 0) return answer({503, "no endpoint\n", "UH", {}});
-  if (endpoint_ < 64) tried_ |= 1ull << endpoint_;
   cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
   endpoint_counted_ = true;
   // After a refusal, a new connection: a shared one may be as close to the app's

@@ -136,6 +136,7 @@ void HttpSession::read_request() {
   attempts_ = 0;
   h2_refusals_ = 0;
   endpoint_ = last_endpoint_ = -1;
+  tried_ = 0;
   response_started_ = false;
   timed_out_ = false;
   resp_bytes_ = 0;
@@ -313,7 +314,7 @@ void HttpSession::attempt() {
     });
   }
   const SteadyMillis now = steady_now_ms();
-  endpoint_ = cluster_->pick(hash_key_, last_endpoint_, env_.rng(), now);
+  endpoint_ = cluster_->pick_untried(hash_key_, last_endpoint_, env_.rng, now, tried_);
   if (endpoint_ < 0) return local_reply(503, "no endpoint\n", "UH");
   cluster_->endpoints()[endpoint_].state->active_requests.fetch_add(1, std::memory_order_relaxed);
   endpoint_counted_ = true;
@@ -640,7 +641,10 @@ void HttpSession::relay_body() {
 bool HttpSession::may_retry(Failure kind) const {
   const auto& p = route_->retries;
   // A connect failure sent nothing: any method may go again. Otherwise only idempotent ones.
-  if (!idempotent(req_.method()) && kind != Failure::connect) return false;
+  // A gRPC status the route names means the app did not do the call (gRPC's retry policy,
+  // which takes any method); the whole request is still here to send again.
+  if (!idempotent(req_.method()) && kind != Failure::connect && kind != Failure::grpc_status)
+    return false;
   // A pooled connection the app closed just as we wrote: the request never reached it, so one
   // more try on a fresh connection is always safe (not counted against the policy).
   const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;
@@ -649,7 +653,8 @@ bool HttpSession::may_retry(Failure kind) const {
   const bool wanted = (kind == Failure::connect && p.on_connect_failure) ||
                       (kind == Failure::reset && p.on_reset) ||
                       (kind == Failure::status_5xx && p.on_5xx) ||
-                      (kind == Failure::try_timeout && p.on_5xx);
+                      (kind == Failure::try_timeout && p.on_5xx) ||
+                      (kind == Failure::grpc_status && p.on_grpc != 0);
   return wanted && cluster_->retry_allowed();
 }
 
@@ -657,7 +662,9 @@ void HttpSession::attempt_failed(Failure kind, const std::string& why, bool retr
   // A pooled connection the app closed under us is the keep-alive race, not the endpoint
   // failing: no outlier mark, and the retry goes at once.
   const bool stale_pooled = kind == Failure::reset && up_ && up_->reused && attempts_ == 1;
-  if (!stale_pooled) cluster_->record(endpoint_, true, steady_now_ms());
+  // (A gRPC status is recorded by whoever read it: only UNAVAILABLE is the endpoint failing.)
+  if (!stale_pooled && kind != Failure::grpc_status)
+    cluster_->record(endpoint_, true, steady_now_ms());
   up_.reset();
   drop_h2();
   try_timer_.cancel();

@@ -99,7 +99,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
  private:
   using Request = boost::beast::http::request<boost::beast::http::string_body>;
   using ResponseParser = boost::beast::http::response_parser<boost::beast::http::buffer_body>;
-  enum class Failure { connect, reset, status_5xx, try_timeout };
+  // grpc_status: a trailers-only answer whose grpc-status the route retries (`on_grpc`).
+  enum class Failure { connect, reset, status_5xx, try_timeout, grpc_status };
 
   void read_request();
   void on_header(const boost::system::error_code& ec, size_t n);
@@ -164,6 +165,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   unsigned attempts_ = 0;
   uint64_t try_seq_ = 0;  // bumps per try and when one is abandoned: late callbacks see it
   int endpoint_ = -1, last_endpoint_ = -1;
+  uint64_t tried_ = 0;  // endpoints (index < 64) this request went to
   bool endpoint_counted_ = false;
   std::shared_ptr<UpstreamConn> up_;
   // Per attempt, and held by its pending reads too: an abandoned attempt's read can never

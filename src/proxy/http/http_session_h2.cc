@@ -6,6 +6,7 @@
 #include <nghttp2/nghttp2.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <boost/asio/write.hpp>
@@ -123,6 +124,18 @@ void HttpSession::on_h2_head(H2Fields fields, bool end_stream) {
           : static_cast<unsigned>(std::strtoul(fields.front().second.c_str(), nullptr, 10));
   if (status >= 500 && may_retry(Failure::status_5xx))
     return attempt_failed(Failure::status_5xx, std::to_string(status), true);
+  if (end_stream && route_->retries.on_grpc) {
+    // Trailers-only: a gRPC status with no message, retried when the route names it (as
+    // the HTTP/2 forwarder does).
+    int code = -1;
+    for (const auto& [name, value] : fields)
+      if (name == "grpc-status" && value.size() <= 2) code = std::atoi(value.c_str());
+    if (code > 0 && code <= 16 && (route_->retries.on_grpc & (1u << code)) &&
+        may_retry(Failure::grpc_status)) {
+      cluster_->record(endpoint_, code == 14, steady_now_ms());  // UNAVAILABLE: a failure
+      return attempt_failed(Failure::grpc_status, "grpc-status " + std::to_string(code), true);
+    }
+  }
   cluster_->record(endpoint_, status >= 500, steady_now_ms());
   http::response<http::empty_body> head{static_cast<http::status>(status), 11};
   bool has_length = false;
@@ -172,6 +185,7 @@ void HttpSession::on_h2_end(uint32_t error_code) {
         ++h2_refusals_ <= kMaxRefusals) {
       drop_h2();
       end_attempt();
+      if (endpoint_ >= 0 && endpoint_ < 64) tried_ &= ~(1ull << endpoint_);  // it may go again
       return attempt();
     }
     if (!response_started_) return attempt_failed(Failure::reset, why, may_retry(Failure::reset));
