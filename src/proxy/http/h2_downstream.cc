@@ -375,9 +375,10 @@ void H2Downstream::start_exchange(const std::shared_ptr<Stream>& s, bool end_str
   s->fields.clear();
   s->cookie.clear();
   if (end_stream) s->request_done = true;
-  if (s->method == "HEAD") s->parser.skip(true);
-  s->parser.body_limit(boost::none);
-  s->parser.header_limit(kMaxHeaderBytes);
+  s->rd = std::make_unique<Stream::BridgeResponse>();
+  if (s->method == "HEAD") s->rd->parser.skip(true);
+  s->rd->parser.body_limit(boost::none);
+  s->rd->parser.header_limit(kMaxHeaderBytes);
   pump_request(s);
   read_response_head(s);
 }
@@ -406,10 +407,11 @@ void H2Downstream::pump_request(const std::shared_ptr<Stream>& s) {
 }
 
 void H2Downstream::recycle_bridge(const std::shared_ptr<Stream>& s) {
+  if (!s->bridge || !s->rd) return;
   const bool request_through = s->request_done && !s->writing && s->to_bridge.empty();
-  const bool response_through = s->response_done && !s->reading && s->parser.is_done() &&
-                                s->parser.keep_alive() && s->buffer.size() == 0;
-  if (!s->bridge || s->closed || closed_ || !request_through || !response_through) return;
+  const bool response_through = s->response_done && !s->reading && s->rd->parser.is_done() &&
+                                s->rd->parser.keep_alive() && s->rd->buffer.size() == 0;
+  if (s->closed || closed_ || !request_through || !response_through) return;
   if (idle_bridges_.size() < 128) idle_bridges_.push_back(std::move(s->bridge));
   s->bridge.reset();
 }
@@ -427,7 +429,7 @@ std::unique_ptr<ByteStream> H2Downstream::take_bridge() {
 
 void H2Downstream::read_response_head(const std::shared_ptr<Stream>& s) {
   http::async_read_header(
-      *s->bridge, s->buffer, s->parser,
+      *s->bridge, s->rd->buffer, s->rd->parser,
       [self = shared_from_this(), s](const boost::system::error_code& ec, size_t) {
         if (s->closed || self->closed_) return;
         if (ec) return self->reset(s);
@@ -436,7 +438,7 @@ void H2Downstream::read_response_head(const std::shared_ptr<Stream>& s) {
 }
 
 void H2Downstream::submit_head(const std::shared_ptr<Stream>& s) {
-  auto& msg = s->parser.get();
+  auto& msg = s->rd->parser.get();
   s->head.clear();
   s->head.reserve(2 + 2 * 16);
   s->head.emplace_back(":status");
@@ -450,7 +452,7 @@ void H2Downstream::submit_head(const std::shared_ptr<Stream>& s) {
   std::vector<nghttp2_nv> nva;
   nva.reserve(s->head.size() / 2);
   for (size_t i = 0; i + 1 < s->head.size(); i += 2) nva.push_back(nv(s->head[i], s->head[i + 1]));
-  const bool no_body = s->parser.is_done();
+  const bool no_body = s->rd->parser.is_done();
   s->response_done = no_body;
   nghttp2_data_provider prd{};
   prd.source.ptr = s.get();
@@ -465,18 +467,18 @@ void H2Downstream::read_response_body(const std::shared_ptr<Stream>& s) {
   if (s->reading || s->response_done || s->closed || s->body.size() - s->body_off >= kMaxBuffered)
     return;
   s->reading = true;
-  auto& body = s->parser.get().body();
-  body.data = s->chunk;
-  body.size = sizeof s->chunk;
+  auto& body = s->rd->parser.get().body();
+  body.data = s->rd->chunk;
+  body.size = sizeof s->rd->chunk;
   http::async_read_some(
-      *s->bridge, s->buffer, s->parser,
+      *s->bridge, s->rd->buffer, s->rd->parser,
       [self = shared_from_this(), s](const boost::system::error_code& ec, size_t) {
         s->reading = false;
         if (s->closed || self->closed_) return;
         if (ec && ec != http::error::need_buffer) return self->reset(s);
-        const size_t got = sizeof s->chunk - s->parser.get().body().size;
-        s->body.append(s->chunk, got);
-        s->response_done = s->parser.is_done();
+        const size_t got = sizeof s->rd->chunk - s->rd->parser.get().body().size;
+        s->body.append(s->rd->chunk, got);
+        s->response_done = s->rd->parser.is_done();
         nghttp2_session_resume_data(self->session_, s->id);
         self->flush();
         self->read_response_body(s);

@@ -35,10 +35,14 @@ struct H2Downstream::Stream {
   size_t data_pending = 0, data_writing = 0;  // request DATA bytes not yet credited back
   bool writing = false;
   bool request_done = false;
-  // The response.
-  boost::beast::flat_buffer buffer;
-  boost::beast::http::response_parser<boost::beast::http::buffer_body> parser;
-  char chunk[16 * 1024];
+  // The response. Read from the bridge (HTTP/1.1) into `rd`, made only for a bridged stream:
+  // a stream forwarded as HTTP/2 has no use for its 16 KiB.
+  struct BridgeResponse {
+    boost::beast::flat_buffer buffer;
+    boost::beast::http::response_parser<boost::beast::http::buffer_body> parser;
+    char chunk[16 * 1024];
+  };
+  std::unique_ptr<BridgeResponse> rd;
   std::vector<std::string> head;  // name, value, name, value, ... (kept for nghttp2)
   std::string body;
   size_t body_off = 0;
