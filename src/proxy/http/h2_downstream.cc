@@ -14,6 +14,7 @@
 #include "proxy/http/h2_fields.h"
 #include "proxy/http/h2_forward.h"
 #include "proxy/http/h2_stream.h"
+#include "transport/hbone/h2_options.h"
 #include "transport/hbone/pipe_pair.h"
 
 namespace weft {
@@ -99,10 +100,8 @@ H2Downstream::H2Downstream(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListene
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, cb_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_data_chunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
-  nghttp2_option* opt = nullptr;
-  nghttp2_option_new(&opt);
-  // Request bytes are credited back only once the session took them: that is the backpressure.
-  nghttp2_option_set_no_auto_window_update(opt, 1);
+  // (Request bytes are credited back only once the session took them: the backpressure.)
+  nghttp2_option* opt = new_h2_options();
   nghttp2_session_server_new2(&session_, cbs, this, opt);
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);
@@ -129,8 +128,9 @@ void H2Downstream::start() {
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1024 * 1024},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, kMaxHeaderBytes},
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+      kNoRfc7540Priorities,
   };
-  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, 4);
+  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, 5);
   in_.reset(new uint8_t[kReadSize]);
   // (A peer proxy's stream reaches an inbound one through a socket pair: not a client's.)
   if (view_.downstream.empty()) env_.metrics.downstream_connections_active.inc();

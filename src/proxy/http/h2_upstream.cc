@@ -1,6 +1,7 @@
 #include "proxy/http/h2_upstream.h"
 
 #include "proxy/http/h2_fields.h"
+#include "transport/hbone/h2_options.h"
 
 #include <nghttp2/nghttp2.h>
 #include <spdlog/spdlog.h>
@@ -59,10 +60,8 @@ H2Upstream::H2Upstream(asio::io_context& io, std::shared_ptr<UpstreamConn> conn)
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, cb_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_data_chunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
-  nghttp2_option* opt = nullptr;
-  nghttp2_option_new(&opt);
-  // Response bytes are credited back only once the downstream side took them: backpressure.
-  nghttp2_option_set_no_auto_window_update(opt, 1);
+  // (Response bytes are credited back only once the downstream side took them.)
+  nghttp2_option* opt = new_h2_options();
   nghttp2_session_client_new2(&session_, cbs, this, opt);
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);
@@ -75,8 +74,9 @@ void H2Upstream::start() {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kStreamWindow},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 64 * 1024},
+      kNoRfc7540Priorities,
   };
-  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, 3);
+  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, 4);
   nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
   in_.reset(new uint8_t[kReadSize]);
   arm_idle();

@@ -3,6 +3,7 @@
 #include <nghttp2/nghttp2.h>
 #include <spdlog/spdlog.h>
 
+#include "transport/hbone/h2_options.h"
 #include "transport/hbone/tunnel_stream.h"
 
 namespace weft {
@@ -83,10 +84,8 @@ H2Connection::H2Connection(Role role, std::unique_ptr<Tls> tls, std::string peer
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
   nghttp2_session_callbacks_set_on_frame_send_callback(cbs, cb_frame_send);
   nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, cb_read_length);
-  nghttp2_option* opt = nullptr;
-  nghttp2_option_new(&opt);
-  // We send WINDOW_UPDATE only after bytes reach the TCP side: that is the backpressure.
-  nghttp2_option_set_no_auto_window_update(opt, 1);
+  // (WINDOW_UPDATE only after bytes reach the TCP side: that is the backpressure.)
+  nghttp2_option* opt = new_h2_options();
   if (role_ == Role::client)
     nghttp2_session_client_new2(&session_, cbs, this, opt);
   else
@@ -106,9 +105,10 @@ void H2Connection::start() {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, settings_.max_concurrent_streams},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, settings_.stream_window},
       {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, settings_.max_frame_size},
-      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+      kNoRfc7540Priorities,
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},  // (a client's setting: last, left out by a server)
   };
-  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, role_ == Role::client ? 4 : 3);
+  nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, iv, role_ == Role::client ? 5 : 4);
   nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0,
                                         static_cast<int32_t>(settings_.connection_window));
   in_.reset(new uint8_t[kReadSize]);
