@@ -304,12 +304,17 @@ def main():
                     yield q[-1]
                     if not cond.wait_for(lambda: len(q) == 0, timeout=10):
                         return
-        replies = []
-        for r in channel.stream_stream("/echo.Echo/Bidi")(requests(), timeout=20):
-            replies.append(r)
-            with cond:
-                q.clear()
-                cond.notify_all()
+
+        def lockstep_bidi(metadata=None):
+            """A bidi call that sends each message only after the reply to the one before."""
+            replies = []
+            for r in channel.stream_stream("/echo.Echo/Bidi")(requests(), timeout=20, metadata=metadata):
+                replies.append(r)
+                with cond:
+                    q.clear()
+                    cond.notify_all()
+            return replies
+        replies = lockstep_bidi()
         check(replies == [f"echo:m{i}".encode() for i in range(10)],
               f"bidi streaming, one reply per request before the next is sent: {len(replies)} replies")
 
@@ -334,12 +339,7 @@ def main():
         resp = json.loads(unary(b"signed", metadata=md, timeout=10))
         check(resp["server"] == "one" and resp["echo"] == "signed" and resp["signature"] == "",
               f"a signed gRPC call verifies; the signature stops at the verifier: {resp}")
-        replies = []
-        for r in channel.stream_stream("/echo.Echo/Bidi")(requests(), timeout=20, metadata=md):
-            replies.append(r)
-            with cond:
-                q.clear()
-                cond.notify_all()
+        replies = lockstep_bidi(md)
         check(replies == [f"echo:m{i}".encode() for i in range(10)],
               f"a signed bidi stream runs both ways before its request ends: {len(replies)} replies")
         resp = channel.unary_unary("/echo.Echo/Big")(payload, timeout=20, metadata=md)
@@ -419,26 +419,25 @@ def main():
         msg = b"over http/1.1"
         framed = b"\0" + len(msg).to_bytes(4, "big") + msg
         host, port = target.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"POST /echo.Echo/Unary HTTP/1.1\r\nHost: echo\r\ncontent-type: application/grpc\r\n"
-                      b"te: trailers\r\nconnection: close\r\ncontent-length: " + str(len(framed)).encode() +
-                      b"\r\n\r\n" + framed)
-            raw = b""
-            while chunk := s.recv(65536):
-                raw += chunk
+
+        def http11_call(path):
+            """One gRPC message POSTed over HTTP/1.1; the raw answer, trailers and all."""
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: echo\r\ncontent-type: application/grpc\r\n"
+                          b"te: trailers\r\nconnection: close\r\ncontent-length: " + str(len(framed)).encode() +
+                          b"\r\n\r\n" + framed)
+                raw = b""
+                while chunk := s.recv(65536):
+                    raw += chunk
+            return raw
+        raw = http11_call(b"/echo.Echo/Unary")
         head, _, rest = raw.partition(b"\r\n\r\n")
         check(head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower() and
               b"over http/1.1" in rest and b"grpc-status: 0" in rest and b"x-served-by-trailer:" in rest,
               f"an HTTP/1.1 client reaches the HTTP/2 service; trailers in the last chunk: {raw[-160:]!r}")
         # An HTTP/1.1 request to a signed HTTP/2 service: the whole body is in hand, and is
         # still signed in a trailer, the form an HTTP/2 verifier takes.
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"POST /guarded-t/Echo HTTP/1.1\r\nHost: echo\r\ncontent-type: application/grpc\r\n"
-                      b"te: trailers\r\nconnection: close\r\ncontent-length: " + str(len(framed)).encode() +
-                      b"\r\n\r\n" + framed)
-            raw = b""
-            while chunk := s.recv(65536):
-                raw += chunk
+        raw = http11_call(b"/guarded-t/Echo")
         check(raw.startswith(b"HTTP/1.1 200") and b"grpc-status: 0" in raw and b"x-had-signature: 0" in raw and
               b"x-weft-body-signature" not in raw and (18).to_bytes(4, "big") in raw,
               f"an HTTP/1.1 request to a signed HTTP/2 service is signed and verified: {raw[-120:]!r}")
