@@ -79,6 +79,35 @@ def raw_h2_exchange(addr, path, framed, extra, trailers=None):
     return fields, time.monotonic() - start
 
 
+def raw_h2_burst(addr, path, n):
+    """n gRPC calls from a bare HTTP/2 client, all written in one go (as h2load does); returns
+    the grpc-status of each."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        c.initiate_connection()
+        c.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+        for _ in range(n):
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "echo"),
+                                 (":path", path), ("content-type", "application/grpc"), ("te", "trailers")])
+            c.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+        s.sendall(c.data_to_send())
+        status = {}
+        while len(status) < n and (data := s.recv(65536)):
+            for ev in c.receive_data(data):
+                if isinstance(ev, h2.events.TrailersReceived):
+                    status[ev.stream_id] = dict(ev.headers).get("grpc-status")
+                elif isinstance(ev, h2.events.StreamReset):
+                    status[ev.stream_id] = "reset"
+            s.sendall(c.data_to_send())
+    return list(status.values())
+
+
 def trailers_echo_server():
     """A bare HTTP/2 server (python3-h2; gRPC's servers ignore request trailers): answers each
     request with its body length, and its trailers echoed back as response trailers x-got-*."""
@@ -229,6 +258,8 @@ def main():
             "    http: {protocol: grpc, outlier_detection: {consecutive_errors: 0}}\n"
             f"    endpoints:\n      - {{address: '{server['inbound']}', authority: 'echo-1:50051'}}\n"
             f"      - {{address: '{server['inbound']}', authority: 'echo-2:50051'}}\n"
+            "  - name: burst\n    spiffe_ids: ['" + sid + "']\n    http: {protocol: grpc}\n"
+            f"    endpoints: [{{address: '{server['inbound']}', authority: 'trailers:50051'}}]\n"
             "  - name: guarded\n    spiffe_ids: ['" + sid + f"']\n    http: {{protocol: grpc, hmac: {{key_file: '{key_file}'}}}}\n"
             f"    endpoints: [{{address: '{server['inbound']}', authority: 'guarded-1:50051'}}]\n"
             "  - name: guarded-t\n    spiffe_ids: ['" + sid + f"']\n    http: {{protocol: grpc, hmac: {{key_file: '{key_file}'}}}}\n"
@@ -249,6 +280,7 @@ def main():
             "      - {name: trailers, match: {path: {prefix: /trailers/}}, service: trailers}\n"
             "      - {name: guarded, match: {headers: [{name: x-to, value: guarded}]}, service: guarded}\n"
             "      - {name: guarded-t, match: {path: {prefix: /guarded-t/}}, service: guarded-t}\n"
+            "      - {name: burst, match: {path: {prefix: /burst/}}, service: burst}\n"
             "      - {name: grpc, match: {path: {prefix: /echo.Echo/}}, service: echo,"
             " retries: {attempts: 2, on: [connect-failure]}, request_headers: {add: {x-test: added}}, response_headers: {add: {x-route: grpc}}}\n")
         target = client["outbound/web"]
@@ -330,6 +362,13 @@ def main():
         check(fields.get("x-got-x-checksum") == "c0ffee" and fields.get("x-got-x-count") == "5" and
               fields.get("grpc-status") == "0",
               f"request trailers reach the service through both proxies: {fields}")
+
+        # 60 streams arriving together share the connection being opened for the first of them
+        # (one connection of one stream each would have no batching between them).
+        statuses = raw_h2_burst(target, "/burst/Echo", 60)
+        gauge = re.search(r'weft_http_upstream_connections_active\{service="burst"\} (\d+)', scrape(client_admin))
+        check(statuses == ["0"] * 60 and gauge is not None and 1 <= int(gauge.group(1)) <= 2,
+              f"60 streams at once: all answered over {gauge and gauge.group(1)} upstream connection(s)")
 
         # HMAC signing of HTTP/2 streams: the client proxy signs the header and puts the
         # body's signature in a trailer; the server proxy verifies both. A unary call, a bidi

@@ -236,26 +236,25 @@ void H2Forward::attempt() {
 }
 
 void H2Forward::open_connection() {
+  auto ready = [weak = weak_from_this()](std::shared_ptr<H2Upstream> up,
+                                         const std::string& failure) {
+    auto self = weak.lock();
+    if (!self || self->finished_ || self->answered_) return;
+    if (!up) return self->attempt_failed("connect: " + failure, true);
+    self->send(up);
+  };
+  // One being opened already (streams arriving together): this stream rides on it too.
+  if (d_.env_.pool.join_h2_connecting(*cluster_, endpoint_, ready)) return;
   if (auto r = take_connection_slot(*cluster_)) {
     end_endpoint_count();
     return answer(*r);
   }
-  d_.env_.pool.open(
-      *cluster_, endpoint_,
-      [weak = weak_from_this(), breakers = cluster_->breakers_ptr(), env = &d_.env_,
-       snap = d_.snap_,  // keeps `cluster` alive
-       cluster = cluster_,
-       endpoint = endpoint_](std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
-        breakers->pending.fetch_sub(1, std::memory_order_relaxed);
-        // Shared from now on, whether or not this stream still wants it.
-        auto up = conn && failure.empty()
-                      ? env->pool.adopt_h2(*cluster, endpoint, std::move(conn), !env->draining)
-                      : nullptr;
-        auto self = weak.lock();
-        if (!self || self->finished_ || self->answered_) return;
-        if (!up) return self->attempt_failed("connect: " + failure, true);
-        self->send(up);
-      });
+  d_.env_.pool.open_h2(*cluster_, endpoint_, !d_.env_.draining,
+                       [ready, breakers = cluster_->breakers_ptr()](std::shared_ptr<H2Upstream> up,
+                                                                    const std::string& failure) {
+                         breakers->pending.fetch_sub(1, std::memory_order_relaxed);
+                         ready(std::move(up), failure);
+                       });
 }
 
 void H2Forward::send(const std::shared_ptr<H2Upstream>& up) {

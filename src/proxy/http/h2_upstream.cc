@@ -19,7 +19,6 @@ constexpr size_t kReadSize = 64 * 1024;
 constexpr size_t kMaxWriteBatch = 256 * 1024;
 constexpr uint32_t kStreamWindow = 1024 * 1024;
 constexpr int32_t kConnectionWindow = 16 * 1024 * 1024;
-constexpr uint32_t kOwnStreamLimit = 100;  // streams we open on one connection at most
 
 H2Upstream* up(void* user) { return static_cast<H2Upstream*>(user); }
 
@@ -88,7 +87,7 @@ bool H2Upstream::has_room() const {
   if (closed_ || going_away_) return false;
   const uint32_t peer_limit =
       nghttp2_session_get_remote_settings(session_, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
-  return sinks_.size() < std::min(peer_limit, kOwnStreamLimit) &&
+  return sinks_.size() < std::min(peer_limit, kMaxStreams) &&
          nghttp2_session_get_next_stream_id(session_) < (1u << 30);
 }
 

@@ -45,6 +45,8 @@ class H2Upstream : public std::enable_shared_from_this<H2Upstream> {
     virtual const H2Fields* request_trailers() const { return nullptr; }
   };
 
+  static constexpr uint32_t kMaxStreams = 100;  // we open on one connection at most
+
   H2Upstream(boost::asio::io_context& io, std::shared_ptr<UpstreamConn> conn);
   ~H2Upstream();
   H2Upstream(const H2Upstream&) = delete;

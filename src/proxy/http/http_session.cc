@@ -330,6 +330,7 @@ void HttpSession::attempt() {
 }
 
 void HttpSession::open_upstream() {
+  if (cluster_->service().http.h2) return open_h2();
   if (auto r = take_connection_slot(*cluster_)) {
     end_attempt();
     return local_reply(*r);
@@ -347,8 +348,6 @@ void HttpSession::open_upstream() {
 void HttpSession::on_connected(std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
   if (!conn || !failure.empty())
     return attempt_failed(Failure::connect, failure, may_retry(Failure::connect));
-  if (cluster_->service().http.h2)
-    return send_h2(env_.pool.adopt_h2(*cluster_, endpoint_, std::move(conn), !env_.draining), true);
   up_ = std::move(conn);
   send_request();
 }

@@ -114,6 +114,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   // on a shared connection and the answer comes back as HTTP/1.1 (chunked, trailers in the
   // last chunk). http_session_h2.cc.
   class H2Reply;
+  void open_h2();
   void send_h2(std::shared_ptr<H2Upstream> up, bool fresh);
   void on_h2_head(H2Fields fields, bool end_stream);
   void on_h2_data(const uint8_t* data, size_t len);

@@ -14,6 +14,7 @@
 
 #include "core/ascii.h"
 #include "proxy/http/http_session.h"
+#include "proxy/http/request_policy.h"
 
 namespace weft {
 
@@ -82,6 +83,32 @@ class HttpSession::H2Reply : public H2Upstream::Sink {
   std::weak_ptr<HttpSession> session_;
   uint64_t generation_, try_seq_;
 };
+
+// A connection for the try's stream: one being opened to the endpoint already when it has
+// room (the pool's join), else a new one, shared with the streams that come meanwhile.
+void HttpSession::open_h2() {
+  auto ready = [self = shared_from_this(), g = generation_, a = try_seq_](
+                   std::shared_ptr<H2Upstream> up, const std::string& failure) {
+    if (g != self->generation_ || a != self->try_seq_ || self->timed_out_) return;
+    if (!up)
+      return self->attempt_failed(Failure::connect, failure, self->may_retry(Failure::connect));
+    // (A connection that others filled first: another one. A new one that takes no stream is
+    // a failed connect.)
+    const bool fresh = up->active_streams() == 0;
+    self->send_h2(std::move(up), fresh);
+  };
+  if (env_.pool.join_h2_connecting(*cluster_, endpoint_, ready)) return;
+  if (auto r = take_connection_slot(*cluster_)) {
+    end_attempt();
+    return local_reply(*r);
+  }
+  env_.pool.open_h2(*cluster_, endpoint_, !env_.draining,
+                    [ready, breakers = cluster_->breakers_ptr()](std::shared_ptr<H2Upstream> up,
+                                                                 const std::string& failure) {
+                      breakers->pending.fetch_sub(1, std::memory_order_relaxed);
+                      ready(std::move(up), failure);
+                    });
+}
 
 void HttpSession::send_h2(std::shared_ptr<H2Upstream> up, bool fresh) {
   if (!listener_.inbound) entry_.peer_identity = up->conn().peer_identity;

@@ -79,10 +79,50 @@ std::shared_ptr<H2Upstream> UpstreamPool::take_h2(const Cluster& c, int endpoint
 
 std::shared_ptr<H2Upstream> UpstreamPool::adopt_h2(const Cluster& c, int endpoint,
                                                    std::shared_ptr<UpstreamConn> conn, bool share) {
+  return adopt_h2(key(c, endpoint), std::move(conn), share);
+}
+
+bool UpstreamPool::join_h2_connecting(const Cluster& c, int endpoint, H2Ready ready) {
+  auto it = h2_connecting_.find(key(c, endpoint));
+  if (it == h2_connecting_.end()) return false;
+  for (auto& connecting : it->second)
+    if (connecting->waiters.size() < H2Upstream::kMaxStreams) {
+      connecting->waiters.push_back(std::move(ready));
+      return true;
+    }
+  return false;
+}
+
+void UpstreamPool::open_h2(const Cluster& c, int endpoint, bool share, H2Ready ready) {
+  const std::string k = key(c, endpoint);
+  auto connecting = std::make_shared<H2Connecting>();
+  connecting->waiters.push_back(std::move(ready));
+  share = share && !cleared_;
+  if (share) h2_connecting_[k].push_back(connecting);
+  open(
+      c, endpoint,
+      [this, k, connecting, share](std::shared_ptr<UpstreamConn> conn, const std::string& failure) {
+        if (share) {
+          auto it = h2_connecting_.find(k);
+          if (it != h2_connecting_.end()) {
+            std::erase(it->second, connecting);
+            if (it->second.empty()) h2_connecting_.erase(it);
+          }
+        }
+        // Shared from now on, whether or not the streams that waited still want it.
+        auto up =
+            conn && failure.empty() ? adopt_h2(k, std::move(conn), share && !cleared_) : nullptr;
+        const std::string why = up ? "" : failure.empty() ? "the connection failed" : failure;
+        for (auto& waiter : std::exchange(connecting->waiters, {})) waiter(up, why);
+      });
+}
+
+std::shared_ptr<H2Upstream> UpstreamPool::adopt_h2(const std::string& key,
+                                                   std::shared_ptr<UpstreamConn> conn, bool share) {
   auto up = std::make_shared<H2Upstream>(io_, std::move(conn));
   up->start();
   if (!share) return up;
-  auto& list = h2_[key(c, endpoint)];
+  auto& list = h2_[key];
   std::erase_if(list, [](const auto& x) { return x->closed(); });
   list.push_back(up);
   arm_sweep();
@@ -112,6 +152,8 @@ void UpstreamPool::arm_sweep() {
 }
 
 void UpstreamPool::clear() {
+  cleared_ = true;
+  h2_connecting_.clear();  // (their waiters still get the connection; nobody new joins)
   idle_.clear();
   for (auto& [key, list] : h2_)
     for (auto& conn : list) conn->retire();

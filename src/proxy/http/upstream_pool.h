@@ -69,15 +69,35 @@ class UpstreamPool {
   // Starts HTTP/2 on a freshly opened connection; `share`: later streams may use it too.
   std::shared_ptr<H2Upstream> adopt_h2(const Cluster& c, int endpoint,
                                        std::shared_ptr<UpstreamConn> conn, bool share);
+
+  // HTTP/2 endpoints, when take_h2 found no room. A stream joins a connection already being
+  // opened to the endpoint, up to that connection's stream limit, rather than opening its own
+  // (as Envoy attaches pending streams to a connecting client): 160 streams arriving together
+  // would otherwise open 160 connections of one stream each, with no batching between them.
+  // `ready` runs once, with the connection up, or null and why not.
+  using H2Ready = std::function<void(std::shared_ptr<H2Upstream>, const std::string& failure)>;
+  // False when no connection being opened to the endpoint has room for one more stream.
+  bool join_h2_connecting(const Cluster& c, int endpoint, H2Ready ready);
+  // Opens a connection (counted against max_connections from now) for the caller, first in
+  // line, and, when `share`, for the streams that join it meanwhile and later.
+  void open_h2(const Cluster& c, int endpoint, bool share, H2Ready ready);
+  // Drain: nothing is shared from now on; the pooled HTTP/2 connections close once idle.
   void clear();
 
  private:
+  struct H2Connecting {
+    std::vector<H2Ready> waiters;
+  };
   void arm_sweep();
+  std::shared_ptr<H2Upstream> adopt_h2(const std::string& key, std::shared_ptr<UpstreamConn> conn,
+                                       bool share);
 
   boost::asio::io_context& io_;
   Dial dial_;
   std::map<std::string, std::vector<std::shared_ptr<UpstreamConn>>> idle_;
   std::map<std::string, std::vector<std::shared_ptr<H2Upstream>>> h2_;
+  std::map<std::string, std::vector<std::shared_ptr<H2Connecting>>> h2_connecting_;
+  bool cleared_ = false;
   boost::asio::steady_timer sweep_;
   bool sweeping_ = false;
 };
