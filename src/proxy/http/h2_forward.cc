@@ -6,7 +6,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "identity/spiffe_id.h"
 #include "proxy/http/h2_stream.h"
 #include "proxy/http/hmac_signing.h"
 #include "proxy/http/http_session.h"
@@ -309,28 +308,10 @@ bool H2Forward::admit_signature(bool end_stream) {
     if (name == "host") return s->authority;  // HTTP/2 has :authority where Host was
     return find_field(s.get(), name, v) ? std::string(v) : std::string();
   };
-  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count();
-  const std::string& peer = d_.view_.peer_identity;
-  std::string verdict = "no HMAC key for caller " + peer;
-  bool tried = false;
-  for (const auto& k : t->hmac.keys) {
-    if (!spiffe_pattern_matches(k.source, peer)) continue;
-    std::string v = verify_request(
-        k.key, header, s->method, s->path,
-        end_stream ? std::optional<std::string_view>("") : std::nullopt, headers_of, now,
-        std::chrono::duration_cast<std::chrono::seconds>(d_.view_.inbound->hmac.max_skew),
-        *d_.view_.inbound_state->nonces);
-    if (!tried || v.empty()) verdict = std::move(v);
-    tried = true;
-    if (verdict.empty()) {
-      hmac_key_ = k.key;
-      break;
-    }
-  }
-  if (!verdict.empty()) {
-    answer({401, "request signature refused: " + verdict + "\n", "UAEX", {}});
+  if (auto r = hmac_refusal(d_.view_, *t, header, s->method, s->path,
+                            end_stream ? std::optional<std::string_view>("") : std::nullopt,
+                            headers_of, &hmac_key_)) {
+    answer(*r);
     return false;
   }
   signature_ = std::string(header);

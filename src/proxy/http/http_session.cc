@@ -471,7 +471,6 @@ void HttpSession::sign_request(bool h2_stream) {
 
 bool HttpSession::admit_inbound(std::string_view path) {
   const InboundTargetConfig& t = *listener_.inbound;
-  const std::string& peer = listener_.peer_identity;
   if (auto r = inbound_rate_limited(listener_, steady_now_ms())) {
     local_reply(*r);
     return false;
@@ -481,26 +480,11 @@ bool HttpSession::admit_inbound(std::string_view path) {
   if (env_.current && env_.current != snap_)
     if (const auto* n = env_.current->config->find_target(t.authority)) newest = n;
   if (!newest->hmac.keys.empty()) {
-    const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
-                            std::chrono::system_clock::now().time_since_epoch())
-                            .count();
-    // Every key for this caller is tried (after a rotation: the current one, then the one
-    // before); a failed check takes no nonce slot, so a second try is sound.
-    std::string verdict = "no HMAC key for caller " + peer;
-    bool tried = false;
-    for (const auto& k : newest->hmac.keys) {
-      if (!spiffe_pattern_matches(k.source, peer)) continue;
-      std::string v = verify_request(
-          k.key, req_["x-weft-signature"], req_.method_string(), req_.target(), req_.body(),
-          [this](const std::string& name) { return std::string(req_[name]); }, now,
-          std::chrono::duration_cast<std::chrono::seconds>(t.hmac.max_skew),
-          *listener_.inbound_state->nonces);
-      if (!tried || v.empty()) verdict = std::move(v);
-      tried = true;
-      if (verdict.empty()) break;
-    }
-    if (!verdict.empty()) {
-      local_reply(401, "request signature refused: " + verdict + "\n", "UAEX");
+    if (auto r = hmac_refusal(
+            listener_, *newest, req_["x-weft-signature"], req_.method_string(), req_.target(),
+            req_.body(), [this](const std::string& name) { return std::string(req_[name]); },
+            nullptr)) {
+      local_reply(*r);
       return false;
     }
     req_.erase("x-weft-signature");

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "identity/spiffe_id.h"
+#include "proxy/http/hmac_signing.h"
 
 namespace weft {
 
@@ -19,6 +20,33 @@ std::optional<LocalReply> inbound_rate_limited(const HttpListenerView& listener,
                         " requests a second per caller\n",
                     "RL",
                     {}};
+}
+
+std::optional<LocalReply> hmac_refusal(
+    const HttpListenerView& listener, const InboundTargetConfig& target, std::string_view header,
+    std::string_view method, std::string_view path_and_query, std::optional<std::string_view> body,
+    const std::function<std::string(const std::string&)>& headers_of, std::string* key) {
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  const std::string& peer = listener.peer_identity;
+  // A failed check takes no nonce slot, so trying a second key is sound.
+  std::string verdict = "no HMAC key for caller " + peer;
+  bool tried = false;
+  for (const auto& k : target.hmac.keys) {
+    if (!spiffe_pattern_matches(k.source, peer)) continue;
+    std::string v = verify_request(
+        k.key, header, method, path_and_query, body, headers_of, now,
+        std::chrono::duration_cast<std::chrono::seconds>(listener.inbound->hmac.max_skew),
+        *listener.inbound_state->nonces);
+    if (!tried || v.empty()) verdict = std::move(v);
+    tried = true;
+    if (verdict.empty()) {
+      if (key) *key = k.key;
+      return std::nullopt;
+    }
+  }
+  return LocalReply{401, "request signature refused: " + verdict + "\n", "UAEX", {}};
 }
 
 std::optional<LocalReply> authorization_refusal(const HttpListenerView& listener,

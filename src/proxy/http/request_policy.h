@@ -5,6 +5,7 @@
 // send, or nothing when the request may go on.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,6 +24,15 @@ struct LocalReply {
 
 // Inbound: the calling identity's token bucket (429).
 std::optional<LocalReply> inbound_rate_limited(const HttpListenerView& listener, SteadyMillis now);
+
+// Inbound: the request's x-weft-signature `header`, checked with each key `target` (the
+// newest config of the listener's target) holds for the caller: after a rotation, the current
+// one and the one before. `body`: nullopt for an HTTP/2 stream whose body follows
+// (hmac_signing.h). `key`, if given, gets the key that verified. A 401 when refused.
+std::optional<LocalReply> hmac_refusal(
+    const HttpListenerView& listener, const InboundTargetConfig& target, std::string_view header,
+    std::string_view method, std::string_view path_and_query, std::optional<std::string_view> body,
+    const std::function<std::string(const std::string&)>& headers_of, std::string* key);
 
 // Inbound: deny rules first; then, if there are allow rules, one must match (403).
 std::optional<LocalReply> authorization_refusal(const HttpListenerView& listener,
