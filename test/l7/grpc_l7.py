@@ -537,8 +537,15 @@ def main():
             r = c.getresponse()
             answers.append(r.read())
         c.close()
-        log = open(os.path.join(h.work, "client.log")).read()
-        retried11 = [json.loads(l) for l in log.splitlines() if l.startswith("{") and '"route":"flaky11"' in l]
+
+        def flaky11_lines():
+            log = open(os.path.join(h.work, "client.log")).read()
+            return [json.loads(l) for l in log.splitlines() if l.startswith("{") and '"route":"flaky11"' in l]
+        try:  # a line is written as its request ends, which may be just after the answer
+            wait_for("the access-log lines of the 6 HTTP/1.1 calls", lambda: len(flaky11_lines()) >= 6)
+        except AssertionError:
+            pass  # the check below says what is missing
+        retried11 = flaky11_lines()
         check(all(want11 in a for a in answers) and
               len(retried11) == 6 and any(l.get("attempts") == 2 for l in retried11),
               f"6 HTTP/1.1 calls with retry on UNAVAILABLE all served by two, after one for "
