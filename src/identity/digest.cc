@@ -34,25 +34,4 @@ std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
   return to_hex(md, len);
 }
 
-// EVP (the SHA256_* functions are deprecated in OpenSSL 3).
-struct Sha256Stream::Ctx {
-  EVP_MD_CTX* md = EVP_MD_CTX_new();
-  ~Ctx() { EVP_MD_CTX_free(md); }
-};
-
-Sha256Stream::Sha256Stream() : ctx_(new Ctx) { EVP_DigestInit_ex(ctx_->md, EVP_sha256(), nullptr); }
-Sha256Stream::~Sha256Stream() { delete ctx_; }
-
-void Sha256Stream::update(std::string_view data) {
-  EVP_DigestUpdate(ctx_->md, data.data(), data.size());
-}
-
-std::string Sha256Stream::finish_hex() {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx_->md, md, &len);
-  EVP_DigestInit_ex(ctx_->md, EVP_sha256(), nullptr);
-  return to_hex(md, len);
-}
-
 }  // namespace weft

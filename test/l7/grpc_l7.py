@@ -47,6 +47,7 @@ def raw_h2_call(addr, path, body, extra, trailers=None):
 
 
 ended_at_trailer_server = []  # the trailers echo server saw a whole request (its END_STREAM)
+seen_at_trailer_server = bytearray()  # every request body byte it was given
 
 
 def raw_h2_exchange(addr, path, framed, extra, trailers=None):
@@ -131,6 +132,7 @@ def trailers_echo_server():
                         signed[ev.stream_id] = str(int(any(k == "x-weft-signature" for k, _ in ev.headers)))
                     elif isinstance(ev, h2.events.DataReceived):
                         sizes[ev.stream_id] += len(ev.data)
+                        seen_at_trailer_server.extend(ev.data)
                         c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                     elif isinstance(ev, h2.events.TrailersReceived):
                         got[ev.stream_id] = list(ev.headers)
@@ -370,8 +372,8 @@ def main():
         check(statuses == ["0"] * 60 and gauge is not None and 1 <= int(gauge.group(1)) <= 2,
               f"60 streams at once: all answered over {gauge and gauge.group(1)} upstream connection(s)")
 
-        # HMAC signing of HTTP/2 streams: the client proxy signs the header and puts the
-        # body's signature in a trailer; the server proxy verifies both. A unary call, a bidi
+        # HMAC signing of HTTP/2 streams: the client proxy signs the header and sends the body
+        # in signed chunks; the server proxy verifies the header, then each chunk. A unary call, a bidi
         # stream (answers flow while the request is still open: nothing waits for the whole
         # body) and 3 MB through flow control.
         md = (("x-to", "guarded"),)
@@ -386,45 +388,55 @@ def main():
         fields, _ = raw_h2_call(target, "/guarded-t/Echo", b"hello", [], trailers=[("x-checksum", "c0ffee")])
         check(fields.get("grpc-status") == "0" and fields.get("x-got-x-checksum") == "c0ffee" and
               fields.get("x-had-signature") == "0" and "x-got-x-weft-body-signature" not in fields,
-              f"the client's trailers pass, the signature header and trailer stop at the verifier: {fields}")
+              f"the client's trailers pass, the signature stops at the verifier: {fields}")
         fields, _ = raw_h2_call(target, "/guarded-t/Echo", b"no trailers of its own", [])
-        check(fields.get("grpc-status") == "0", f"a stream without trailers gets the signer's: {fields}")
+        check(fields.get("grpc-status") == "0", f"a stream without trailers of its own: {fields}")
 
         # A signer written here from docs/ (hmac_signing.h), through a plain tunnel (L4) to the
         # same verifying target: valid, replayed, tampered, truncated, unsigned.
         raw_addr = client["outbound/raw"]
 
-        def signed_call(body, signed_body=None, trailer=True, nonce=None, whole=False):
+        def signed_call(message, nonce=None, whole=False, tamper=None, cut=False):
+            """`message` as one gRPC message in two signed chunks; `tamper` replaces the
+            second chunk's payload after signing; `cut` leaves out the last (empty) chunk."""
             path = "/guarded-t/Echo"
-            framed = b"\0" + len(body).to_bytes(4, "big") + body
-            sb = signed_body if signed_body is not None else body
-            digest = hashlib.sha256(b"\0" + len(sb).to_bytes(4, "big") + sb).hexdigest()
+            body = b"\0" + len(message).to_bytes(4, "big") + message
+            parts = [body[:9], body[9:]]
             ts, nonce = int(time.time()), nonce or os.urandom(16).hex()
             canonical = (f"v1\nPOST\n{path}\n{ts}\n{nonce}\nhost:echo\ncontent-type:application/grpc\n"
-                         + (digest if whole else "trailer"))
+                         + (hashlib.sha256(body).hexdigest() if whole else "chunks"))
             sig = hmac.new(pair_key, canonical.encode(), hashlib.sha256).hexdigest()
             header = (f"v1;ts={ts};nonce={nonce};headers=host,content-type;"
-                      + ("" if whole else "body=trailer;") + f"sig={sig}")
-            body_sig = hmac.new(pair_key, f"v1-body\n{sig}\n{digest}".encode(), hashlib.sha256).hexdigest()
-            fields, _ = raw_h2_exchange(raw_addr, path, framed, [("x-weft-signature", header)],
-                                        trailers=[("x-weft-body-signature", body_sig)] if trailer else None)
+                      + ("" if whole else "body=chunks;") + f"sig={sig}")
+            wire, prev = b"", sig.encode()
+            for i, p in enumerate(parts + [b""]):
+                prev = hmac.new(pair_key, b"v1-chunk\n" + prev + b"\n" + p, hashlib.sha256).hexdigest().encode()
+                if i == 1 and tamper is not None:
+                    p = tamper
+                if not (cut and i == 2):
+                    wire += len(p).to_bytes(4, "big") + prev + p
+            fields, _ = raw_h2_exchange(raw_addr, path, body if whole else wire,
+                                        [("x-weft-signature", header)])
             return fields, nonce
 
         def refused(fields, why):
             return fields.get("x-weft-status") == "401" and fields.get("grpc-status") == "16" and \
                 why in fields.get("grpc-message", "")
         fields, nonce = signed_call(b"by hand")
-        check(fields.get("grpc-status") == "0" and "x-got-x-weft-body-signature" not in fields,
+        check(fields.get("grpc-status") == "0" and fields.get("x-had-signature") == "0",
               f"a stream signed by an independent implementation verifies: {fields}")
         ends = len(ended_at_trailer_server)
         fields, _ = signed_call(b"by hand", nonce=nonce)
         check(refused(fields, "replayed"), f"a replayed nonce -> 401 before anything goes on: {fields}")
-        fields, _ = signed_call(b"pay 1000", signed_body=b"pay 1")
-        check(refused(fields, "does not match"), f"a tampered body -> 401 at its end: {fields}")
-        fields, _ = signed_call(b"by hand", trailer=False)
-        check(refused(fields, "does not match"), f"a body without its signature trailer -> 401: {fields}")
+        del seen_at_trailer_server[:]
+        fields, _ = signed_call(b"pay 1 to bob", tamper=b"1 to eve")
+        check(refused(fields, "does not match") and b"eve" not in seen_at_trailer_server,
+              f"a tampered chunk -> 401, and its bytes never reach the app: {fields} "
+              f"(the app saw {bytes(seen_at_trailer_server)!r})")
+        fields, _ = signed_call(b"by hand", cut=True)
+        check(refused(fields, "cut short"), f"a body without its last chunk -> 401: {fields}")
         fields, _ = signed_call(b"by hand", whole=True)
-        check(refused(fields, "x-weft-body-signature"), f"a whole-body signature on a stream -> 401: {fields}")
+        check(refused(fields, "signed chunks"), f"a whole-body signature on a stream -> 401: {fields}")
         fields, _ = raw_h2_call(raw_addr, "/guarded-t/Echo", b"unsigned", [])
         check(refused(fields, "missing"), f"an unsigned stream -> 401: {fields}")
         check(len(ended_at_trailer_server) == ends,
@@ -475,10 +487,10 @@ def main():
               b"over http/1.1" in rest and b"grpc-status: 0" in rest and b"x-served-by-trailer:" in rest,
               f"an HTTP/1.1 client reaches the HTTP/2 service; trailers in the last chunk: {raw[-160:]!r}")
         # An HTTP/1.1 request to a signed HTTP/2 service: the whole body is in hand, and is
-        # still signed in a trailer, the form an HTTP/2 verifier takes.
+        # still sent in signed chunks, the form an HTTP/2 verifier takes.
         raw = http11_call(b"/guarded-t/Echo")
         check(raw.startswith(b"HTTP/1.1 200") and b"grpc-status: 0" in raw and b"x-had-signature: 0" in raw and
-              b"x-weft-body-signature" not in raw and (18).to_bytes(4, "big") in raw,
+              (18).to_bytes(4, "big") in raw,
               f"an HTTP/1.1 request to a signed HTTP/2 service is signed and verified: {raw[-120:]!r}")
         c = http.client.HTTPConnection(host, int(port), timeout=10)
         for i in range(3):  # keep-alive: several requests on one client connection

@@ -310,52 +310,98 @@ TEST(L7Hmac, SignedRequestsVerifyOnceAndOnlyUnchangedAndFresh) {
     EXPECT_NE(verify("POST", "/", "", 1, bad), "") << bad;
 }
 
-// An HTTP/2 stream's body is signed apart, in a trailer bound to the header's signature: the
-// header verifies alone (before the body comes), the trailer only with that body and that
-// header, and neither form passes for the other.
-TEST(L7Hmac, AStreamedBodyIsSignedInATrailerBoundToTheHeader) {
+// An HTTP/2 stream's body is signed apart, in chunks chained to the header's signature: the
+// header verifies alone (before the body comes), each chunk only in its place after that
+// header, and a body cut short, changed, reordered or moved to another request is refused
+// before the changed chunk's bytes go anywhere.
+TEST(L7Hmac, AStreamedBodyIsSignedInChunksChainedToTheHeader) {
   const std::string key = "0123456789abcdef0123456789abcdef";
   const SignedRequest head{"POST", "/echo.Echo/Unary", "", {{"host", "echo:50051"}}, true};
   const std::string header =
       sign_request(key, head, 1700000000, "00112233445566778899aabbccddeeff");
-  EXPECT_NE(header.find(";body=trailer;sig="), std::string::npos) << header;
+  EXPECT_NE(header.find(";body=chunks;sig="), std::string::npos) << header;
   auto lookup = [](const std::string& n) { return n == "host" ? std::string("echo:50051") : ""; };
   NonceCache nonces(std::chrono::seconds(600));
   const auto verify = [&](std::optional<std::string_view> body, const std::string& hdr) {
     return verify_request(key, hdr, "POST", "/echo.Echo/Unary", body, lookup, 1700000010,
                           std::chrono::seconds(300), nonces);
   };
-  // As an HTTP/1.1 request (the whole body in hand) it is refused: no trailer can follow.
+  // As an HTTP/1.1 request (the whole body in hand) it is refused: no chunks can follow.
   EXPECT_NE(verify("hello", header).find("needs an HTTP/2 target"), std::string::npos);
   EXPECT_EQ(verify(std::nullopt, header), "");
   EXPECT_NE(verify(std::nullopt, header).find("replayed"), std::string::npos);
 
-  Sha256Stream body;
-  body.update("hel");
-  body.update("lo");
-  const std::string digest = body.finish_hex();
-  EXPECT_EQ(digest, sha256_hex("hello"));
-  EXPECT_EQ(body.finish_hex(), sha256_hex(""));  // starts over
-  const std::string trailer = body_signature(key, header, digest);
-  EXPECT_TRUE(body_signature_matches(key, header, digest, trailer));
-  EXPECT_FALSE(body_signature_matches(key, header, sha256_hex("hellO"), trailer));
-  EXPECT_FALSE(body_signature_matches("another key 0123456789abcdef0123", header, digest, trailer));
-  EXPECT_FALSE(body_signature_matches(key, header, digest, trailer.substr(1)));
-  // The same body under another header signature (a trailer moved to another request).
+  const auto framed = [&](const std::string& hdr, std::initializer_list<std::string_view> parts) {
+    ChunkSigner signer(key, hdr);
+    std::string out;
+    for (auto p : parts) signer.frame(p, out);
+    signer.frame({}, out);
+    return out;
+  };
+  const std::string wire = framed(header, {"hel", "lo"});
+  EXPECT_EQ(wire.size(), 3 * kChunkHeaderSize + 5);
+  // Fed a byte at a time or all at once: the same payload, the headers used up.
+  for (size_t step : {size_t{1}, size_t{7}, wire.size()}) {
+    ChunkVerifier v(key, header);
+    std::string out;
+    size_t used = 0;
+    for (size_t off = 0; off < wire.size(); off += step) {
+      auto r = v.feed(std::string_view(wire).substr(off, step), out);
+      ASSERT_TRUE(r) << r.error();
+      used += *r;
+      EXPECT_EQ(v.complete(), off + step >= wire.size());
+    }
+    EXPECT_EQ(out, "hello");
+    EXPECT_EQ(used, 3 * kChunkHeaderSize);
+  }
+  const auto refused = [&](const std::string& bytes, std::string_view why) {
+    ChunkVerifier v(key, header);
+    std::string out;
+    auto r = v.feed(bytes, out);
+    if (r) return ::testing::AssertionFailure() << "accepted, gave '" << out << "'";
+    if (r.error().find(why) == std::string::npos) return ::testing::AssertionFailure() << r.error();
+    return ::testing::AssertionSuccess() << out;
+  };
+  std::string changed = wire;
+  changed[kChunkHeaderSize + 3 + kChunkHeaderSize] ^= 1;  // "lo" -> "mo"
+  EXPECT_TRUE(refused(changed, "does not match"));
+  {  // the chunk before the change went on; the changed one did not
+    ChunkVerifier v(key, header);
+    std::string out;
+    EXPECT_FALSE(v.feed(changed, out));
+    EXPECT_EQ(out, "hel");
+  }
+  const size_t first = kChunkHeaderSize + 3, second = kChunkHeaderSize + 2;
+  EXPECT_TRUE(
+      refused(wire.substr(first, second) + wire.substr(0, first) + wire.substr(first + second),
+              "does not match"));  // reordered
+  // The same body signed under another header (chunks moved to another request).
   const std::string other = sign_request(key, head, 1700000000, "ffeeddccbbaa99887766554433221100");
-  EXPECT_FALSE(body_signature_matches(key, other, digest, trailer));
+  EXPECT_TRUE(refused(framed(other, {"hel", "lo"}), "does not match"));
+  EXPECT_TRUE(refused(wire + wire.substr(0, kChunkHeaderSize), "after the last signed chunk"));
+  std::string huge(4, '\xff');
+  EXPECT_TRUE(refused(huge + std::string(64, 'a'), "at most"));
+  {  // cut short: the last frame never came
+    ChunkVerifier v(key, header);
+    std::string out;
+    ASSERT_TRUE(v.feed(std::string_view(wire).substr(0, 2 * kChunkHeaderSize + 5), out));
+    EXPECT_EQ(out, "hello");
+    EXPECT_FALSE(v.complete());
+  }
+  ChunkVerifier wrong_key("another key 0123456789abcdef0123", header);
+  std::string ignored;
+  EXPECT_FALSE(wrong_key.feed(wire, ignored));
 
-  // Dropping body=trailer from the header (to skip the trailer check) breaks the signature,
+  // Dropping body=chunks from the header (to skip the chunk checks) breaks the signature,
   // and a whole-body signature on a stream is refused.
   std::string stripped = other;
-  stripped.erase(stripped.find(";body=trailer"), 13);
-  EXPECT_NE(verify(std::nullopt, stripped).find("must be signed in the x-weft-body-signature"),
-            std::string::npos);
+  stripped.erase(stripped.find(";body=chunks"), 12);
+  EXPECT_NE(verify(std::nullopt, stripped).find("must come in signed chunks"), std::string::npos);
   EXPECT_NE(verify("", stripped).find("tampered"), std::string::npos);
   EXPECT_NE(verify("", other).find("without a body"), std::string::npos);
   EXPECT_FALSE(
       parse_signature("v1;ts=1;nonce=00112233445566778899aabbccddeeff;headers=host;"
-                      "body=inline;sig=" +
+                      "body=trailer;sig=" +
                       std::string(64, 'a')));
 }
 

@@ -161,7 +161,6 @@ void H2Forward::start(const RouteConfig& route, bool end_stream) {
     hmac_key_ = http->hmac.key;
     signed_headers_ = http->hmac.signed_headers;
   }
-  hashing_ = !end_stream && (verifying_ || (!view.inbound && !hmac_key_.empty()));
 
   const auto& hash_header = cluster_->service().http.hash_header;
   hash_key_ = hash_header.empty()                       ? source_
@@ -278,23 +277,31 @@ void H2Forward::request_data(const uint8_t* data, size_t len) {
     nghttp2_session_consume(d_.session_, id_, len);
     return;
   }
-  if (hashing_) body_hash_.update({reinterpret_cast<const char*>(data), len});
-  req_body_.append(reinterpret_cast<const char*>(data), len);
+  if (verifying_) {
+    // Only what verified goes on; the frames' headers stop here, so their share of the
+    // window is credited now (the payload's is as it is sent on).
+    auto used = verifier_.feed({reinterpret_cast<const char*>(data), len}, req_body_);
+    if (!used) return refuse_body(used.error());
+    if (*used) {
+      nghttp2_session_consume(d_.session_, id_, *used);
+      d_.flush();
+    }
+  } else {
+    req_body_.append(reinterpret_cast<const char*>(data), len);
+  }
   if (up_ && up_id_ >= 0) up_->resume(up_id_);
 }
 
 void H2Forward::request_end() {
-  if (hashing_) body_digest_ = body_hash_.finish_hex();
-  // The end of the request reaches the app only with a body that matches its signature.
-  if (std::exchange(verifying_, false) && !answered_ && !finished_ && !upstream_done_ &&
-      !verify_body())
-    return refuse_body();
+  // The end of the request reaches the app only after the last signed chunk.
+  if (verifying_ && !answered_ && !finished_ && !upstream_done_ && !verifier_.complete())
+    return refuse_body("tampered: the body ended without its last signed chunk (cut short)");
   request_done_ = true;
   if (up_ && up_id_ >= 0) up_->resume(up_id_);
 }
 
-// Inbound: the caller's signature over the request header (and, with body=trailer, the
-// promise of a trailer over the body). Tried with each of the caller's keys, as on HTTP/1.1.
+// Inbound: the caller's signature over the request header (and, with body=chunks, the key
+// its body's chunks are checked with). Tried with each of the caller's keys, as on HTTP/1.1.
 bool H2Forward::admit_signature(bool end_stream) {
   const InboundTargetConfig* t = d_.view_.inbound;
   if (d_.env_.current && d_.env_.current != d_.snap_)
@@ -316,25 +323,15 @@ bool H2Forward::admit_signature(bool end_stream) {
   }
   signature_ = std::string(header);
   verifying_ = !end_stream;
+  if (verifying_) verifier_ = ChunkVerifier(hmac_key_, signature_);
   return true;
 }
 
-// The trailer the signer added (not passed on) against the body that came.
-bool H2Forward::verify_body() {
-  std::string got;
-  std::erase_if(req_trailers_, [&](const auto& f) {
-    if (f.first != kBodySignatureTrailer) return false;
-    got = f.second;
-    return true;
-  });
-  return body_signature_matches(hmac_key_, signature_, body_digest_, got);
-}
-
-void H2Forward::refuse_body() {
-  const std::string why =
-      "request signature refused: tampered: the body does not match its x-weft-body-signature "
-      "trailer (or it has none)";
-  // The app has seen the header and the body so far, never their end: its stream is reset.
+void H2Forward::refuse_body(const std::string& reason) {
+  const std::string why = "request signature refused: " + reason;
+  verifying_ = false;
+  // The app has seen the header and the chunks that verified, never the end: its stream is
+  // reset.
   if (up_ && up_id_ >= 0) up_->reset(up_id_);
   up_.reset();
   up_id_ = -1;
@@ -373,9 +370,17 @@ void H2Forward::sign(bool has_body) {
   signature_ = sign_request(hmac_key_, r, now, nonce);
   set_field(upstream_head_, "x-weft-signature", signature_);
   signing_ = has_body;
+  // The body in signed chunks is longer than the client's content-length said.
+  if (signing_)
+    std::erase_if(upstream_head_, [](const auto& f) { return f.first == "content-length"; });
+  signer_ = ChunkSigner(hmac_key_, signature_);
+  framed_.clear();
+  framed_off_ = 0;
+  last_framed_ = false;
 }
 
-size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
+// Up to `len` bytes of the body as the client sent it; *eof once it is all out.
+size_t H2Forward::take_body(uint8_t* buf, size_t len, bool* eof) {
   const size_t n = std::min(len, req_body_.size() - req_off_);
   std::memcpy(buf, req_body_.data() + req_off_, n);
   req_off_ += n;
@@ -384,19 +389,55 @@ size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
     req_off_ = 0;
   }
   *eof = request_done_ && req_body_.empty();
-  if (*eof && signing_) {
-    signed_trailers_ = req_trailers_;
-    signed_trailers_.emplace_back(kBodySignatureTrailer,
-                                  body_signature(hmac_key_, signature_, body_digest_));
+  return n;
+}
+
+// The same body in signed chunks. A frame is made whole (its MAC covers its payload), then
+// handed out as the upstream's window allows; `payload` is the client's bytes a new frame took.
+size_t H2Forward::take_signed_body(uint8_t* buf, size_t len, bool* eof, std::string_view& payload) {
+  if (framed_off_ == framed_.size()) {
+    framed_.clear();
+    framed_off_ = 0;
+    const size_t take = std::min(kSignedChunk, req_body_.size() - req_off_);
+    if (take > 0) {
+      signer_.frame(std::string_view(req_body_).substr(req_off_, take), framed_);
+      payload = std::string_view(framed_).substr(kChunkHeaderSize);
+      req_off_ += take;
+      if (req_off_ == req_body_.size()) {
+        req_body_.clear();
+        req_off_ = 0;
+      }
+    } else if (request_done_ && !last_framed_) {
+      signer_.frame({}, framed_);
+      last_framed_ = true;
+    }
   }
-  if (n == 0) return 0;
+  const size_t n = std::min(len, framed_.size() - framed_off_);
+  std::memcpy(buf, framed_.data() + framed_off_, n);
+  framed_off_ += n;
+  *eof = last_framed_ && framed_off_ == framed_.size();
+  return n;
+}
+
+size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
+  // `sent`: the client's bytes that left req_body_, kept for a replay and credited back.
+  std::string_view sent;
+  size_t out = 0;
+  if (signing_) {
+    out = take_signed_body(buf, len, eof, sent);
+  } else {
+    out = take_body(buf, len, eof);
+    sent = {reinterpret_cast<const char*>(buf), out};
+  }
+  if (out == 0) return 0;
   pulled_any_ = true;
-  if (replayable_) {
+  const size_t n = sent.size();
+  if (n > 0 && replayable_) {
     if (replay_.size() + n > kMaxReplay) {
       replayable_ = false;
       std::string().swap(replay_);
     } else {
-      replay_.append(reinterpret_cast<const char*>(buf), n);
+      replay_.append(sent);
     }
   }
   // Sent on: the client may send as much again (a replay was credited the first time).
@@ -406,7 +447,7 @@ size_t H2Forward::pull_request_body(uint8_t* buf, size_t len, bool* eof) {
     nghttp2_session_consume(d_.session_, id_, fresh);
     d_.flush();
   }
-  return n;
+  return out;
 }
 
 void H2Forward::on_response_head(H2Fields fields, bool end_stream) {

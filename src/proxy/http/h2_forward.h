@@ -20,9 +20,9 @@
 
 #include <boost/asio/steady_timer.hpp>
 
-#include "identity/digest.h"
 #include "proxy/http/h2_downstream.h"
 #include "proxy/http/h2_upstream.h"
+#include "proxy/http/hmac_signing.h"
 #include "stats/access_log.h"
 
 namespace weft {
@@ -57,9 +57,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   void on_response_trailers(H2Fields fields) override;
   void on_stream_end(uint32_t error_code) override;
   size_t pull_request_body(uint8_t* buf, size_t len, bool* eof) override;
-  const H2Fields* request_trailers() const override {
-    return signing_ ? &signed_trailers_ : &req_trailers_;
-  }
+  const H2Fields* request_trailers() const override { return &req_trailers_; }
 
  private:
   void start(const RouteConfig& route, bool end_stream);
@@ -71,8 +69,9 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   bool retry_on_grpc_status(const H2Fields& fields);
   void sign(bool has_body);               // outbound, each try afresh
   bool admit_signature(bool end_stream);  // inbound; false: answered 401
-  bool verify_body();                     // inbound, at the end of the request
-  void refuse_body();
+  void refuse_body(const std::string& why);
+  size_t take_body(uint8_t* buf, size_t len, bool* eof);  // as the client sent it
+  size_t take_signed_body(uint8_t* buf, size_t len, bool* eof, std::string_view& payload);
   void schedule_retry();
   void answer(const LocalReply& r);
   void end_endpoint_count();
@@ -101,16 +100,17 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   size_t req_off_ = 0;
   bool request_done_ = false;
   H2Fields req_trailers_;  // kept for a retry, as the body is
-  // HMAC (hmac_signing.h). Outbound: the key, this try's header and the trailers that carry
-  // the body's signature. Inbound: the key and header that verified, until the body has.
+  // HMAC (hmac_signing.h). Outbound: the key, this try's header and the chunks its body goes
+  // in (framed_: the frame being sent). Inbound: the key and the verifier of the body's chunks.
   std::string hmac_key_, signature_;
   std::vector<std::string> signed_headers_;
-  bool hashing_ = false;    // the request body goes through body_hash_
-  bool signing_ = false;    // outbound: the body's signature goes in signed_trailers_
-  bool verifying_ = false;  // inbound: the body's trailer is still to be checked
-  Sha256Stream body_hash_;
-  std::string body_digest_;  // once the request is complete
-  H2Fields signed_trailers_;
+  bool signing_ = false;    // outbound: the body goes in signed chunks
+  bool verifying_ = false;  // inbound: the body comes in signed chunks
+  ChunkSigner signer_;
+  ChunkVerifier verifier_;
+  std::string framed_;
+  size_t framed_off_ = 0;
+  bool last_framed_ = false;
   bool pulled_any_ = false;
   // For retries on a gRPC status: what was sent, while the request fits in kMaxReplay.
   std::string replay_;

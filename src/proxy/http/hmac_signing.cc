@@ -24,9 +24,9 @@ std::string sign_request(std::string_view key, const SignedRequest& req, int64_t
     canonical.append(name).append(":").append(value).append("\n");
     names += (names.empty() ? "" : ",") + name;
   }
-  canonical.append(req.body_in_trailer ? std::string("trailer") : sha256_hex(req.body));
+  canonical.append(req.body_in_chunks ? std::string("chunks") : sha256_hex(req.body));
   return "v1;ts=" + std::to_string(ts) + ";nonce=" + std::string(nonce) + ";headers=" + names +
-         (req.body_in_trailer ? ";body=trailer" : "") + ";sig=" + hmac_sha256_hex(key, canonical);
+         (req.body_in_chunks ? ";body=chunks" : "") + ";sig=" + hmac_sha256_hex(key, canonical);
 }
 
 namespace {
@@ -37,20 +37,65 @@ std::string sig_of(std::string_view header) {
   return p ? p->sig : std::string();
 }
 
-}  // namespace
-
-std::string body_signature(std::string_view key, std::string_view header,
-                           std::string_view body_sha256_hex) {
-  std::string text = "v1-body\n";
-  text.append(sig_of(header)).append("\n").append(body_sha256_hex);
+// A chunk's MAC, chained to the one before (hmac_signing.h).
+std::string chunk_mac(std::string_view key, std::string_view prev, std::string_view payload) {
+  std::string text = "v1-chunk\n";
+  text.reserve(text.size() + prev.size() + 1 + payload.size());
+  text.append(prev).append("\n").append(payload);
   return hmac_sha256_hex(key, text);
 }
 
-bool body_signature_matches(std::string_view key, std::string_view header,
-                            std::string_view body_sha256_hex, std::string_view trailer_value) {
-  if (trailer_value.size() != 64) return false;
-  const std::string want = body_signature(key, header, body_sha256_hex);
-  return CRYPTO_memcmp(want.data(), trailer_value.data(), 64) == 0;
+}  // namespace
+
+ChunkSigner::ChunkSigner(std::string_view key, std::string_view header)
+    : key_(key), prev_(sig_of(header)) {}
+
+void ChunkSigner::frame(std::string_view payload, std::string& out) {
+  const auto n = static_cast<uint32_t>(payload.size());
+  const char length[4] = {static_cast<char>(n >> 24), static_cast<char>(n >> 16),
+                          static_cast<char>(n >> 8), static_cast<char>(n)};
+  prev_ = chunk_mac(key_, prev_, payload);
+  out.append(length, 4).append(prev_).append(payload);
+}
+
+ChunkVerifier::ChunkVerifier(std::string_view key, std::string_view header)
+    : key_(key), prev_(sig_of(header)) {}
+
+Result<size_t> ChunkVerifier::feed(std::string_view bytes, std::string& out) {
+  size_t used = 0;
+  // Whole frames straight from `bytes`; only a frame split across reads is copied first.
+  std::string_view rest = bytes;
+  if (!partial_.empty()) {
+    partial_.append(bytes);
+    rest = partial_;
+  }
+  size_t off = 0;
+  while (rest.size() - off >= kChunkHeaderSize) {
+    if (ended_) return make_error("tampered: body bytes after the last signed chunk");
+    const auto* p = reinterpret_cast<const uint8_t*>(rest.data() + off);
+    const size_t n = (size_t{p[0]} << 24) | (size_t{p[1]} << 16) | (size_t{p[2]} << 8) | p[3];
+    if (n > kMaxChunkPayload)
+      return make_error("malformed body: a signed chunk of " + std::to_string(n) +
+                        " bytes (at most " + std::to_string(kMaxChunkPayload) + ")");
+    if (rest.size() - off < kChunkHeaderSize + n) break;
+    const std::string_view mac = rest.substr(off + 4, 64);
+    const std::string_view payload = rest.substr(off + kChunkHeaderSize, n);
+    std::string want = chunk_mac(key_, prev_, payload);
+    if (CRYPTO_memcmp(want.data(), mac.data(), 64) != 0)
+      return make_error("tampered: a body chunk does not match its signature");
+    out.append(payload);
+    prev_ = std::move(want);
+    ended_ = n == 0;
+    used += kChunkHeaderSize;
+    off += kChunkHeaderSize + n;
+  }
+  if (ended_ && off < rest.size())
+    return make_error("tampered: body bytes after the last signed chunk");
+  if (partial_.empty())
+    partial_.assign(rest.substr(off));
+  else
+    partial_.erase(0, off);
+  return used;
 }
 
 Result<ParsedSignature> parse_signature(std::string_view h) {
@@ -94,8 +139,8 @@ Result<ParsedSignature> parse_signature(std::string_view h) {
       }
       have_headers = true;
     } else if (k == "body") {
-      if (v != "trailer") return make_error("malformed signature: body must be 'trailer'");
-      p.body_in_trailer = true;
+      if (v != "chunks") return make_error("malformed signature: body must be 'chunks'");
+      p.body_in_chunks = true;
     } else if (k == "sig") {
       if (v.size() != 64 || !is_hex(v))
         return make_error("malformed signature: sig must be 64 hex");
@@ -133,14 +178,13 @@ std::string verify_request(std::string_view key, std::string_view header, std::s
   if (skew > max_skew.count())
     return "stale: signed " + std::to_string(skew) + " s away from now (at most " +
            std::to_string(max_skew.count()) + " s)";
-  if (parsed->body_in_trailer && body)
-    return body->empty() ? "tampered: body=trailer on a request without a body"
-                         : "malformed signature: body=trailer needs an HTTP/2 target (protocol: "
-                           "http2 or grpc), where the trailer can come";
-  if (!parsed->body_in_trailer && !body)
-    return "tampered: a streamed HTTP/2 body must be signed in the x-weft-body-signature trailer "
-           "(body=trailer)";
-  SignedRequest req{method, target, body.value_or(""), {}, parsed->body_in_trailer};
+  if (parsed->body_in_chunks && body)
+    return body->empty() ? "tampered: body=chunks on a request without a body"
+                         : "malformed signature: body=chunks needs an HTTP/2 target (protocol: "
+                           "http2 or grpc), where the body can come in signed chunks";
+  if (!parsed->body_in_chunks && !body)
+    return "tampered: a streamed HTTP/2 body must come in signed chunks (body=chunks)";
+  SignedRequest req{method, target, body.value_or(""), {}, parsed->body_in_chunks};
   for (const auto& name : parsed->headers) req.headers.emplace_back(name, headers_of(name));
   const std::string expected = sign_request(key, req, parsed->ts, parsed->nonce);
   const std::string_view want = std::string_view(expected).substr(expected.size() - 64);

@@ -8,13 +8,16 @@
 //
 // An HTTP/2 stream with a body is forwarded as it comes (gRPC streams may never end before
 // the answer starts), so its header cannot hold the body's digest. It is signed with
-//   x-weft-signature: v1;ts=..;nonce=..;headers=..;body=trailer;sig=<64 hex>
-// whose canonical text ends in the word "trailer" instead of the digest, and the stream ends
-// with the trailer
-//   x-weft-body-signature: <64 hex> = HMAC-SHA256(key, "v1-body\n" sig "\n" sha256hex(body))
-// which binds the body to that header signature. The verifier checks the header before
-// anything goes on, hashes the body as it passes, and holds the end of the stream until the
-// trailer matches: an app never sees a whole request whose body was changed.
+//   x-weft-signature: v1;ts=..;nonce=..;headers=..;body=chunks;sig=<64 hex>
+// whose canonical text ends in the word "chunks" instead of the digest, and between the
+// proxies the body travels as signed chunks, each MAC chained to the one before and the first
+// to the header's sig (as AWS SigV4 signs a streamed upload):
+//   frame   = length (4 bytes, big-endian) mac (64 hex) payload
+//   mac_i   = HMAC-SHA256(key, "v1-chunk\n" prev "\n" payload),  prev = sig, then mac_(i-1)
+// and the last frame has an empty payload, so a body cut short is told from a whole one. The
+// verifier checks the header before anything goes on and each chunk before its payload goes
+// on: no byte of a changed, reordered, spliced or truncated body reaches the app, even on a
+// stream that runs both ways for hours.
 #pragma once
 
 #include <chrono>
@@ -36,26 +39,52 @@ namespace weft {
 struct SignedRequest {
   std::string_view method, target, body;
   std::vector<std::pair<std::string, std::string>> headers;  // (lower-case name, value) in order
-  // The body's digest goes in the x-weft-body-signature trailer (`body` is not used).
-  bool body_in_trailer = false;
+  // The body comes as signed chunks (ChunkSigner; `body` is not used).
+  bool body_in_chunks = false;
 };
-
-inline constexpr std::string_view kBodySignatureTrailer = "x-weft-body-signature";
 
 // The header value to add.
 std::string sign_request(std::string_view key, const SignedRequest& req, int64_t unix_seconds,
                          std::string_view nonce_hex);
 
-// The x-weft-body-signature value for a body signed apart; `header` is the x-weft-signature
-// value it belongs to.
-std::string body_signature(std::string_view key, std::string_view header,
-                           std::string_view body_sha256_hex);
+// The chunks of a body=chunks body. `header` is the x-weft-signature value they belong to.
+inline constexpr size_t kChunkHeaderSize = 4 + 64;
+inline constexpr size_t kMaxChunkPayload = 64 * 1024;  // the signer sends at most kSignedChunk
+inline constexpr size_t kSignedChunk = 16 * 1024;
+
+class ChunkSigner {
+ public:
+  ChunkSigner() = default;
+  ChunkSigner(std::string_view key, std::string_view header);
+  // Appends the frame of `payload` (at most kMaxChunkPayload) to `out`; an empty payload is
+  // the last frame.
+  void frame(std::string_view payload, std::string& out);
+
+ private:
+  std::string key_, prev_;
+};
+
+class ChunkVerifier {
+ public:
+  ChunkVerifier() = default;
+  ChunkVerifier(std::string_view key, std::string_view header);
+  // Takes framed bytes as they come; the payload of each frame that verifies is appended to
+  // `out`, a part frame waits for the rest. Returns how many frame-header bytes were used up
+  // (they go no further), or why the body is refused.
+  Result<size_t> feed(std::string_view bytes, std::string& out);
+  // The last frame came and nothing after it.
+  bool complete() const { return ended_ && partial_.empty(); }
+
+ private:
+  std::string key_, prev_, partial_;
+  bool ended_ = false;
+};
 
 struct ParsedSignature {
   int64_t ts = 0;
   std::string nonce, sig;
   std::vector<std::string> headers;
-  bool body_in_trailer = false;
+  bool body_in_chunks = false;
 };
 Result<ParsedSignature> parse_signature(std::string_view header);
 
@@ -77,16 +106,12 @@ class NonceCache {
 
 // Verifies; `headers_of(name)` returns the request's value of a header ("" if absent).
 // `body` is the whole body, or nullopt for an HTTP/2 stream whose body follows (its
-// signature must then be body=trailer, checked at the end by body_signature_matches).
+// signature must then be body=chunks, its chunks checked by a ChunkVerifier).
 // Returns "" when valid, else the 401 reason: "stale: ...", "replayed: ...", "tampered: ..."
 // or what is malformed.
 std::string verify_request(std::string_view key, std::string_view header, std::string_view method,
                            std::string_view target, std::optional<std::string_view> body,
                            const std::function<std::string(const std::string&)>& headers_of,
                            int64_t now_seconds, std::chrono::seconds max_skew, NonceCache& nonces);
-
-// The trailer of a body=trailer request, in constant time.
-bool body_signature_matches(std::string_view key, std::string_view header,
-                            std::string_view body_sha256_hex, std::string_view trailer_value);
 
 }  // namespace weft

@@ -446,16 +446,16 @@ void HttpSession::start_tunnel() {
 
 // Each attempt is signed afresh: a retry with the first attempt's nonce would be a replay.
 void HttpSession::sign_request(bool h2_stream) {
-  h2_request_trailers_.clear();
+  h2_signed_body_.clear();
   const auto* service = &cluster_->service();
   if (env_.current && env_.current != snap_)
     if (const auto* newer = env_.current->config->find_service(service->name)) service = newer;
   const auto& hmac = service->http.hmac;
   if (hmac.key.empty()) return;
-  // Over HTTP/2 the verifier checks the header before the body comes, so a body is signed
-  // in a trailer (hmac_signing.h), as the HTTP/2 forwarder does.
-  const bool in_trailer = h2_stream && !req_.body().empty();
-  SignedRequest s{req_.method_string(), req_.target(), req_.body(), {}, in_trailer};
+  // Over HTTP/2 the verifier checks the header before the body comes, so a body goes in
+  // signed chunks (hmac_signing.h), as the HTTP/2 forwarder sends it.
+  const bool in_chunks = h2_stream && !req_.body().empty();
+  SignedRequest s{req_.method_string(), req_.target(), req_.body(), {}, in_chunks};
   for (const auto& name : hmac.signed_headers)
     s.headers.emplace_back(name, std::string(req_[name]));
   const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
@@ -464,9 +464,12 @@ void HttpSession::sign_request(bool h2_stream) {
   const std::string header =
       weft::sign_request(hmac.key, s, now, hex(env_.rng(), 16) + hex(env_.rng(), 16));
   req_.set("x-weft-signature", header);
-  if (in_trailer)
-    h2_request_trailers_.emplace_back(kBodySignatureTrailer,
-                                      body_signature(hmac.key, header, sha256_hex(req_.body())));
+  if (!in_chunks) return;
+  ChunkSigner signer(hmac.key, header);
+  const std::string_view body = req_.body();
+  for (size_t off = 0; off < body.size(); off += kSignedChunk)
+    signer.frame(body.substr(off, kSignedChunk), h2_signed_body_);
+  signer.frame({}, h2_signed_body_);
 }
 
 bool HttpSession::admit_inbound(std::string_view path) {

@@ -194,7 +194,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession>, public Dra
   size_t h2_credit_ = 0;             // DATA bytes in h2_out_ (credited upstream once written)
   size_t h2_credit_writing_ = 0;     // ... and in h2_writing_
   H2Fields h2_trailers_;
-  H2Fields h2_request_trailers_;  // the body's signature, when signed
+  std::string h2_signed_body_;  // the body in signed chunks, when signed
   bool h2_chunked_ = false, h2_ended_ = false, h2_write_busy_ = false;
   unsigned h2_refusals_ = 0;  // per request
 };

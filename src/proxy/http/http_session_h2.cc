@@ -61,16 +61,12 @@ class HttpSession::H2Reply : public H2Upstream::Sink {
       *eof = true;
       return 0;
     }
-    const std::string& body = s->req_.body();
+    const std::string& body = s->h2_signed_body_.empty() ? s->req_.body() : s->h2_signed_body_;
     const size_t n = std::min(len, body.size() - s->h2_body_off_);
     std::memcpy(buf, body.data() + s->h2_body_off_, n);
     s->h2_body_off_ += n;
     *eof = s->h2_body_off_ == body.size();
     return n;
-  }
-  const H2Fields* request_trailers() const override {
-    auto s = live();
-    return s ? &s->h2_request_trailers_ : nullptr;
   }
 
  private:
@@ -118,8 +114,11 @@ void HttpSession::send_h2(std::shared_ptr<H2Upstream> up, bool fresh) {
                 {":scheme", "http"},
                 {":authority", std::string(req_[http::field::host])},
                 {":path", std::string(req_.target())}};
+  // A body in signed chunks is longer than the client's content-length.
+  const bool framed = !h2_signed_body_.empty();
   for (const auto& f : req_)
-    if (!not_for_h2(f.name())) head.emplace_back(ascii_lower(f.name_string()), f.value());
+    if (!not_for_h2(f.name()) && !(framed && f.name() == http::field::content_length))
+      head.emplace_back(ascii_lower(f.name_string()), f.value());
   // TE went with the hop-by-hop fields; gRPC servers want `te: trailers` (the one value
   // HTTP/2 allows), and every gRPC client sends it.
   if (req_[http::field::content_type].starts_with("application/grpc"))
