@@ -213,7 +213,8 @@ std::shared_ptr<const HttpRuntime> HttpRuntime::build(std::shared_ptr<const Prox
       if (old)
         for (const auto& oe : old->endpoints_)
           if (oe.config.key() == e.key()) state = oe.state;
-      c->endpoints_.push_back({e, state ? state : std::make_shared<EndpointState>()});
+      c->endpoints_.push_back(
+          {e, state ? state : std::make_shared<EndpointState>(), s.name + "|" + e.key()});
     }
     if (s.http.balancer == HttpServiceConfig::Balancer::ring_hash) {
       // 100 points per unit of weight: keys spread within a few percent of the weights.

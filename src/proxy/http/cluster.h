@@ -47,6 +47,7 @@ struct BreakerState {
 struct Endpoint {
   EndpointConfig config;
   std::shared_ptr<EndpointState> state;
+  std::string pool_key;  // service|address/authority, made once: the pools look it up per request
   bool available(SteadyMillis now) const {
     return state->healthy.load(std::memory_order_relaxed) &&
            state->ejected_until.load(std::memory_order_relaxed) <= now;

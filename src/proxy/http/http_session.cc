@@ -75,15 +75,28 @@ void rewrite(Fields& f, const HeaderRewrite& r) {
 std::string next_traceparent(std::string_view in, uint64_t r1, uint64_t r2, uint64_t r3,
                              std::string* trace_id) {
   // version "00": 00-<32 hex trace>-<16 hex parent>-<2 hex flags>; all-zero IDs are invalid.
+  constexpr std::string_view kZeros = "00000000000000000000000000000000";
   const bool valid = in.size() == 55 && in.substr(0, 3) == "00-" && in[35] == '-' &&
                      in[52] == '-' && is_lower_hex(in.substr(3, 32)) &&
                      is_lower_hex(in.substr(36, 16)) && is_lower_hex(in.substr(53, 2)) &&
-                     in.substr(3, 32) != std::string(32, '0') &&
-                     in.substr(36, 16) != std::string(16, '0');
-  std::string trace = valid ? std::string(in.substr(3, 32)) : hex(r1, 16) + hex(r2 | 1, 16);
-  const std::string flags = valid ? std::string(in.substr(53, 2)) : "01";
-  if (trace_id) *trace_id = trace;
-  return "00-" + trace + "-" + hex(r3 | 1, 16) + "-" + flags;
+                     in.substr(3, 32) != kZeros && in.substr(36, 16) != kZeros.substr(16);
+  // Written in place: this runs for every request, and the pieces as strings cost 8 mallocs.
+  std::string out = "00-";
+  out.resize(55, '-');
+  const auto put_hex = [&out](size_t at, uint64_t v) {
+    for (int i = 15; i >= 0; --i, v >>= 4) out[at + i] = "0123456789abcdef"[v & 15];
+  };
+  if (valid) {
+    out.replace(3, 32, in.substr(3, 32));
+    out.replace(53, 2, in.substr(53, 2));
+  } else {
+    put_hex(3, r1);
+    put_hex(19, r2 | 1);
+    out.replace(53, 2, "01");
+  }
+  put_hex(36, r3 | 1);
+  if (trace_id) trace_id->assign(out, 3, 32);
+  return out;
 }
 
 HttpSession::HttpSession(HttpWorkerEnv& env, SnapshotPtr snapshot, HttpListenerView listener,

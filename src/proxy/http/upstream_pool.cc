@@ -17,8 +17,8 @@ UpstreamPool::UpstreamPool(asio::io_context& io, Dial dial)
 
 UpstreamPool::~UpstreamPool() { clear(); }
 
-std::string UpstreamPool::key(const Cluster& c, int endpoint) {
-  return c.service().name + "|" + c.endpoints()[endpoint].config.key();
+const std::string& UpstreamPool::key(const Cluster& c, int endpoint) {
+  return c.endpoints()[endpoint].pool_key;
 }
 
 namespace {
@@ -94,7 +94,7 @@ bool UpstreamPool::join_h2_connecting(const Cluster& c, int endpoint, H2Ready re
 }
 
 void UpstreamPool::open_h2(const Cluster& c, int endpoint, bool share, H2Ready ready) {
-  const std::string k = key(c, endpoint);
+  const std::string& k = key(c, endpoint);
   auto connecting = std::make_shared<H2Connecting>();
   connecting->waiters.push_back(std::move(ready));
   share = share && !cleared_;

@@ -56,7 +56,7 @@ class UpstreamPool {
   UpstreamPool(boost::asio::io_context& io, Dial dial);
   ~UpstreamPool();
 
-  static std::string key(const Cluster& c, int endpoint);
+  static const std::string& key(const Cluster& c, int endpoint);
 
   // An idle connection that is still open, or null.
   std::shared_ptr<UpstreamConn> take_idle(const Cluster& c, int endpoint);
