@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include <boost/json/object.hpp>
@@ -55,6 +56,39 @@ struct HttpLabels {
   }
   bool operator<(const HttpLabels& o) const { return tie() < o.tie(); }
 };
+
+// The same labels without copies: what a request looks its counters up with (copied into
+// HttpLabels only the first time a combination is seen).
+struct HttpLabelsView {
+  std::string_view reporter, source_principal, destination_principal, destination_service,
+      security_policy;
+  unsigned response_code = 0;
+  std::string_view response_flags;
+
+  auto tie() const {
+    return std::tie(reporter, source_principal, destination_principal, destination_service,
+                    security_policy, response_code, response_flags);
+  }
+  HttpLabels copy() const {
+    return {std::string(reporter),
+            std::string(source_principal),
+            std::string(destination_principal),
+            std::string(destination_service),
+            std::string(security_policy),
+            response_code,
+            std::string(response_flags)};
+  }
+};
+inline HttpLabelsView view_of(const HttpLabels& l) {
+  return {l.reporter,        l.source_principal, l.destination_principal, l.destination_service,
+          l.security_policy, l.response_code,    l.response_flags};
+}
+inline bool operator<(const HttpLabels& a, const HttpLabelsView& b) {
+  return view_of(a).tie() < b.tie();
+}
+inline bool operator<(const HttpLabelsView& a, const HttpLabels& b) {
+  return a.tie() < view_of(b).tie();
+}
 
 // A Prometheus histogram with fixed buckets; observe() is two relaxed atomic adds.
 struct Histogram {

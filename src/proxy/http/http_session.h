@@ -46,7 +46,7 @@ struct HttpWorkerEnv {
   UpstreamPool& pool;
   Metrics& metrics;
   AccessLog& access_log;
-  std::map<HttpLabels, std::shared_ptr<HttpCounters>> metric_cache;  // no lock per request
+  std::map<HttpLabels, std::shared_ptr<HttpCounters>, std::less<>> metric_cache;  // no lock
   std::mt19937_64 rng{std::random_device{}()};
   std::vector<std::weak_ptr<DrainableHttp>> live;  // told to drain; expired ones pruned
   size_t prune_at = 64;

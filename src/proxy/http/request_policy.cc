@@ -138,7 +138,7 @@ bool fault_roll(std::mt19937_64& rng, double percent) {
 
 void record_request(HttpWorkerEnv& env, const HttpListenerView& listener, const Cluster* cluster,
                     const AccessLogEntry& entry, double duration_ms) {
-  HttpLabels labels;
+  HttpLabelsView labels;
   if (listener.inbound) {
     labels.reporter = "destination";
     labels.source_principal = listener.peer_identity;
@@ -147,17 +147,23 @@ void record_request(HttpWorkerEnv& env, const HttpListenerView& listener, const 
   } else {
     labels.reporter = "source";
     labels.source_principal = entry.local_identity;
-    labels.destination_service = cluster ? cluster->service().name : "unknown";
+    labels.destination_service = cluster ? std::string_view(cluster->service().name) : "unknown";
     if (cluster && cluster->service().spiffe_ids.size() == 1)
       labels.destination_principal = cluster->service().spiffe_ids.front();
     else
-      labels.destination_principal = entry.peer_identity.empty() ? "unknown" : entry.peer_identity;
+      labels.destination_principal =
+          entry.peer_identity.empty() ? std::string_view("unknown") : entry.peer_identity;
   }
   labels.security_policy = "mutual_tls";
   labels.response_code = entry.status;
   labels.response_flags = entry.response_flags;
-  auto& slot = env.metric_cache[labels];
-  if (!slot) slot = env.metrics.http(labels);
+  auto it = env.metric_cache.find(labels);
+  if (it == env.metric_cache.end()) {
+    HttpLabels copied = labels.copy();
+    auto counters = env.metrics.http(copied);
+    it = env.metric_cache.emplace(std::move(copied), std::move(counters)).first;
+  }
+  auto& slot = it->second;
   slot->requests.fetch_add(1, std::memory_order_relaxed);
   slot->duration_ms.observe(duration_ms);
   slot->request_bytes.observe(static_cast<double>(entry.bytes_received));
