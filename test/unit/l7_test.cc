@@ -339,6 +339,16 @@ TEST(L7Hmac, AStreamedBodyIsSignedInChunksChainedToTheHeader) {
     return out;
   };
   const std::string wire = framed(header, {"hel", "lo"});
+  {  // a whole body: chunks of kSignedChunk, then the last frame
+    std::string whole;
+    ChunkSigner(key, header).frame_whole(std::string(kSignedChunk + 1, 'x'), whole);
+    EXPECT_EQ(whole.size(), 3 * kChunkHeaderSize + kSignedChunk + 1);
+    ChunkVerifier v(key, header);
+    std::string out;
+    ASSERT_TRUE(v.feed(whole, out));
+    EXPECT_TRUE(v.complete());
+    EXPECT_EQ(out, std::string(kSignedChunk + 1, 'x'));
+  }
   EXPECT_EQ(wire.size(), 3 * kChunkHeaderSize + 5);
   // Fed a byte at a time or all at once: the same payload, the headers used up.
   for (size_t step : {size_t{1}, size_t{7}, wire.size()}) {

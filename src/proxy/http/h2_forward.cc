@@ -379,15 +379,20 @@ void H2Forward::sign(bool has_body) {
   last_framed_ = false;
 }
 
-// Up to `len` bytes of the body as the client sent it; *eof once it is all out.
-size_t H2Forward::take_body(uint8_t* buf, size_t len, bool* eof) {
-  const size_t n = std::min(len, req_body_.size() - req_off_);
-  std::memcpy(buf, req_body_.data() + req_off_, n);
+// `n` more bytes of req_body_ went upstream.
+void H2Forward::advance_body(size_t n) {
   req_off_ += n;
   if (req_off_ == req_body_.size()) {
     req_body_.clear();
     req_off_ = 0;
   }
+}
+
+// Up to `len` bytes of the body as the client sent it; *eof once it is all out.
+size_t H2Forward::take_body(uint8_t* buf, size_t len, bool* eof) {
+  const size_t n = std::min(len, req_body_.size() - req_off_);
+  std::memcpy(buf, req_body_.data() + req_off_, n);
+  advance_body(n);
   *eof = request_done_ && req_body_.empty();
   return n;
 }
@@ -402,11 +407,7 @@ size_t H2Forward::take_signed_body(uint8_t* buf, size_t len, bool* eof, std::str
     if (take > 0) {
       signer_.frame(std::string_view(req_body_).substr(req_off_, take), framed_);
       payload = std::string_view(framed_).substr(kChunkHeaderSize);
-      req_off_ += take;
-      if (req_off_ == req_body_.size()) {
-        req_body_.clear();
-        req_off_ = 0;
-      }
+      advance_body(take);
     } else if (request_done_ && !last_framed_) {
       signer_.frame({}, framed_);
       last_framed_ = true;

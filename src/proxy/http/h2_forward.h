@@ -70,6 +70,7 @@ class H2Forward : public H2Upstream::Sink, public std::enable_shared_from_this<H
   void sign(bool has_body);               // outbound, each try afresh
   bool admit_signature(bool end_stream);  // inbound; false: answered 401
   void refuse_body(const std::string& why);
+  void advance_body(size_t n);
   size_t take_body(uint8_t* buf, size_t len, bool* eof);  // as the client sent it
   size_t take_signed_body(uint8_t* buf, size_t len, bool* eof, std::string_view& payload);
   void schedule_retry();

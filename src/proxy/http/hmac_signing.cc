@@ -58,6 +58,12 @@ void ChunkSigner::frame(std::string_view payload, std::string& out) {
   out.append(length, 4).append(prev_).append(payload);
 }
 
+void ChunkSigner::frame_whole(std::string_view body, std::string& out) {
+  for (size_t off = 0; off < body.size(); off += kSignedChunk)
+    frame(body.substr(off, kSignedChunk), out);
+  frame({}, out);
+}
+
 ChunkVerifier::ChunkVerifier(std::string_view key, std::string_view header)
     : key_(key), prev_(sig_of(header)) {}
 

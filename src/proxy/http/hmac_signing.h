@@ -59,6 +59,8 @@ class ChunkSigner {
   // Appends the frame of `payload` (at most kMaxChunkPayload) to `out`; an empty payload is
   // the last frame.
   void frame(std::string_view payload, std::string& out);
+  // A body that is whole already: its frames of up to kSignedChunk, then the last frame.
+  void frame_whole(std::string_view body, std::string& out);
 
  private:
   std::string key_, prev_;

@@ -478,11 +478,7 @@ void HttpSession::sign_request(bool h2_stream) {
       weft::sign_request(hmac.key, s, now, hex(env_.rng(), 16) + hex(env_.rng(), 16));
   req_.set("x-weft-signature", header);
   if (!in_chunks) return;
-  ChunkSigner signer(hmac.key, header);
-  const std::string_view body = req_.body();
-  for (size_t off = 0; off < body.size(); off += kSignedChunk)
-    signer.frame(body.substr(off, kSignedChunk), h2_signed_body_);
-  signer.frame({}, h2_signed_body_);
+  ChunkSigner(hmac.key, header).frame_whole(req_.body(), h2_signed_body_);
 }
 
 bool HttpSession::admit_inbound(std::string_view path) {
