@@ -137,6 +137,15 @@ Result<std::unique_ptr<P2pEndpoint>> P2pEndpoint::start(asio::io_context& io, P2
   set_buffer(fd, SO_SNDBUF, SO_SNDBUFFORCE, 8 << 20);
   int on = 1;
   ::setsockopt(fd, SOL_UDP, UDP_GRO, &on, sizeof on);  // older kernels: one datagram per read
+  // QUIC datagrams must not be fragmented (RFC 9000, 14): the DF bit, and no fragmenting to a
+  // path MTU the kernel learned. A datagram too big for the path is lost, which the padded
+  // probes detect (see max_datagram), instead of silently arriving in pieces.
+  int probe_mtu = IP_PMTUDISC_PROBE;
+  ::setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &probe_mtu, sizeof probe_mtu);
+  if (e->v6_socket_) {
+    int probe_mtu6 = IPV6_PMTUDISC_PROBE;
+    ::setsockopt(fd, IPPROTO_IPV6, IPV6_MTU_DISCOVER, &probe_mtu6, sizeof probe_mtu6);
+  }
   e->arm_read();
   e->tick();
   return e;
@@ -419,6 +428,7 @@ void P2pEndpoint::on_probe(const std::optional<udp::endpoint>& from, const uint8
   if (it == outstanding_.end() || it->second.peer != pr->sender || it->second.to != *from)
     return void(++counters_.probes_bad);  // not ours, or a replay from elsewhere
   const auto rtt = std::chrono::duration_cast<std::chrono::microseconds>(now - it->second.sent);
+  if (it->second.full_size) p->full_size_direct = *from;
   outstanding_.erase(it);
   addresses_[*from] = pr->sender;
   p->last_pong = now;
@@ -487,12 +497,12 @@ void P2pEndpoint::send_call_me_maybe(PeerState& p) {
   relay_->send(p.info.key, bytes->data(), bytes->size());
 }
 
-void P2pEndpoint::send_probe(PeerState& p, const udp::endpoint& to) {
+void P2pEndpoint::send_probe(PeerState& p, const udp::endpoint& to, bool full_size) {
   if (options_.relay_only) return;
   probe::Probe ping{probe::Type::ping, self_key_, probe::new_tx(), std::nullopt, {}};
-  auto bytes = probe::encode(ping, key_.get());
+  auto bytes = probe::encode(ping, key_.get(), full_size ? probe::kFullDatagram : 0);
   if (!bytes) return;
-  outstanding_[ping.tx] = Outstanding{p.info.key, to, Clock::now()};
+  outstanding_[ping.tx] = Outstanding{p.info.key, to, Clock::now(), full_size};
   send_udp(to, bytes->data(), bytes->size(), bytes->size());
 }
 
@@ -505,6 +515,7 @@ void P2pEndpoint::set_path(PeerState& p, std::optional<udp::endpoint> direct,
   p.last_change_why = why;
   p.suspect_since = {};
   ++p.path_changes;
+  if (direct && p.full_size_direct != direct) send_probe(p, *direct, true);
   if (direct) send_unsent(p);
   spdlog::info("p2p: {} now {} ({})", p.info.name.empty() ? short_key(p.info.key) : p.info.name,
                direct ? "direct via " + to_string(*direct) : std::string("via the relay"), why);
@@ -539,6 +550,8 @@ void P2pEndpoint::tick() {
         if (p.direct) {
           watching = true;
           if (now - p.last_ping >= options_.direct_ping) {
+            // A lost full-size ping must not cost the path its liveness: it goes besides.
+            if (p.full_size_direct != p.direct) send_probe(p, *p.direct, true);
             send_probe(p, *p.direct);
             p.last_ping = now;
           }
@@ -565,6 +578,10 @@ void P2pEndpoint::suspect_direct(PeerState& p, const char* why) {
   ++counters_.direct_suspected;
   spdlog::debug("p2p: checking the direct path to {} ({})", p.info.name, why);
   send_probe(p, *p.direct);
+  // The loss may be full-size datagrams only (the path MTU shrank, and no ICMP says so):
+  // QUIC's minimum until a padded ping proves the size again, so the path is not a black hole.
+  p.full_size_direct.reset();
+  send_probe(p, *p.direct, true);
 }
 
 void P2pEndpoint::check_direct(PeerState& p, Clock::time_point now) {
@@ -682,8 +699,17 @@ std::shared_ptr<quic::Connection> P2pEndpoint::usable(PeerState& p) const {
   return nullptr;
 }
 
+size_t P2pEndpoint::max_datagram(const PeerState& p) const {
+  if (!p.direct) return quic::kMaxDatagram;  // the relay carries datagrams in a TLS stream
+  return p.full_size_direct == p.direct ? probe::kFullDatagram : quic::kMinDatagram;
+}
+
 quic::Connection::Hooks P2pEndpoint::hooks(const relay::NodeKey& peer) {
   quic::Connection::Hooks h;
+  h.max_datagram = [this, peer] {
+    const PeerState* p = find(peer);
+    return p ? max_datagram(*p) : quic::kMinDatagram;
+  };
   h.on_cid = [this, peer](quic::Connection& c, const std::string& cid, bool added) {
     if (added)
       cids_[cid] = {peer, c.weak_from_this()};
@@ -844,9 +870,10 @@ json::object P2pEndpoint::status() const {
     for (auto& c : p.conns)
       if (c->established() && !c->closed()) conn = c;
     json::object o{
-        {"node_key", node_key_hex(key)}, {"name", p.info.name},
-        {"spiffe_id", p.info.spiffe_id}, {"path", !conn ? "none" : p.direct ? "direct" : "relay"},
-        {"connections", p.conns.size()}, {"path_changes", p.path_changes}};
+        {"node_key", node_key_hex(key)},  {"name", p.info.name},
+        {"spiffe_id", p.info.spiffe_id},  {"path", !conn ? "none" : p.direct ? "direct" : "relay"},
+        {"connections", p.conns.size()},  {"path_changes", p.path_changes},
+        {"max_datagram", max_datagram(p)}};
     if (p.direct) o["direct_address"] = to_string(*p.direct);
     if (conn) {
       o["rtt_ms"] = static_cast<double>(conn->smoothed_rtt().count()) / 1000.0;

@@ -110,12 +110,16 @@ class P2pEndpoint {
     relay::NodeKey peer;
     boost::asio::ip::udp::endpoint to;
     std::chrono::steady_clock::time_point sent;
+    bool full_size = false;  // padded to probe::kFullDatagram
   };
   struct PeerState {
     P2pPeer info;
     std::vector<std::shared_ptr<quic::Connection>> conns;
     std::vector<Waiting> waiting;
     std::optional<boost::asio::ip::udp::endpoint> direct;
+    // The direct address that answered a ping padded to a full datagram: QUIC sends datagrams
+    // of that size on it; until then, QUIC's minimum (a smaller path MTU must not black-hole).
+    std::optional<boost::asio::ip::udp::endpoint> full_size_direct;
     std::vector<boost::asio::ip::udp::endpoint> seen_from;  // where its signed pings came from
     std::vector<boost::asio::ip::udp::endpoint> offered;    // its last call-me-maybe
     std::chrono::steady_clock::time_point last_call_out{}, last_call_in{};
@@ -148,7 +152,9 @@ class P2pEndpoint {
   void on_quic(const relay::NodeKey& peer, const uint8_t* data, size_t len, bool via_relay);
   void on_probe(const std::optional<boost::asio::ip::udp::endpoint>& from, const uint8_t* data,
                 size_t len);
-  void send_probe(PeerState& p, const boost::asio::ip::udp::endpoint& to);
+  void send_probe(PeerState& p, const boost::asio::ip::udp::endpoint& to, bool full_size = false);
+  // The largest QUIC datagram for the peer's current path.
+  size_t max_datagram(const PeerState& p) const;
   // Pings every address the peer may have (published, offered, seen); offers ours over the
   // relay so that its pings and ours cross.
   void probe_round(PeerState& p);

@@ -71,10 +71,11 @@ Result<Probe> parse(const uint8_t* data, size_t len) {
                       std::to_string(kMaxOffered) + ")");
   const size_t expected =
       p.type == Type::call_me_maybe ? kAddrAt + 1 + count * kAddrSize + kSigSize : kSize;
-  if (len != expected)
+  const bool padded = p.type == Type::ping && len > kSize && len <= kFullDatagram;
+  if (len != expected && !padded)
     return make_error("probe of " + std::to_string(len) + " bytes (expected " +
                       std::to_string(expected) + ")");
-  const size_t signed_len = len - kSigSize;
+  const size_t signed_len = expected - kSigSize;
   std::memcpy(p.sender.data(), data + kKeyAt, p.sender.size());
   std::memcpy(p.tx.data(), data + kTxAt, p.tx.size());
   if (p.type == Type::call_me_maybe) {
@@ -100,7 +101,7 @@ Result<Probe> parse(const uint8_t* data, size_t len) {
   return p;
 }
 
-Result<std::vector<uint8_t>> encode(const Probe& p, EVP_PKEY* key) {
+Result<std::vector<uint8_t>> encode(const Probe& p, EVP_PKEY* key, size_t pad_to) {
   const bool call = p.type == Type::call_me_maybe;
   if (call && p.offered.size() > kMaxOffered)
     return make_error("call-me-maybe can offer at most " + std::to_string(kMaxOffered) +
@@ -126,6 +127,7 @@ Result<std::vector<uint8_t>> encode(const Probe& p, EVP_PKEY* key) {
       EVP_DigestSign(ctx, out.data() + signed_len, &sig_len, out.data(), signed_len) == 1;
   EVP_MD_CTX_free(ctx);
   if (!ok || sig_len != kSigSize) return make_error("signing a probe failed");
+  if (p.type == Type::ping && pad_to > out.size()) out.resize(std::min(pad_to, kFullDatagram), 0);
   return out;
 }
 

@@ -7,6 +7,9 @@
 // Layout (136 bytes): magic "\x10weftprb" | type (1 ping, 2 pong) | sender's node key (32) |
 // transaction (12) | observed address: family (0, 4 or 6), port (2), address (16) |
 // Ed25519 signature by the sender over everything before it (64).
+// A ping may carry zero padding after its signature, up to kFullDatagram bytes in all: its pong
+// then proves that the path carries QUIC datagrams of that size (Tailscale's disco pings
+// measure a peer's path MTU alike); the padding is not signed and means nothing else.
 // A pong echoes the ping's transaction and says where the ping came from. Probes that do not
 // verify against the key they name are dropped; the endpoint also drops keys it does not know.
 //
@@ -32,6 +35,9 @@
 namespace weft::probe {
 
 inline constexpr size_t kSize = 136;  // ping and pong
+// The largest QUIC datagram a direct path gets: an Ethernet MTU of 1500 less the IPv6 and UDP
+// headers. A path not proven to carry it gets QUIC's minimum, 1200.
+inline constexpr size_t kFullDatagram = 1452;
 inline constexpr size_t kMaxOffered = 16;
 enum class Type : uint8_t { ping = 1, pong = 2, call_me_maybe = 3 };
 using TxId = std::array<uint8_t, 12>;
@@ -47,8 +53,8 @@ struct Probe {
 bool looks_like_probe(const uint8_t* data, size_t len);
 // Checks size, fields and the signature against the sender key it carries.
 Result<Probe> parse(const uint8_t* data, size_t len);
-// Signs with the node's private key (Ed25519).
-Result<std::vector<uint8_t>> encode(const Probe& p, EVP_PKEY* key);
+// Signs with the node's private key (Ed25519); a ping is padded with zeros to `pad_to` bytes.
+Result<std::vector<uint8_t>> encode(const Probe& p, EVP_PKEY* key, size_t pad_to = 0);
 TxId new_tx();
 
 }  // namespace weft::probe

@@ -178,12 +178,20 @@ def agent_status(ns):
         return {}
 
 
-def peer_path(ns, peer_name):
+def peer_status(ns, peer_name):
     p2p = agent_status(ns).get("p2p") or {}
     for peer in p2p.get("peers", []):
         if peer.get("name") == peer_name or peer.get("spiffe_id", "").endswith(peer_name):
-            return peer.get("path")
-    return None
+            return peer
+    return {}
+
+
+def peer_path(ns, peer_name):
+    return peer_status(ns, peer_name).get("path")
+
+
+def peer_datagram(ns, peer_name):
+    return peer_status(ns, peer_name).get("max_datagram")
 
 
 ECHO = r"""
@@ -291,6 +299,7 @@ def main():
             failures.append(f"call-me-maybe: {sent} offers sent, {received} received")
 
         failures += cut_and_restore(w)
+        failures += mtu_black_hole(w)
         if failures:
             print("\nFAIL:\n  " + "\n  ".join(failures))
             for f in sorted(os.listdir(w.work)):
@@ -299,7 +308,8 @@ def main():
                     print(f"--- {f}\n" + "\n".join(tail))
             return 1
         print("\nPASS: every pair carried data; direct and relay as expected; a cut direct "
-              "path fell back to the relay without losing the stream and came back")
+              "path fell back to the relay without losing the stream and came back; a path that "
+              "stopped carrying full-size datagrams went on with smaller ones")
         return 0
     finally:
         w.teardown()
@@ -371,6 +381,60 @@ def cut_and_restore(w):
             failures.append(f"restore direct path: {e}")
         if stream.poll() is not None:
             failures.append(f"the stream broke: {stream.stderr.read().strip()}")
+    finally:
+        stream.kill()
+    return failures
+
+
+def mtu_black_hole(w):
+    """Site 1 to site 2, direct: the path carries full-size QUIC datagrams (a padded ping proved
+    it), then site 2's router link shrinks to an MTU of 1300 and the router's ICMP
+    "fragmentation needed" is dropped (a path MTU black hole, the worst case). A bulk stream must
+    go on, in smaller datagrams, and the full size must come back once the path carries it.
+    (An iptables length match would not do: it sees a GSO batch before it is cut into
+    datagrams.)"""
+    failures = []
+    a, router = f"{TAG}s1", f"{TAG}r2"
+    try:
+        wait_for("site1's direct path to carry full-size datagrams",
+                 lambda: peer_path(a, "site2") == "direct" and peer_datagram(a, "site2") == 1452,
+                 timeout=20)
+    except AssertionError as e:
+        return [f"full-size datagrams: {e} (max_datagram {peer_datagram(a, 'site2')})"]
+    code = ("import socket,sys\ns=socket.create_connection(('127.0.0.1',7002),timeout=20)\n"
+            "m=bytes(range(256))*64\nn=0\nwhile True:\n  s.sendall(m)\n  d=b''\n"
+            "  while len(d)<len(m):\n    c=s.recv(len(m)-len(d))\n"
+            "    if not c: sys.exit('closed at %d'%n)\n    d+=c\n"
+            "  if d!=m: sys.exit('mismatch')\n  n+=1\n  print(n,flush=True)\n")
+    stream = subprocess.Popen(["ip", "netns", "exec", a, "/usr/bin/python3", "-c", code],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    counts = []
+    threading.Thread(target=lambda: [counts.append(time.time()) for _ in stream.stdout],
+                     daemon=True).start()
+    no_icmp = ["OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]
+    try:
+        wait_for("the bulk stream to run", lambda: len(counts) > 20, timeout=15)
+        sh("iptables", "-w", "-I", *no_icmp, ns=router)
+        sh("ip", "link", "set", "lan", "mtu", "1300", ns=router)
+        try:
+            wait_for("QUIC's minimum datagram on the shrunken path",
+                     lambda: peer_datagram(a, "site2") == 1200, timeout=15)
+            before = len(counts)
+            wait_for("the bulk stream to go on in smaller datagrams",
+                     lambda: len(counts) > before + 20, timeout=20)
+            print(f"\nmtu: site1 - site2 on {peer_path(a, 'site2')} with 1200-byte datagrams; "
+                  "the bulk stream went on")
+        except AssertionError as e:
+            failures.append(f"path MTU black hole: {e}")
+        sh("ip", "link", "set", "lan", "mtu", "1500", ns=router)
+        sh("iptables", "-w", "-D", *no_icmp, ns=router)
+        try:
+            wait_for("full-size datagrams again", lambda: peer_datagram(a, "site2") == 1452,
+                     timeout=20)
+        except AssertionError as e:
+            failures.append(f"path MTU restored: {e}")
+        if stream.poll() is not None:
+            failures.append(f"the bulk stream broke: {stream.stderr.read().strip()}")
     finally:
         stream.kill()
     return failures

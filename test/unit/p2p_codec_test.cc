@@ -62,6 +62,31 @@ TEST(Probe, SignedProbesRoundTripAndAnyChangeIsRefused) {
   EXPECT_NE(r.error().find("signature"), std::string::npos) << r.error();
 }
 
+TEST(Probe, APingPaddedToAFullDatagramStillVerifiesAndNothingElseMayBePadded) {
+  Signer s;
+  probe::Probe ping{probe::Type::ping, s.pub, probe::new_tx(), std::nullopt, {}};
+  auto padded = probe::encode(ping, s.key.get(), probe::kFullDatagram);
+  ASSERT_TRUE(padded.ok()) << padded.error();
+  ASSERT_EQ(padded->size(), probe::kFullDatagram);
+  auto back = probe::parse(padded->data(), padded->size());
+  ASSERT_TRUE(back.ok()) << back.error();
+  EXPECT_EQ(back->tx, ping.tx);
+  // The signed part still counts; the padding does not (it only has to arrive).
+  auto changed = *padded;
+  changed[20] ^= 0x01;
+  EXPECT_FALSE(probe::parse(changed.data(), changed.size()).ok());
+  // Never padded past a full datagram, and a pong (or a ping beyond that size) is refused.
+  EXPECT_EQ(probe::encode(ping, s.key.get(), 9000)->size(), probe::kFullDatagram);
+  padded->push_back(0);
+  EXPECT_FALSE(probe::parse(padded->data(), padded->size()).ok());
+  probe::Probe pong{probe::Type::pong, s.pub, ping.tx, std::nullopt, {}};
+  auto p = probe::encode(pong, s.key.get(), probe::kFullDatagram);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->size(), probe::kSize);
+  p->resize(probe::kSize + 10, 0);
+  EXPECT_FALSE(probe::parse(p->data(), p->size()).ok());
+}
+
 TEST(Probe, CallMeMaybeCarriesSignedAddressesOfBothFamilies) {
   Signer s;
   using boost::asio::ip::make_address;
