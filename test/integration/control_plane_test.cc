@@ -1142,7 +1142,9 @@ class HttpOrigin {
 // verifying sidecar each fetch the key of (web -> api) and hold no key file; a pair whose ends
 // the node hosts neither of gets no key; keys never reach a log.
 TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
-  start({"--heartbeat-interval", "200ms", "--hmac-rotation-grace", "1s"});
+  // The verifier must refresh (every 200 ms here) within the grace, or the signer's switch to
+  // the new key outruns it: 1 s failed once in a whole sanitizer run (not reproduced alone).
+  start({"--heartbeat-interval", "200ms", "--hmac-rotation-grace", "3s"});
   const fs::path socket = dir_ / "run" / "sds.sock";
   fs::create_directories(socket.parent_path());
   start_agent(west_, "west", "127.0.0.2",
@@ -1224,7 +1226,7 @@ TEST_F(TwoAgentTest, SidecarsSignAndVerifyWithPairKeysFromControl) {
 
   // Rotation of control's secret (operator only): every pair key changes, the agent hands out
   // the new key with the previous one; the verifier takes both at its next refresh, the signer
-  // keeps the previous key for the grace (1 s here) and then switches, and signed requests
+  // keeps the previous key for the grace (3 s here) and then switches, and signed requests
   // pass all along.
   EXPECT_EQ(request("POST", "/v1/hmac-keys/rotate", "", "").status, 401);
   ASSERT_EQ(op("POST", "/v1/hmac-keys/rotate", "").status, 200);
