@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -325,23 +324,32 @@ def put_policy_in_pub(ca, token, n):
     return r.stdout == "200"
 
 
+def echo_stream(ns, port, size, pause):
+    """A client in `ns` that sends numbered messages of `size` bytes to the echo service on
+    `port` and checks each echo, forever. Returns the process and a list that gets the time of
+    every echoed message."""
+    code = ("import socket,sys,time\n"
+            f"s=socket.create_connection(('127.0.0.1',{port}),timeout=20)\n"
+            f"n=0\nwhile True:\n  m=('%08d'%n).encode()*{max(1, size // 8)}\n  s.sendall(m)\n"
+            "  d=b''\n  while len(d)<len(m):\n    c=s.recv(len(m)-len(d))\n"
+            "    if not c: sys.exit('closed at %d'%n)\n    d+=c\n"
+            "  if d!=m: sys.exit('mismatch')\n  n+=1\n  print(n,flush=True)\n"
+            f"  time.sleep({pause})\n")
+    stream = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/bin/python3", "-c", code],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    counts = []
+    threading.Thread(target=lambda: [counts.append(time.time()) for _ in stream.stdout],
+                     daemon=True).start()
+    return stream, counts
+
+
 def cut_and_restore(w):
     """Site 1 (no NAT) to site 2 (EIM/EIF): a stream runs while UDP between them is dropped,
     then allowed again."""
     failures = []
-    a, b = f"{TAG}s1", f"{TAG}s2"
+    a = f"{TAG}s1"
     peer_ip = "198.18.0.12"
-    code = ("import socket,sys,time\ns=socket.create_connection(('127.0.0.1',7002),timeout=20)\n"
-            "n=0\nwhile True:\n  m=('%08d'%n).encode()\n  s.sendall(m)\n  d=b''\n"
-            "  while len(d)<8:\n    c=s.recv(8-len(d))\n    if not c: sys.exit('closed at %d'%n)\n"
-            "    d+=c\n  if d!=m: sys.exit('mismatch')\n  n+=1\n  print(n,flush=True)\n"
-            "  time.sleep(0.05)\n")
-    stream = subprocess.Popen(["ip", "netns", "exec", a, "/usr/bin/python3", "-c", code],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    counts = []  # one entry per echoed message, with the time it came back
-    reader = threading.Thread(target=lambda: [counts.append(time.time()) for _ in stream.stdout],
-                              daemon=True)
-    reader.start()
+    stream, counts = echo_stream(a, 7002, size=8, pause=0.05)
     try:
         wait_for("the stream to run", lambda: len(counts) > 5, timeout=15)
         rules = [["-I", "OUTPUT", "-p", "udp", "-d", peer_ip, "-j", "DROP"],
@@ -401,16 +409,7 @@ def mtu_black_hole(w):
                  timeout=20)
     except AssertionError as e:
         return [f"full-size datagrams: {e} (max_datagram {peer_datagram(a, 'site2')})"]
-    code = ("import socket,sys\ns=socket.create_connection(('127.0.0.1',7002),timeout=20)\n"
-            "m=bytes(range(256))*64\nn=0\nwhile True:\n  s.sendall(m)\n  d=b''\n"
-            "  while len(d)<len(m):\n    c=s.recv(len(m)-len(d))\n"
-            "    if not c: sys.exit('closed at %d'%n)\n    d+=c\n"
-            "  if d!=m: sys.exit('mismatch')\n  n+=1\n  print(n,flush=True)\n")
-    stream = subprocess.Popen(["ip", "netns", "exec", a, "/usr/bin/python3", "-c", code],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    counts = []
-    threading.Thread(target=lambda: [counts.append(time.time()) for _ in stream.stdout],
-                     daemon=True).start()
+    stream, counts = echo_stream(a, 7002, size=16384, pause=0)
     no_icmp = ["OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]
     try:
         wait_for("the bulk stream to run", lambda: len(counts) > 20, timeout=15)
