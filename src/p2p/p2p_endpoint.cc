@@ -699,6 +699,8 @@ std::shared_ptr<quic::Connection> P2pEndpoint::usable(PeerState& p) const {
   return nullptr;
 }
 
+static_assert(quic::kMaxDatagram <= relay::kMaxPacket, "a relay frame must hold QUIC's largest");
+
 size_t P2pEndpoint::max_datagram(const PeerState& p) const {
   if (!p.direct) return quic::kMaxDatagram;  // the relay carries datagrams in a TLS stream
   return p.full_size_direct == p.direct ? probe::kFullDatagram : quic::kMinDatagram;

@@ -217,7 +217,8 @@ void fill_settings(ngtcp2_settings& s, ngtcp2_transport_params& p, const Setting
   // BBR paces and sizes its window from measured bandwidth and minimum RTT. Cubic (and Reno)
   // in this ngtcp2 cap the window at 2.89 x delivery rate x minimum RTT, so a path whose RTT
   // grows under load (the relay's TCP legs) stalls it: the P2P bench measured 0.54-0.62
-  // Gbit/s over the relay with Cubic, 0.70-0.79 with BBRv2, and 1.6-1.9 vs 1.8-2.0 direct.
+  // Gbit/s over the relay with Cubic and 0.70-0.71 with BBRv2 (same datagram size), and
+  // 1.6-1.9 vs 1.8-2.0 direct.
   s.cc_algo = NGTCP2_CC_ALGO_BBR2;
   if (hooks.max_datagram) {
     // The owner sizes each write to its path; ngtcp2 must not shape it to the probed MTU of
