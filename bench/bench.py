@@ -278,14 +278,12 @@ def l7_rows(ng):
         pids = [p.pid for p in ps]
         log(f"{name}: wrk 1 connection {DURATION}s")
         c1 = wrk(ports["http"], 1, pids)
-        log(f"{name}: wrk 64 connections {DURATION}s")
-        c64 = wrk(ports["http"], 64, pids)
         log(f"{name}: h2load 16 connections x 10 streams {DURATION}s")
         h2 = h2load(ports["h2"], pids)
         log(f"{name}: h2load end to end HTTP/2 {DURATION}s")
         e2e = h2load(ports["h2e2e"], pids)
-        rows[name] = {"e2e_rps": e2e["rps"], "e2e_mean": e2e["mean_ms"], "e2e_cpu_per_1k": e2e["cpu_per_1k"],"p50": c1["p50"], "p99": c1["p99"], "p99_64": c64["p99"], "rps": c64["rps"],
-                      "rps_1": c1["rps"], "cpu_per_1k": c64["cpu_per_1k"], "h2_rps": h2["rps"],
+        rows[name] = {"e2e_rps": e2e["rps"], "e2e_mean": e2e["mean_ms"], "e2e_cpu_per_1k": e2e["cpu_per_1k"], "p50": c1["p50"], "p99": c1["p99"],
+                      "rps_1": c1["rps"], "h2_rps": h2["rps"],
                       "h2_mean": h2["mean_ms"], "h2_cpu_per_1k": h2["cpu_per_1k"]}
         for p in ps:
             p.terminate()
@@ -297,8 +295,8 @@ def l7_rows(ng):
     return rows
 
 
-FIXED_RATES = [int(r) for r in os.environ.get("BENCH_FIXED_RATES", "2000,5000,10000").split(",")]
-FIXED_ROUNDS = int(os.environ.get("BENCH_FIXED_ROUNDS", "3"))
+FIXED_RATES = [int(r) for r in os.environ.get("BENCH_FIXED_RATES", "2000,8000").split(",")]
+FIXED_ROUNDS = int(os.environ.get("BENCH_FIXED_ROUNDS", "5"))
 
 
 def fixed_rate(port, rate, pids):
@@ -319,13 +317,20 @@ def fixed_rate(port, rate, pids):
     return res
 
 
-def fixed_rate_rows(ng):
-    """Both chains up at once; each round measures every rate on each, alternating, so the VM's slow
-    spells fall on both. The report takes the median of the rounds."""
+def alternating_rows(ng, rows):
+    """Both chains up at once; each round measures wrk at 64 connections and every fixed rate on
+    each, alternating, so the VM's slow spells fall on both. Medians of the rounds go into `rows`
+    (64 connections) and the returned fixed-rate results."""
     chains = {"HAProxy HTTP-mode mTLS chain": haproxy_http_mtls(ng, None),
               "Weft L7 (HTTP) mTLS chain": weft_l7_mtls(ng, None)}
     runs = {name: {rate: [] for rate in FIXED_RATES} for name in chains}
+    c64 = {name: [] for name in chains}
     for rnd in range(FIXED_ROUNDS):
+        for name, (ps, ports) in chains.items():
+            log(f"{name}: wrk 64 connections, round {rnd + 1}/{FIXED_ROUNDS}, {DURATION}s")
+            res = wrk(ports["http"], 64, [p.pid for p in ps])
+            if res["rps"]:
+                c64[name].append(res)
         for rate in FIXED_RATES:
             for name, (ps, ports) in chains.items():
                 log(f"{name}: {rate} req/s fixed rate, round {rnd + 1}/{FIXED_ROUNDS}, {DURATION}s")
@@ -337,11 +342,16 @@ def fixed_rate_rows(ng):
             p.terminate()
         for p in ps:
             p.wait(timeout=20)
+    for name, results in c64.items():
+        row = rows.setdefault(name, {})
+        row["rps"], row["p99_64"] = median_of(results, "rps"), median_of(results, "p99")
+        row["cpu_per_1k"] = median_of(results, "cpu_per_1k")
+        row["rps_each"] = [r["rps"] for r in results]
     return runs
 
 
 def median_of(results, key):
-    vals = sorted(r[key] for r in results)
+    vals = sorted(r[key] for r in results if r.get(key) is not None)
     return vals[len(vals) // 2] if vals else None
 
 
@@ -372,7 +382,7 @@ def l7_report(rows):
     lines = ["", "### L7 HTTP: two proxies parsing HTTP/1.1, mTLS between (wrk, nginx origin, 1 worker each)", "",
              "wrk is closed loop: a stall delays the requests behind it instead of counting against them, and at",
              "1 connection its p99 swings with the VM's scheduling from run to run. The p99 target is judged at a",
-             "fixed rate (next table).", "",
+             f"fixed rate (further down). The 64-connection columns are medians of {FIXED_ROUNDS} rounds alternating with HAProxy.", "",
              "| path | req/s (1 conn) | p50 ms (1 conn) | p99 ms (1 conn) | req/s (64 conns) | p99 ms (64 conns) | vCPU per 1k req/s (both proxies) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -380,8 +390,13 @@ def l7_report(rows):
                      f"{fmt(r['rps'], '{:,.0f}')} | {fmt(r['p99_64'], '{:.3f}')} | {fmt(r['cpu_per_1k'], '{:.3f}')} |")
     w, h = rows.get("Weft L7 (HTTP) mTLS chain"), rows.get("HAProxy HTTP-mode mTLS chain")
     if w and h and w["rps"] and h["rps"]:
-        lines += ["", "| target | measured | met |", "|---|---|---|",
-                  f"| ≥ 1.3× HAProxy req/s at 64 conns | {w['rps'] / h['rps']:.2f}× | {'yes' if w['rps'] >= 1.3 * h['rps'] else 'NO'} |",
+        # Each round's ratio compares runs seconds apart; the target takes the median ratio.
+        ratios = sorted(a / b for a, b in zip(w["rps_each"], h["rps_each"]))
+        ratio = ratios[len(ratios) // 2] if ratios else w["rps"] / h["rps"]
+        each = ", ".join(f"{a / b:.2f}×" for a, b in zip(w["rps_each"], h["rps_each"]))
+        lines += ["", f"Weft / HAProxy req/s at 64 connections, round by round: {each}", "",
+                  "| target | measured | met |", "|---|---|---|",
+                  f"| ≥ 1.3× HAProxy req/s at 64 conns (median of the rounds' ratios) | {ratio:.2f}× | {'yes' if ratio >= 1.3 else 'NO'} |",
                   f"| ≤ 0.05 vCPU per 1,000 req/s (both proxies) | {w['cpu_per_1k']:.3f} | {'yes' if w['cpu_per_1k'] <= 0.05 else 'NO'} |"]
     lines += ["", "### L7 HTTP/2: prior-knowledge h2c from h2load (16 connections × 10 streams) into the client proxy", "",
               "| path | req/s | mean ms per request | vCPU per 1k req/s (both proxies) |", "|---|---|---|---|"]
@@ -619,12 +634,15 @@ try:
     if os.environ.get("BENCH_ONLY") == "l7":
         setup_pki()
         NGINX, _ = start_backends()
-        print(l7_report(l7_rows(NGINX)) + fixed_rate_report(fixed_rate_rows(NGINX)))
+        l7 = l7_rows(NGINX)
+        fixed = alternating_rows(NGINX, l7)
+        print(l7_report(l7) + fixed_rate_report(fixed))
         raise SystemExit(0)
     rows = main()
     l7 = l7_rows(NGINX)
     rows["control"] = control_bench()
-    text = report(rows) + l7_report(l7) + fixed_rate_report(fixed_rate_rows(NGINX))
+    fixed = alternating_rows(NGINX, l7)
+    text = report(rows) + l7_report(l7) + fixed_rate_report(fixed)
     # Cross-site P2P in network namespaces (root): direct vs Nebula vs Weft direct and relayed.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import p2p_netsim_bench
