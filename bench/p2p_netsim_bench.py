@@ -128,16 +128,20 @@ def put_policy(ca, token, port, client_cluster):
     return r.stdout == "200"
 
 
-def peer_path(api_port, peer):
+def peer_status(api_port, peer):
     out = net.sh("curl", "-s", "-m", "2", f"http://127.0.0.1:{api_port}/status", ns=S1,
                  capture=True, check=False)
     try:
         for p in (json.loads(out).get("p2p") or {}).get("peers", []):
             if p.get("name") == peer:
-                return p.get("path")
+                return p
     except ValueError:
         pass
-    return None
+    return {}
+
+
+def peer_path(api_port, peer):
+    return peer_status(api_port, peer).get("path")
 
 
 def weft_pair(w, ca, key, token, label, suffix, extra, api_port, quic_port, ports):
@@ -200,13 +204,19 @@ def run():
             {"echo": 7012, "iperf": 5212})
         # Throughput in rounds, one path after another, so the VM's slow spells fall on every
         # path alike; the report takes each path's median and lists every round.
-        targets = {"direct, no tunnel": (S2_IP, 5201), "Nebula 1.6 (Debian)": ("10.99.0.3", 5201),
-                   "Weft, P2P QUIC direct": ("127.0.0.1", 5202),
-                   "Weft, P2P QUIC via relay": ("127.0.0.1", 5212)}
+        targets = {"direct, no tunnel": (S2_IP, 5201, None), "Nebula 1.6 (Debian)": ("10.99.0.3", 5201, None),
+                   "Weft, P2P QUIC direct": ("127.0.0.1", 5202, (8081, "site2")),
+                   "Weft, P2P QUIC via relay": ("127.0.0.1", 5212, (8082, "site2r"))}
         for rnd in range(ROUNDS):
-            for name, (host, port) in targets.items():
+            for name, (host, port, agent) in targets.items():
                 log(f"{name}: iperf3 {SECS}s, round {rnd + 1}/{ROUNDS}")
-                rows[name].setdefault("each", []).append(iperf(S1, host, port))
+                gbps = iperf(S1, host, port)
+                rows[name].setdefault("each", []).append(gbps)
+                if agent:  # the peer as the agent sees it, to explain an odd round
+                    st = peer_status(*agent)
+                    log(f"{name}: {fmt(gbps)} Gbit/s; peer " + json.dumps(
+                        {k: st.get(k) for k in ("path", "max_datagram", "rtt_ms", "cwnd_bytes",
+                                                "delivery_mbit_s", "path_changes")}))
         for r in rows.values():
             each = [g for g in r["each"] if g is not None]
             r["gbps"] = sorted(each)[len(each) // 2] if each else None

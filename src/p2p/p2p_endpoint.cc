@@ -879,6 +879,10 @@ json::object P2pEndpoint::status() const {
     if (p.direct) o["direct_address"] = to_string(*p.direct);
     if (conn) {
       o["rtt_ms"] = static_cast<double>(conn->smoothed_rtt().count()) / 1000.0;
+      const auto cc = conn->congestion();
+      o["cwnd_bytes"] = cc.cwnd;
+      o["bytes_in_flight"] = cc.bytes_in_flight;
+      o["delivery_mbit_s"] = static_cast<double>(cc.delivery_rate) * 8 / 1e6;
       o["streams"] = conn->open_streams();
     }
     if (!p.last_change_why.empty()) o["last_change_reason"] = p.last_change_why;

@@ -7,6 +7,7 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
+#include <boost/json/serialize.hpp>
 #include <future>
 #include <thread>
 
@@ -185,6 +186,13 @@ TEST_F(P2pTest, TunnelsOverADirectQuicPathAndSurvivesAPeerRestart) {
   std::string big(4 << 20, 'x');
   for (size_t i = 0; i < big.size(); i += 4096) big[i] = static_cast<char>('a' + (i / 4096) % 26);
   EXPECT_EQ(echo_through(gw, big) == big, true);
+  // After 4 MiB, congestion control has a window and a measured delivery rate to show.
+  on_io([&] {
+    const auto peer = ea->status().at("peers").as_array().at(0).as_object();
+    EXPECT_GT(peer.at("cwnd_bytes").as_uint64(), 0u) << boost::json::serialize(peer);
+    EXPECT_GT(peer.at("delivery_mbit_s").as_double(), 0.0) << boost::json::serialize(peer);
+    EXPECT_TRUE(peer.contains("bytes_in_flight")) << boost::json::serialize(peer);
+  });
 
   // b restarts on another port with the same key: a follows it.
   on_io([&] { endpoints_.erase(endpoints_.begin() + 1); });

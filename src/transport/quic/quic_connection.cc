@@ -597,6 +597,13 @@ std::chrono::microseconds Connection::smoothed_rtt() const {
   return std::chrono::microseconds(st.smoothed_rtt / 1000);
 }
 
+Connection::Congestion Connection::congestion() const {
+  if (!conn_) return {};
+  ngtcp2_conn_stat st;
+  ngtcp2_conn_get_conn_stat(conn_, &st);
+  return {st.cwnd, st.bytes_in_flight, st.delivery_rate_sec};
+}
+
 size_t Connection::unanswered_probe_timeouts() const {
   if (!conn_ || closed_) return 0;
   ngtcp2_conn_stat st;

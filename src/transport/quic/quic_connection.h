@@ -166,6 +166,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Role role() const { return role_; }
   const std::string& peer_identity() const { return peer_identity_; }
   std::chrono::microseconds smoothed_rtt() const;
+  // What congestion control believes now, for operators (`/status`), as `ss -ti` shows for TCP.
+  struct Congestion {
+    uint64_t cwnd = 0;             // bytes
+    uint64_t bytes_in_flight = 0;  // sent, not yet acknowledged or declared lost
+    uint64_t delivery_rate = 0;    // bytes per second, as last measured
+  };
+  Congestion congestion() const;
   // QUIC's own sign that the path may have died: how many probe timeouts in a row fired while
   // data waited for acknowledgement (0 on a path that acknowledges).
   size_t unanswered_probe_timeouts() const;
