@@ -8,12 +8,14 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/redirect_error.hpp>
-#include <boost/asio/ssl.hpp>
+#include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <deque>
 #include <random>
+
+#include "transport/tls/tls_stream.h"
 
 namespace weft {
 
@@ -30,7 +32,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
   OnPeerGone on_peer_gone;
   std::string state = "connecting";
   bool running = false, up = false;
-  std::shared_ptr<asio::ssl::stream<tcp::socket>> stream;
+  std::shared_ptr<TlsStream> stream;
   std::deque<std::vector<uint8_t>> queue;
   size_t queued = 0;
   asio::steady_timer wake, retry;
@@ -65,18 +67,20 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
     ctx.load_verify_file(options.ca_file, ec);
     if (ec) co_return "cannot load CA bundle " + options.ca_file + ": " + ec.message();
     ctx.set_verify_mode(asio::ssl::verify_peer);
-    stream = std::make_shared<asio::ssl::stream<tcp::socket>>(io, ctx);
     tcp::resolver resolver(io);
     auto found = co_await resolver.async_resolve(options.host, std::to_string(options.port),
                                                  asio::redirect_error(asio::use_awaitable, ec));
     if (ec) co_return "cannot resolve " + options.host;
-    co_await asio::async_connect(stream->lowest_layer(), found,
-                                 asio::redirect_error(asio::use_awaitable, ec));
+    tcp::socket socket(io);
+    co_await asio::async_connect(socket, found, asio::redirect_error(asio::use_awaitable, ec));
     if (ec) co_return "cannot connect: " + ec.message();
-    stream->lowest_layer().set_option(tcp::no_delay(true), ec);
-    co_await stream->async_handshake(asio::ssl::stream_base::client,
-                                     asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) co_return "TLS: " + ec.message();
+    socket.set_option(tcp::no_delay(true), ec);
+    // The SSL object holds its own reference to the context, which may go out of scope.
+    stream = std::make_shared<TlsStream>(std::move(socket), ctx.native_handle(),
+                                         TlsStream::Role::client);
+    if (!running) stream->close();  // stopped while connecting: stop() saw no stream to close
+    co_await stream->async_handshake(asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) co_return "TLS: " + (stream->error().empty() ? ec.message() : stream->error());
     const std::string upgrade = "GET /v1/relay HTTP/1.1\r\nHost: " + options.host +
                                 "\r\nConnection: Upgrade\r\nUpgrade: weft-relay/1\r\n\r\n";
     co_await asio::async_write(*stream, asio::buffer(upgrade),
@@ -135,7 +139,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
     }
   }
 
-  asio::awaitable<void> writer(std::shared_ptr<asio::ssl::stream<tcp::socket>> s) {
+  asio::awaitable<void> writer(std::shared_ptr<TlsStream> s) {
     auto self = shared_from_this();
     boost::system::error_code ec;
     while (running && s == stream) {
@@ -149,7 +153,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
                                  asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         boost::system::error_code ignored;
-        s->lowest_layer().close(ignored);  // the reader sees it and reconnects
+        s->close();  // the reader sees it and reconnects
         co_return;
       }
     }
@@ -157,7 +161,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
 
   // Pings the relay and closes the connection when it has gone silent: a relay host that
   // vanished (no FIN, no RST) would otherwise hold the node until TCP gives up, minutes later.
-  asio::awaitable<void> watchdog(std::shared_ptr<asio::ssl::stream<tcp::socket>> s) {
+  asio::awaitable<void> watchdog(std::shared_ptr<TlsStream> s) {
     auto self = shared_from_this();
     asio::steady_timer tick(io);
     boost::system::error_code ec;
@@ -169,7 +173,7 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
       if (std::chrono::steady_clock::now() - last_heard > options.dead_after) {
         spdlog::warn("relay {}:{}: silent for {} ms; reconnecting", options.host, options.port,
                      options.dead_after.count());
-        s->lowest_layer().close(ec);  // the reader sees it and reconnects
+        s->close();  // the reader sees it and reconnects
         break;
       }
       ++seq;
@@ -209,10 +213,7 @@ void RelayClient::stop() {
   impl_->up = false;
   impl_->retry.cancel();
   impl_->wake.cancel();
-  if (impl_->stream) {
-    boost::system::error_code ignored;
-    impl_->stream->lowest_layer().close(ignored);
-  }
+  if (impl_->stream) impl_->stream->close();
 }
 
 bool RelayClient::send(const relay::NodeKey& to, const uint8_t* data, size_t len) {

@@ -11,7 +11,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/redirect_error.hpp>
-#include <boost/asio/ssl/stream.hpp>
+#include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -19,6 +19,7 @@
 #include <set>
 
 #include "identity/openssl_ptr.h"
+#include "transport/tls/tls_stream.h"
 
 namespace weft {
 
@@ -67,7 +68,7 @@ bool verify_proof(const relay::Proof& proof, const std::vector<uint8_t>& message
 struct RelayServer::Impl {
   struct Client {
     relay::NodeKey key{};
-    std::shared_ptr<asio::ssl::stream<tcp::socket>> tls;
+    std::shared_ptr<TlsStream> tls;
     std::deque<std::vector<uint8_t>> queue;
     size_t queued = 0;
     asio::steady_timer wake;
@@ -146,7 +147,7 @@ struct RelayServer::Impl {
     c->open = false;
     c->wake.cancel();
     boost::system::error_code ignored;
-    c->tls->lowest_layer().close(ignored);
+    c->tls->close();
     auto it = clients.find(c->key);
     if (it != clients.end() && it->second == c) {
       clients.erase(it);
@@ -161,17 +162,16 @@ struct RelayServer::Impl {
   asio::awaitable<void> session(tcp::socket socket) {
     boost::system::error_code ec;
     socket.set_option(tcp::no_delay(true), ec);
-    auto stream = std::make_shared<asio::ssl::stream<tcp::socket>>(std::move(socket), *tls);
+    auto stream = std::make_shared<TlsStream>(std::move(socket), tls->native_handle(),
+                                              TlsStream::Role::server);
     // Handshake, upgrade and proof must finish in time, or the connection goes.
     auto deadline = std::make_shared<asio::steady_timer>(io, options.auth_timeout);
     auto authenticated = std::make_shared<bool>(false);
     deadline->async_wait([stream, authenticated](const boost::system::error_code& e) {
       if (e || *authenticated) return;
-      boost::system::error_code ignored;
-      stream->lowest_layer().close(ignored);
+      stream->close();
     });
-    co_await stream->async_handshake(asio::ssl::stream_base::server,
-                                     asio::redirect_error(asio::use_awaitable, ec));
+    co_await stream->async_handshake(asio::redirect_error(asio::use_awaitable, ec));
     if (ec) co_return;
     std::string head;
     const size_t n =
