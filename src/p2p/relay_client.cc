@@ -152,7 +152,6 @@ struct RelayClient::Impl : std::enable_shared_from_this<Impl> {
       co_await asio::async_write(*s, asio::buffer(frame),
                                  asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
-        boost::system::error_code ignored;
         s->close();  // the reader sees it and reconnects
         co_return;
       }

@@ -146,7 +146,6 @@ struct RelayServer::Impl {
     if (!c->open && !clients.count(c->key)) return;
     c->open = false;
     c->wake.cancel();
-    boost::system::error_code ignored;
     c->tls->close();
     auto it = clients.find(c->key);
     if (it != clients.end() && it->second == c) {
