@@ -17,6 +17,7 @@
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include "transport/tls/tls_socket.h"
 
@@ -28,7 +29,7 @@ class TlsStream {
   using Role = TlsSocket::Role;
 
   TlsStream(boost::asio::ip::tcp::socket socket, SSL_CTX* ctx, Role role)
-      : tls_(std::move(socket), ctx, role) {}
+      : tls_(std::move(socket), ctx, role), handshake_guard_(tls_.socket().get_executor()) {}
 
   executor_type get_executor() { return tls_.socket().get_executor(); }
   SSL* native_handle() { return tls_.native_handle(); }
@@ -43,7 +44,23 @@ class TlsStream {
     return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
         [this](auto handler) {
           auto h = std::make_shared<decltype(handler)>(std::move(handler));
-          tls_.async_handshake([h](const boost::system::error_code& ec) { (*h)(ec); });
+          // TlsSocket keeps its handshake handler in a member. Were that the handler's owner, a
+          // coroutine waiting here that owns this stream would never be freed if its
+          // io_context shut down first (asio::ssl::stream keeps the handler in the pending
+          // operation instead). So a timer that never fires holds it as a pending operation,
+          // destroyed with the io_context, and TlsSocket only a weak reference.
+          handshake_guard_.expires_at(boost::asio::steady_timer::time_point::max());
+          handshake_guard_.async_wait([h](const boost::system::error_code&) {});
+          auto initiating = std::make_shared<bool>(true);
+          tls_.async_handshake(
+              [this, initiating, w = std::weak_ptr(h)](const boost::system::error_code& ec) {
+                auto h = w.lock();
+                if (!h) return;
+                handshake_guard_.cancel();
+                if (*initiating) return complete_later([h, ec] { (*h)(ec); });
+                (*h)(ec);
+              });
+          *initiating = false;
         },
         token);
   }
@@ -117,6 +134,7 @@ class TlsStream {
   }
 
   TlsSocket tls_;
+  boost::asio::steady_timer handshake_guard_;
 };
 
 }  // namespace weft
