@@ -23,6 +23,7 @@
 #include "identity/certificate_authority.h"
 #include "identity/certificate_info.h"
 #include "identity/csr.h"
+#include "identity/ed25519_pem.h"
 #include "identity/spiffe_id.h"
 #include "p2p/relay_server.h"
 #include "proxy/l4/splice_relay.h"
@@ -44,16 +45,10 @@ std::string slurp(const fs::path& p) {
 
 // The raw 32-byte Ed25519 public key, base64 — the seed's public_key field.
 std::string raw_public_b64(const std::string& pem) {
-  BIO* b = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
-  EVP_PKEY* key = PEM_read_bio_PUBKEY(b, nullptr, nullptr, nullptr);
-  BIO_free(b);
+  auto key = ed25519_public_from_pem(pem);
   if (!key) return "";
-  unsigned char raw[64];
-  size_t len = sizeof raw;
-  EVP_PKEY_get_raw_public_key(key, raw, &len);
-  EVP_PKEY_free(key);
-  unsigned char out[128];
-  const int n = EVP_EncodeBlock(out, raw, static_cast<int>(len));
+  unsigned char out[64];
+  const int n = EVP_EncodeBlock(out, key->data(), static_cast<int>(key->size()));
   return std::string(reinterpret_cast<char*>(out), static_cast<size_t>(n));
 }
 

@@ -590,8 +590,8 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   reg.public_key = public_key;
   reg.agent_id = sha256_hex(public_key).substr(0, 16);
   // Proof of possession first: the CSR must be signed by the key being registered.
-  if (auto proof = SigningCa::verify_csr(csr, public_key); !proof)
-    return json_error(400, proof.error(), "csr");
+  auto proof = SigningCa::verify_csr(csr, public_key);
+  if (!proof) return json_error(400, proof.error(), "csr");
   auto outcome = store_->register_agent(reg, pool_, now_ms());
   if (!outcome.agent) {
     spdlog::warn("control: registration of '{}' refused: {}", name, outcome.error);
@@ -602,8 +602,7 @@ HttpResponse ControlServer::handle_register(const HttpRequest& r) {
   if (auto key = node_key_from_pem(a.public_key); key && member_keys_.insert(*key).second)
     ++members_version_;
   auto body = agent_json(a, pool_, ca_.trust_domain());
-  auto cert =
-      ca_.sign(csr, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl, public_key);
+  auto cert = ca_.sign(*proof, std::string(body["spiffe_id"].as_string()), options_.node_cert_ttl);
   if (!cert) return json_error(500, cert.error());
   AgentReport fresh;
   fresh.cert_expires_ms = now_ms() + options_.node_cert_ttl.count();

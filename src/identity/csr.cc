@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "identity/certificate_info.h"
+#include "identity/ed25519_pem.h"
 #include "identity/openssl_ptr.h"
 #include "identity/spiffe_id.h"
 
@@ -29,6 +30,19 @@ std::string public_pem_of(EVP_PKEY* key) {
   ossl::Bio b(BIO_new(BIO_s_mem()));
   PEM_write_bio_PUBKEY(b.get(), key);
   return bio_string(b.get());
+}
+
+// Whether `key` is the key in `pem`. Ed25519 (every node key) compares raw keys; writing `key`
+// as PEM to compare texts goes through OpenSSL 3's encoder machinery, a cost per registration.
+bool is_public_key(EVP_PKEY* key, const std::string& pem) {
+  if (auto ed = ed25519_public_from_pem(pem)) {
+    Ed25519PublicKey raw{};
+    size_t len = raw.size();
+    return EVP_PKEY_get_id(key) == EVP_PKEY_ED25519 &&
+           EVP_PKEY_get_raw_public_key(key, raw.data(), &len) == 1 && len == raw.size() &&
+           raw == *ed;
+  }
+  return public_pem_of(key) == pem;
 }
 
 bool read_text(const std::filesystem::path& p, std::string& out) {
@@ -98,32 +112,31 @@ Result<SigningCa> SigningCa::load(const std::filesystem::path& dir) {
   return ca;
 }
 
-Result<bool> SigningCa::verify_csr(const std::string& csr_pem,
-                                   const std::string& expected_public_pem) {
+Result<SigningCa::VerifiedCsr> SigningCa::verify_csr(const std::string& csr_pem,
+                                                     const std::string& expected_public_pem) {
   ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
-  X509_REQ* req = PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr);
+  VerifiedCsr req(PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr), X509_REQ_free);
   if (!req) return make_error("csr: not a PEM certificate request");
-  std::unique_ptr<X509_REQ, decltype(&X509_REQ_free)> guard(req, X509_REQ_free);
-  EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
-  if (!pub || X509_REQ_verify(req, pub) != 1) return make_error("csr: signature does not verify");
-  if (public_pem_of(pub) != expected_public_pem)
+  EVP_PKEY* pub = X509_REQ_get0_pubkey(req.get());
+  if (!pub) return make_error("csr: no public key");
+  if (X509_REQ_verify(req.get(), pub) != 1) return make_error("csr: signature does not verify");
+  if (!expected_public_pem.empty() && !is_public_key(pub, expected_public_pem))
     return make_error("csr: signed by a different key than public_key");
-  return true;
+  return req;
 }
 
 Result<std::string> SigningCa::sign(const std::string& csr_pem, const std::string& spiffe_uri,
                                     Millis ttl, const std::string& expected_public_pem,
                                     const std::string& extra_sans) const {
-  ossl::Bio rb(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
-  X509_REQ* req = PEM_read_bio_X509_REQ(rb.get(), nullptr, nullptr, nullptr);
-  if (!req) return make_error("csr: not a PEM certificate request");
-  std::unique_ptr<X509_REQ, decltype(&X509_REQ_free)> req_guard(req, X509_REQ_free);
-  EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
-  if (!pub) return make_error("csr: no public key");
-  if (X509_REQ_verify(req, pub) != 1) return make_error("csr: signature does not verify");
-  if (!expected_public_pem.empty() && public_pem_of(pub) != expected_public_pem)
-    return make_error("csr: signed by a different key than public_key");
+  auto csr = verify_csr(csr_pem, expected_public_pem);
+  if (!csr) return make_error(csr.error());
+  return sign(*csr, spiffe_uri, ttl, extra_sans);
+}
 
+Result<std::string> SigningCa::sign(const VerifiedCsr& csr, const std::string& spiffe_uri,
+                                    Millis ttl, const std::string& extra_sans) const {
+  X509_REQ* req = csr.get();
+  EVP_PKEY* pub = X509_REQ_get0_pubkey(req);
   X509* ca = cert_.get();
   EVP_PKEY* ca_key = key_.get();
   ossl::Cert cert(X509_new());

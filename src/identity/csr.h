@@ -32,16 +32,22 @@ class SigningCa {
   const std::string& trust_domain() const { return trust_domain_; }
   const std::string& bundle_pem() const { return cert_pem_; }
 
-  // Verifies the CSR's self-signature and, if `expected_public_pem` is not empty, that it is
-  // for that key; returns a PEM certificate whose URI SAN is `spiffe_uri`.
+  // A parsed CSR whose self-signature verified. Parsing and verifying cost more than signing,
+  // so a caller that checks a CSR before signing it (registration) does both once.
+  using VerifiedCsr = std::shared_ptr<X509_REQ>;
+
+  // The CSR's self-signature and, if `expected_public_pem` is not empty, that it is for that key.
+  static Result<VerifiedCsr> verify_csr(const std::string& csr_pem,
+                                        const std::string& expected_public_pem);
+
+  // A PEM certificate for the CSR's key whose URI SAN is `spiffe_uri`.
   // `extra_sans`: more subjectAltName entries, like ",DNS:localhost,IP:127.0.0.1".
+  Result<std::string> sign(const VerifiedCsr& csr, const std::string& spiffe_uri, Millis ttl,
+                           const std::string& extra_sans = {}) const;
+  // verify_csr, then sign.
   Result<std::string> sign(const std::string& csr_pem, const std::string& spiffe_uri, Millis ttl,
                            const std::string& expected_public_pem = {},
                            const std::string& extra_sans = {}) const;
-
-  // Just the checks of sign(): the CSR's self-signature, and that it is for `expected_public_pem`.
-  static Result<bool> verify_csr(const std::string& csr_pem,
-                                 const std::string& expected_public_pem);
 
  private:
   std::string cert_pem_, trust_domain_;

@@ -18,6 +18,7 @@
 #include <deque>
 #include <set>
 
+#include "identity/ed25519_pem.h"
 #include "identity/openssl_ptr.h"
 #include "transport/tls/tls_stream.h"
 
@@ -38,15 +39,7 @@ std::string node_key_hex(const relay::NodeKey& key) {
 }
 
 Result<relay::NodeKey> node_key_from_pem(const std::string& public_pem) {
-  ossl::Bio bio(BIO_new_mem_buf(public_pem.data(), static_cast<int>(public_pem.size())));
-  ossl::Key key(PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr));
-  if (!key || EVP_PKEY_get_id(key.get()) != EVP_PKEY_ED25519)
-    return make_error("not an Ed25519 public key");
-  relay::NodeKey out{};
-  size_t len = out.size();
-  if (EVP_PKEY_get_raw_public_key(key.get(), out.data(), &len) != 1 || len != out.size())
-    return make_error("cannot read the raw Ed25519 key");
-  return out;
+  return ed25519_public_from_pem(public_pem);
 }
 
 namespace {

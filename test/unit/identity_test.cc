@@ -1,0 +1,104 @@
+// The Ed25519 PEM reader against OpenSSL's own, and CSR checks that sign once.
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include <string>
+
+#include "identity/csr.h"
+#include "identity/ed25519_pem.h"
+
+namespace weft {
+namespace {
+
+Ed25519PublicKey openssl_raw(const std::string& pem) {
+  BIO* b = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  EVP_PKEY* key = PEM_read_bio_PUBKEY(b, nullptr, nullptr, nullptr);
+  BIO_free(b);
+  Ed25519PublicKey raw{};
+  size_t len = raw.size();
+  EXPECT_TRUE(key && EVP_PKEY_get_raw_public_key(key, raw.data(), &len) == 1);
+  EVP_PKEY_free(key);
+  return raw;
+}
+
+TEST(Ed25519Pem, ReadsTheSameKeyAsOpenSsl) {
+  for (int i = 0; i < 20; ++i) {
+    const KeyPair kp = generate_ed25519();
+    auto key = ed25519_public_from_pem(kp.public_pem);
+    ASSERT_TRUE(key.ok()) << key.error();
+    EXPECT_EQ(*key, openssl_raw(kp.public_pem));
+  }
+}
+
+TEST(Ed25519Pem, AcceptsOtherLineBreaksAndSurroundingText) {
+  const KeyPair kp = generate_ed25519();
+  std::string rewrapped;
+  for (char c : kp.public_pem) {
+    rewrapped += c;
+    if (c == 'A') rewrapped += "\r\n";  // breaks in odd places, as some tools write them
+  }
+  auto key = ed25519_public_from_pem("some preamble\n" + rewrapped + "trailer");
+  ASSERT_TRUE(key.ok()) << key.error();
+  EXPECT_EQ(*key, openssl_raw(kp.public_pem));
+}
+
+TEST(Ed25519Pem, RefusesOtherKeysAndBrokenTextSayingWhy) {
+  // An EC P-256 key: a valid PEM public key, but not Ed25519.
+  EVP_PKEY* ec = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
+  BIO* b = BIO_new(BIO_s_mem());
+  PEM_write_bio_PUBKEY(b, ec);
+  char* data = nullptr;
+  const std::string ec_pem(data, static_cast<size_t>(BIO_get_mem_data(b, &data)));
+  BIO_free(b);
+  EVP_PKEY_free(ec);
+  const KeyPair kp = generate_ed25519();
+  const std::string body = kp.public_pem.substr(27, 60);  // the base64 line
+  const struct {
+    std::string pem, says;
+  } cases[] = {
+      {"", "no '-----BEGIN PUBLIC KEY-----'"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body + "\n", "no '-----END PUBLIC KEY-----'"},
+      {ec_pem, "not an Ed25519 public key"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body.substr(0, 40) + "\n-----END PUBLIC KEY-----\n",
+       "not an Ed25519 public key"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body + body + "\n-----END PUBLIC KEY-----\n",
+       "invalid base64 at byte 87"},  // data after the first '=' padding
+      {"-----BEGIN PUBLIC KEY-----\n" + body.substr(0, 56) + body.substr(0, 56) +
+           "\n-----END PUBLIC KEY-----\n",
+       "longer than its 44 bytes"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body.substr(0, 30) + "*" + body.substr(31) +
+           "\n-----END PUBLIC KEY-----\n",
+       "invalid base64 at byte 57"},
+      {"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA=A\n-----END PUBLIC KEY-----\n",
+       "invalid base64"},
+      // The Ed25519 header with a different algorithm OID (X25519, 1.3.101.110).
+      {"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VuAyEA" + body.substr(16) +
+           "\n-----END PUBLIC KEY-----\n",
+       "not an Ed25519 public key"},
+  };
+  for (const auto& c : cases) {
+    auto key = ed25519_public_from_pem(c.pem);
+    ASSERT_FALSE(key.ok()) << c.pem;
+    EXPECT_NE(key.error().find(c.says), std::string::npos) << key.error();
+  }
+}
+
+TEST(SigningCa, AVerifiedCsrIsForItsKeyOnly) {
+  const KeyPair node = generate_ed25519();
+  const KeyPair other = generate_ed25519();
+  auto csr = make_csr(node.private_pem, "node");
+  ASSERT_TRUE(csr.ok()) << csr.error();
+  auto ok = SigningCa::verify_csr(*csr, node.public_pem);
+  ASSERT_TRUE(ok.ok()) << ok.error();
+  EXPECT_TRUE(*ok);
+  auto wrong = SigningCa::verify_csr(*csr, other.public_pem);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_NE(wrong.error().find("different key"), std::string::npos) << wrong.error();
+  auto garbage = SigningCa::verify_csr("not a csr", node.public_pem);
+  ASSERT_FALSE(garbage.ok());
+  EXPECT_NE(garbage.error().find("not a PEM certificate request"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace weft
