@@ -3,8 +3,12 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include <unistd.h>
+#include <filesystem>
 #include <string>
 
+#include "identity/certificate_authority.h"
+#include "identity/certificate_info.h"
 #include "identity/csr.h"
 #include "identity/ed25519_pem.h"
 
@@ -98,6 +102,49 @@ TEST(SigningCa, AVerifiedCsrIsForItsKeyOnly) {
   auto garbage = SigningCa::verify_csr("not a csr", node.public_pem);
   ASSERT_FALSE(garbage.ok());
   EXPECT_NE(garbage.error().find("not a PEM certificate request"), std::string::npos);
+}
+
+// The issued certificate carries exactly the CSR's key (set from its raw bytes for Ed25519) and
+// verifies under the CA, for both CA key types.
+TEST(SigningCa, SignsTheRequestsKeyUnderEitherCaKeyType) {
+  for (KeyType ca_type : {KeyType::ed25519, KeyType::ecdsa_p256}) {
+    const auto dir = std::filesystem::temp_directory_path() /
+                     ("weft-identity-test-" + std::to_string(::getpid()) +
+                      (ca_type == KeyType::ed25519 ? "-ed" : "-ec"));
+    std::filesystem::remove_all(dir);
+    init_ca({"test.local", ca_type, dir});
+    auto ca = SigningCa::load(dir);
+    ASSERT_TRUE(ca.ok()) << ca.error();
+    const KeyPair node = generate_ed25519();
+    auto csr = make_csr(node.private_pem, "node");
+    ASSERT_TRUE(csr.ok()) << csr.error();
+    auto verified = SigningCa::verify_csr(*csr, node.public_pem);
+    ASSERT_TRUE(verified.ok()) << verified.error();
+    auto pem = ca->sign(*verified, "spiffe://test.local/cluster/c/node/n", std::chrono::hours(1));
+    ASSERT_TRUE(pem.ok()) << pem.error();
+
+    BIO* b = BIO_new_mem_buf(pem->data(), static_cast<int>(pem->size()));
+    X509* cert = PEM_read_bio_X509(b, nullptr, nullptr, nullptr);
+    BIO_free(b);
+    ASSERT_NE(cert, nullptr);
+    EVP_PKEY* key = X509_get0_pubkey(cert);
+    ASSERT_NE(key, nullptr);
+    ASSERT_EQ(EVP_PKEY_get_id(key), EVP_PKEY_ED25519);
+    Ed25519PublicKey raw{};
+    size_t len = raw.size();
+    ASSERT_EQ(EVP_PKEY_get_raw_public_key(key, raw.data(), &len), 1);
+    EXPECT_EQ(raw, *ed25519_public_from_pem(node.public_pem));
+
+    b = BIO_new_mem_buf(ca->bundle_pem().data(), static_cast<int>(ca->bundle_pem().size()));
+    X509* root = PEM_read_bio_X509(b, nullptr, nullptr, nullptr);
+    BIO_free(b);
+    ASSERT_NE(root, nullptr);
+    EXPECT_EQ(X509_verify(cert, X509_get0_pubkey(root)), 1);
+    EXPECT_EQ(describe_certificate(cert).spiffe_id(), "spiffe://test.local/cluster/c/node/n");
+    X509_free(root);
+    X509_free(cert);
+    std::filesystem::remove_all(dir);
+  }
 }
 
 }  // namespace
