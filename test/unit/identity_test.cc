@@ -76,6 +76,18 @@ TEST(Ed25519Pem, RefusesOtherKeysAndBrokenTextSayingWhy) {
        "invalid base64 at byte 57"},
       {"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA=A\n-----END PUBLIC KEY-----\n",
        "invalid base64"},
+      // Shapes OpenSSL's PEM reader refuses too (fuzz_ed25519_pem holds the two together).
+      {"x-----BEGIN PUBLIC KEY-----\n" + body + "\n-----END PUBLIC KEY-----\n",
+       "no '-----BEGIN PUBLIC KEY-----' line"},
+      {"-----BEGIN PUBLIC KEY----- " + body + "\n-----END PUBLIC KEY-----\n",
+       "text after '-----BEGIN PUBLIC KEY-----'"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body + "-----END PUBLIC KEY-----\n", "invalid base64"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body + "\n-----END PUBLIC KEY----- x\n",
+       "text after '-----END PUBLIC KEY-----'"},
+      {"-----BEGIN PUBLIC KEY-----\n\n" + body + "\n-----END PUBLIC KEY-----\n",
+       "a blank line at byte 27"},
+      {"-----BEGIN PUBLIC KEY-----\n" + body.substr(0, 59) + "\n-----END PUBLIC KEY-----\n",
+       "not padded to a multiple of 4"},
       // The Ed25519 header with a different algorithm OID (X25519, 1.3.101.110).
       {"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VuAyEA" + body.substr(16) +
            "\n-----END PUBLIC KEY-----\n",
