@@ -63,9 +63,10 @@ class P2pTest : public ::testing::Test {
             read_file(dir_ / name / "ca.crt")};
   }
   P2pEndpoint* start(const Node& n, uint16_t target_port, uint16_t udp_port = 0,
-                     const char* listen_ip = "127.0.0.1") {
+                     const char* listen_ip = "127.0.0.1", uint64_t conn_window = 0) {
     return on_io([&]() -> P2pEndpoint* {
       P2pOptions o;
+      if (conn_window) o.quic.conn_window = conn_window;
       o.listen = udp::endpoint(asio::ip::make_address(listen_ip), udp_port);
       o.private_pem = n.key;
       auto e = P2pEndpoint::start(io_, o);
@@ -152,6 +153,7 @@ std::string echo_through(uint16_t port, const std::string& data, std::string* wh
     s.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port));
     timeval tv{5, 0};  // a tunnel that never answers fails this attempt, not the whole run
     ::setsockopt(s.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(s.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     asio::write(s, asio::buffer(data));
     std::string got(data.size(), '\0');
     asio::read(s, asio::buffer(got));
@@ -290,6 +292,103 @@ TEST_F(P2pTest, ACallMeMaybeOverTheRelayMakesThePeerProbeTheOfferedAddresses) {
   m = on_io([&] { return ec->metrics_text(); });
   EXPECT_NE(m.find("weft_p2p_probes_rejected_total 2"), std::string::npos) << m;
   EXPECT_NE(m.find("weft_p2p_calls_me_maybe_received_total 0"), std::string::npos) << m;
+}
+
+// A target that takes connections, reads nothing (a small receive buffer) and resets each one
+// when told to: the peer's tunnel then holds stream data it can never write.
+class ResettingSink {
+ public:
+  ResettingSink() : acceptor_(io_) {
+    const tcp::endpoint ep(asio::ip::make_address("127.0.0.1"), 0);
+    acceptor_.open(ep.protocol());
+    acceptor_.set_option(asio::socket_base::receive_buffer_size(4096));
+    acceptor_.bind(ep);
+    acceptor_.listen();
+  }
+  uint16_t port() const { return acceptor_.local_endpoint().port(); }
+  // False if no connection came within 10 s (the tunnel's stream never got through).
+  bool accept_one() {
+    acceptor_.non_blocking(true);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      boost::system::error_code ec;
+      socket_ = acceptor_.accept(ec);
+      if (!ec) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling interval
+    }
+    return false;
+  }
+  void reset() {
+    socket_.set_option(asio::socket_base::linger(true, 0));
+    socket_.close();
+  }
+
+ private:
+  asio::io_context io_;
+  tcp::acceptor acceptor_;
+  tcp::socket socket_{io_};
+};
+
+// Pushes into `s` (non-blocking) until the tunnel stops taking bytes: every window on the way is
+// full. Returns what it wrote.
+size_t push_until_stalled(tcp::socket& s) {
+  s.non_blocking(true);
+  std::vector<char> chunk(64 * 1024, 'z');
+  size_t total = 0;
+  auto last_progress = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - last_progress < std::chrono::milliseconds(300)) {
+    boost::system::error_code ec;
+    const size_t n = s.write_some(asio::buffer(chunk), ec);
+    if (n > 0) {
+      total += n;
+      last_progress = std::chrono::steady_clock::now();
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling interval
+    }
+  }
+  return total;
+}
+
+// Each stream the peer aborts while holding data it was given must hand that data's credit back
+// to the connection's flow control; before, a few such aborts (an iperf3 server closing its data
+// socket mid-test) used up the connection's window and every later stream stalled.
+TEST_F(P2pTest, StreamsAbortedWithDataInHandDoNotStarveTheConnection) {
+  ResettingSink sink;
+  EchoServer echo;
+  const Node a = node("a"), b = node("b");
+  // The receiving side's connection window stays at its initial 4 MiB (no auto-tuning above
+  // it), so a few leaked streams would use it all.
+  P2pEndpoint* ea = start(a, 0);
+  std::atomic<uint16_t> target{sink.port()};  // the sink, then the echo server
+  P2pEndpoint* eb = start(b, 0, 0, "127.0.0.1", 4u << 20);
+  on_io([&] {
+    eb->set_authorize([&target](const std::string&, const std::string&) {
+      quic::TunnelVerdict v;
+      v.target = HostPort{"127.0.0.1", target.load()};
+      return v;
+    });
+  });
+  const P2pPeer pb = peer_of(eb, "b");
+  on_io([&] { ea->set_peers({pb}); });
+  const uint16_t gw = gateway(ea, pb.key, "sink");
+  size_t pushed = 0;
+  for (int round = 0; round < 12; ++round) {
+    asio::io_context io;
+    tcp::socket s(io);
+    s.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), gw));
+    ASSERT_TRUE(sink.accept_one()) << "round " << round << ": the stream never reached b, after "
+                                   << pushed << " bytes pushed into the aborted streams before";
+    pushed += push_until_stalled(s);
+    sink.reset();
+  }
+  std::printf("12 streams aborted by their target with %.1f MiB pushed into them\n",
+              static_cast<double>(pushed) / (1 << 20));
+  EXPECT_GT(pushed, size_t{8} << 20) << "the peer held data in each aborted stream";
+  // The same connection still carries a new stream, in full.
+  target = echo.port();
+  std::string big(2 << 20, 'y');
+  EXPECT_EQ(echo_through(gw, big) == big, true)
+      << on_io([&] { return ea->metrics_text() + eb->metrics_text(); });
 }
 
 TEST_F(P2pTest, RefusesAPeerOfAnotherTrustDomainAndUnknownAuthorities) {

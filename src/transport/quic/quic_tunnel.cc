@@ -1,5 +1,6 @@
 #include "transport/quic/quic_tunnel.h"
 
+#include <boost/asio/connect.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/write.hpp>
 
@@ -98,9 +99,11 @@ void QuicTunnel::on_data(const uint8_t* data, size_t len) {
       if (!res) return finish(res.error(), true);
       if (!*res) return;
       conn_->consume(stream_, used);
-      if ((*res)->status != 200)
+      if ((*res)->status != 200) {
+        header_.erase(header_.begin(), header_.begin() + static_cast<long>(used));
         return finish(
             "refused by the peer: " + std::to_string((*res)->status) + " " + (*res)->reason, true);
+      }
       state_ = State::relaying;
     } else {
       auto res = parse_request(header_.data(), header_.size(), used);
@@ -136,30 +139,41 @@ void QuicTunnel::on_request(const TunnelRequest& req) {
                   false);
   }
   state_ = State::connecting;
+  target_ = v.target.to_string();
   boost::system::error_code ec;
   const auto ip = asio::ip::make_address(v.target.host, ec);
-  if (ec) {
-    const auto resp = encode_response(503, "target " + v.target.host + " is not an IP address");
-    conn_->write(stream_, resp.data(), resp.size());
-    conn_->shutdown_write(stream_);
-    return finish("target is not an IP address", false);
-  }
-  socket_.async_connect(tcp::endpoint(ip, v.target.port), [self = shared_from_this(),
-                                                           target = v.target.to_string()](
-                                                              const boost::system::error_code& ec) {
-    if (self->state_ == State::done) return;
-    if (ec) {
-      const auto resp = encode_response(503, "cannot connect to " + target + ": " + ec.message());
-      self->conn_->write(self->stream_, resp.data(), resp.size());
-      self->conn_->shutdown_write(self->stream_);
-      return self->finish("upstream_connect_failed: " + ec.message(), false);
-    }
-    boost::system::error_code ignored;
-    self->socket_.set_option(tcp::no_delay(true), ignored);
-    const auto resp = encode_response(200, "");
-    self->conn_->write(self->stream_, resp.data(), resp.size());
-    self->start_relay();
-  });
+  if (!ec) return connect_target({tcp::endpoint(ip, v.target.port)}, v.target.to_string());
+  // A resource's target may be a name (an export of `db.internal:5432`).
+  auto resolver = std::make_shared<tcp::resolver>(socket_.get_executor());
+  resolver->async_resolve(
+      v.target.host, std::to_string(v.target.port),
+      [self = shared_from_this(), resolver, target = v.target.to_string()](
+          const boost::system::error_code& ec, const tcp::resolver::results_type& results) {
+        if (self->state_ == State::done) return;
+        if (ec) return self->refuse_connect(target, "cannot resolve: " + ec.message());
+        self->connect_target(std::vector<tcp::endpoint>(results.begin(), results.end()), target);
+      });
+}
+
+void QuicTunnel::refuse_connect(const std::string& target, const std::string& why) {
+  const auto resp = encode_response(503, "cannot connect to " + target + ": " + why);
+  conn_->write(stream_, resp.data(), resp.size());
+  conn_->shutdown_write(stream_);
+  finish("upstream_connect_failed: " + why, false);
+}
+
+void QuicTunnel::connect_target(std::vector<tcp::endpoint> endpoints, const std::string& target) {
+  asio::async_connect(socket_, endpoints,
+                      [self = shared_from_this(), target](const boost::system::error_code& ec,
+                                                          const tcp::endpoint&) {
+                        if (self->state_ == State::done) return;
+                        if (ec) return self->refuse_connect(target, ec.message());
+                        boost::system::error_code ignored;
+                        self->socket_.set_option(tcp::no_delay(true), ignored);
+                        const auto resp = encode_response(200, "");
+                        self->conn_->write(self->stream_, resp.data(), resp.size());
+                        self->start_relay();
+                      });
 }
 
 void QuicTunnel::start_relay() {
@@ -261,6 +275,12 @@ void QuicTunnel::finish(const std::string& result, bool reset_stream) {
   if (state_ == State::done) return;
   state_ = State::done;
   if (stream_ >= 0) {
+    // Stream data we were given but never wrote to TCP still holds the connection's flow-control
+    // credit; without this, each stream aborted with data in hand (an iperf3 server closing its
+    // data socket mid-transfer) shrinks the connection's window until every stream stalls.
+    conn_->consume(stream_, header_.size() + pending_.size() + inflight_.size());
+    header_.clear();
+    pending_.clear();
     if (reset_stream)
       conn_->reset(stream_, kAbort);
     else

@@ -11,6 +11,7 @@
 // to TCP. Lives on its connection's io thread.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -65,6 +66,9 @@ class QuicTunnel : public StreamHandler, public std::enable_shared_from_this<Qui
   ~QuicTunnel() override;
   const std::string& authority() const { return authority_; }
   uint64_t bytes_from_tcp() const { return from_tcp_; }
+  // The accepting side's target, once authorized (for its access log).
+  const std::string& target() const { return target_; }
+  std::chrono::system_clock::time_point started() const { return started_; }
   uint64_t bytes_to_tcp() const { return to_tcp_; }
 
   // StreamHandler
@@ -77,6 +81,9 @@ class QuicTunnel : public StreamHandler, public std::enable_shared_from_this<Qui
   enum class State { awaiting_header, connecting, relaying, done };
   QuicTunnel(std::shared_ptr<Connection> conn, boost::asio::ip::tcp::socket socket, bool opener);
   void on_request(const TunnelRequest& req);
+  void connect_target(std::vector<boost::asio::ip::tcp::endpoint> endpoints,
+                      const std::string& target);
+  void refuse_connect(const std::string& target, const std::string& why);
   void start_relay();
   void pump_tcp_to_stream();
   void arm_tcp_read();
@@ -104,6 +111,8 @@ class QuicTunnel : public StreamHandler, public std::enable_shared_from_this<Qui
   bool writing_ = false, stream_fin_ = false, tcp_shut_ = false;
 
   uint64_t from_tcp_ = 0, to_tcp_ = 0;
+  std::string target_;
+  std::chrono::system_clock::time_point started_ = std::chrono::system_clock::now();
 };
 
 }  // namespace weft::quic
