@@ -5,8 +5,8 @@ Two sites on a simulated internet segment (network namespaces, veth, MTU 1500), 
 Nebula lighthouse in the "public" namespace. Measured from site 1 to site 2:
   - direct: iperf3 straight to site 2, no tunnel;
   - Nebula (Debian's nebula, tun MTU 1420 so its packets on the wire match Weft's QUIC size);
-  - Weft, direct P2P path: iperf3 through site 1's import of site 2's resource (HBONE inside
-    the agents' QUIC connection, hole punched);
+  - Weft, direct P2P path: iperf3 through site 1's import of site 2's resource (one stream of
+    the agents' QUIC connection, hole punched; the agents serve the import themselves);
   - Weft, relay path: the same through a second pair of agents with --p2p-paths relay-only;
   - time to first byte (a fresh connection's first echo, cold = no QUIC connection yet, and
     warm) and time to direct.

@@ -56,7 +56,8 @@ std::string utc_now() { return format_utc(std::time(nullptr)); }
 
 }  // namespace
 
-AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), signals_(io_) {
+AgentServer::AgentServer(AgentOptions options)
+    : options_(std::move(options)), signals_(io_), access_log_(options_.access_log) {
   std::error_code ec;
   // Absolute, because the data plane's config names files in it.
   options_.state_dir = fs::absolute(options_.state_dir);
@@ -175,6 +176,7 @@ AgentServer::AgentServer(AgentOptions options) : options_(std::move(options)), s
     sds_.reset();
     if (relay_) relay_->stop();
     gateways_.clear();
+    p2p_imports_.reset();
     p2p_.reset();
     io_.stop();
   });
@@ -667,7 +669,8 @@ void AgentServer::rebuild_dataplane() {
   if (!fs::exists(options_.state_dir / "node.crt")) return;
   json::array targets, services, outbound;
   std::string summary;
-  for (const auto& e : view_.exports(id_)) {
+  exports_ = view_.exports(id_);
+  for (const auto& e : exports_) {
     json::array allow;
     for (const auto& a : e.allow) allow.push_back(json::value(a));
     targets.push_back(json::object{
@@ -676,12 +679,17 @@ void AgentServer::rebuild_dataplane() {
   }
   json::array all_services;  // for sidecars, whose listeners are their own
   const auto gateways = update_p2p(view_.agents());
+  std::vector<P2pImport> direct;
   for (const auto& imp : view_.imports(id_)) {
     json::array addrs, ids;
+    P2pImport over_quic{
+        imp.service, HostPort{options_.resource_address, imp.port}, imp.authority, {}};
     for (size_t i = 0; i < imp.peers.size(); ++i) {
       auto gw = gateways.find(imp.peer_agents[i]);
       addrs.push_back(
           json::value(gw != gateways.end() ? gw->second.to_string() : imp.peers[i].to_string()));
+      if (auto g = gateways_.find(imp.peer_agents[i]); g != gateways_.end())
+        over_quic.peers.push_back(P2pImportPeer{g->second.key, g->second.name, imp.peer_ids[i]});
     }
     for (const auto& id : imp.peer_ids) ids.push_back(json::value(id));
     const json::object service{{"name", imp.service},
@@ -692,6 +700,13 @@ void AgentServer::rebuild_dataplane() {
     if (port_taken(imp.port, "")) {
       spdlog::warn("agent: cannot import {}: port {} is taken by a local resource", imp.service,
                    imp.port);
+      continue;
+    }
+    // Every host reached over P2P: the agent serves the import itself (agent/p2p_imports.h).
+    // Sidecars, whose identity is their own, keep HBONE through the gateways.
+    if (p2p_ && over_quic.peers.size() == imp.peers.size()) {
+      summary += " import " + imp.service + "@" + over_quic.listen.to_string() + " (P2P)";
+      direct.push_back(std::move(over_quic));
       continue;
     }
     services.push_back(service);
@@ -718,6 +733,12 @@ void AgentServer::rebuild_dataplane() {
     spdlog::info("agent: data plane at revision {}:{}", view_.revision(),
                  summary.empty() ? " nothing to import or export" : summary);
   dataplane_summary_ = summary;
+  if (p2p_) {
+    if (!p2p_imports_)
+      p2p_imports_ = std::make_unique<P2pImports>(io_, *p2p_, metrics_, access_log_, spiffe_id_);
+    for (const auto& [service, why] : p2p_imports_->set(direct))
+      spdlog::error("agent: cannot import {}: {}", service, why);
+  }
   dataplane_->apply(json::serialize(config) + "\n");
 }
 
@@ -735,6 +756,33 @@ void AgentServer::start_p2p() {
   p2p_->set_authorize([this](const std::string& peer, const std::string& authority) {
     return authorize_tunnel(peer, authority);
   });
+  p2p_->set_accepted_tunnel_done(
+      [this](const std::string& peer, const quic::QuicTunnel& t, const std::string& result) {
+        AccessLogEntry e;
+        e.direction = "inbound";
+        e.listener = "p2p";
+        e.peer_identity = peer;
+        e.local_identity = spiffe_id_;
+        e.authority = t.authority();
+        e.upstream = t.target();
+        e.result = result;
+        e.start = t.started();
+        e.bytes_received = t.bytes_to_tcp();
+        e.bytes_sent = t.bytes_from_tcp();
+        access_log_.write(e);
+        // Streams to an export are this agent's service traffic (those to the data plane's
+        // HBONE inbound are counted there).
+        const auto service = t.authority().substr(0, t.authority().rfind(':'));
+        if (!t.target().empty() &&
+            std::any_of(exports_.begin(), exports_.end(),
+                        [&](const MeshExport& x) { return x.authority == t.authority(); })) {
+          auto c = metrics_.tcp({"destination", peer, spiffe_id_, service, "mutual_tls"});
+          ++c->opened;
+          ++c->closed;
+          c->received_bytes += e.bytes_received;
+          c->sent_bytes += e.bytes_sent;
+        }
+      });
   load_p2p_tls();
   spdlog::info("agent: P2P endpoint on UDP {} ({} peers over QUIC)", p2p_->port(),
                options_.p2p == "always" ? "all" : "other clusters'");
@@ -764,6 +812,9 @@ quic::TunnelVerdict AgentServer::authorize_tunnel(const std::string& peer,
     v.reason = "only agents (node identities) may open P2P tunnels; " + peer + " is not one";
     return v;
   }
+  // A stream to one of our exports goes straight to its resource (agent/p2p_imports.h).
+  if (auto td = spiffe_trust_domain(spiffe_id_))
+    if (auto to_export = authorize_export(exports_, *td, peer, authority)) return *to_export;
   const uint16_t port = hbone_port_;
   if (port == 0) {
     v.status = 503;
@@ -997,6 +1048,8 @@ HttpResponse AgentServer::handle(const HttpRequest& r) {
                      {"relays", relay_ ? json::value(relay_->status()) : json::value(nullptr)},
                      {"sds", sds_ ? json::value(sds_->status_json()) : json::value(nullptr)},
                      {"p2p", p2p_ ? json::value(p2p_->status()) : json::value(nullptr)},
+                     {"p2p_imports", p2p_imports_ ? json::value(p2p_imports_->status())
+                                                  : json::value(json::array())},
                      {"resources", res},
                      {"active_connections", metrics_.downstream_connections_active.get()},
                      {"uptime_s", up}}) +

@@ -19,6 +19,7 @@
 #include "agent/dataplane.h"
 #include "agent/mesh_view.h"
 #include "agent/nat_discovery.h"
+#include "agent/p2p_imports.h"
 #include "agent/resource.h"
 #include "agent/sds_server.h"
 #include "http/http_client.h"
@@ -26,6 +27,7 @@
 #include "p2p/p2p_endpoint.h"
 #include "p2p/relay_group.h"
 #include "proxy/listener/listener.h"
+#include "stats/access_log.h"
 #include "stats/metrics.h"
 
 namespace weft {
@@ -52,6 +54,7 @@ struct AgentOptions {
   std::filesystem::path control_ca;
   std::string api_token;
   std::string resource_address = "127.0.0.1";
+  std::string access_log = "stdout";   // P2P tunnels the agent serves without its data plane
   std::filesystem::path address_file;  // if set, the API's host:port is written here
   std::chrono::milliseconds heartbeat_interval{10000};
   HostPort hbone_listen{"0.0.0.0", 15008};  // the data plane's HBONE inbound
@@ -117,6 +120,7 @@ class AgentServer {
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;
   Metrics metrics_;
+  AccessLog access_log_;
   std::unique_ptr<HttpServer> api_;
   std::map<std::string, Proxy> proxies_;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
@@ -145,6 +149,8 @@ class AgentServer {
     uint16_t port = 0;
   };
   std::map<std::string, Gateway> gateways_;  // by agent id
+  std::unique_ptr<P2pImports> p2p_imports_;  // imports served over QUIC without the data plane
+  std::vector<MeshExport> exports_;          // what peers' tunnels may reach (io thread)
   std::atomic<uint16_t> hbone_port_{0};      // the data plane's bound HBONE inbound
   std::string dataplane_summary_;
 

@@ -179,6 +179,10 @@ int run_cli(int argc, char** argv) {
                    "bearer token for API changes (default: <state>/api.token)")
       ->envname("WEFT_AGENT_API_TOKEN");
   agent->add_option("--resource-address", aopt.resource_address, "address resource listeners bind");
+  agent
+      ->add_option("--access-log", aopt.access_log,
+                   "where P2P tunnels' access log lines go: stdout, off or a file path")
+      ->capture_default_str();
   agent->add_option("--address-file", agent_addr_file,
                     "write the API's host:port here once listening");
   std::string agent_heartbeat = "10s";

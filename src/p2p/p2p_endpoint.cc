@@ -736,9 +736,11 @@ quic::Connection::Hooks P2pEndpoint::hooks(const relay::NodeKey& peer) {
     ++counters_.tunnels_accepted;
     auto t = quic::QuicTunnel::accept(
         io_, c.shared_from_this(), id, authorize_,
-        [peer = c.peer_identity()](const quic::QuicTunnel& t, const std::string& result) {
+        [done = accepted_done_, peer = c.peer_identity()](const quic::QuicTunnel& t,
+                                                          const std::string& result) {
           spdlog::debug("p2p: tunnel from {} to {}: {} ({} B in, {} B out)", peer, t.authority(),
                         result, t.bytes_to_tcp(), t.bytes_from_tcp());
+          if (done) done(peer, t, result);
         });
     return t.get();  // the tunnel keeps itself alive while the stream is open
   };

@@ -87,6 +87,10 @@ class P2pEndpoint {
   void on_relay_packet(const relay::NodeKey& from, const uint8_t* data, size_t len);
   // What a peer's tunnel request may reach here.
   void set_authorize(quic::QuicTunnel::Authorize authorize) { authorize_ = std::move(authorize); }
+  // Told of each peer's tunnel as it ends (the agent's access log and metrics).
+  using AcceptedTunnelDone = std::function<void(
+      const std::string& peer_identity, const quic::QuicTunnel&, const std::string& result)>;
+  void set_accepted_tunnel_done(AcceptedTunnelDone done) { accepted_done_ = std::move(done); }
 
   // Tunnels `socket` to `authority` at `peer`, over the connection to it (dialed if needed).
   using Finished = std::function<void(const std::string& result, uint64_t sent, uint64_t received)>;
@@ -191,6 +195,7 @@ class P2pEndpoint {
   std::shared_ptr<const quic::QuicTls> tls_;
   RelayGroup* relay_ = nullptr;
   quic::QuicTunnel::Authorize authorize_;
+  AcceptedTunnelDone accepted_done_;
   std::map<relay::NodeKey, PeerState> peers_;
   std::chrono::steady_clock::time_point last_reset_window_{};  // stateless resets: 10 a second
   int resets_in_window_ = 0;

@@ -1032,12 +1032,22 @@ TEST_F(TwoAgentTest, ResourceOnWestIsReachedFromEastOverMtlsOnlyWhilePolicyAllow
             200);
   EXPECT_EQ(eventually_echo("127.0.0.3", port, "across the mesh"), "across the mesh")
       << read_file(dir_ / "east.log");
-  // Both data planes logged the other's node identity (the line is written as the connection
-  // closes, which may be just after the client saw its echo).
+  // The agents are of two clusters, so east's agent serves the import itself over P2P QUIC
+  // (no data plane, no HBONE inside QUIC), and both agents logged the other's node identity
+  // (the line is written as the connection closes, just after the client saw its echo).
+  EXPECT_TRUE(eventually_logged(dir_ / "east.log", "\"listener\":\"import/" + service + "\""));
   EXPECT_TRUE(eventually_logged(dir_ / "east.log",
                                 "\"peer_identity\":\"spiffe://mesh.test/cluster/west/node/"));
+  EXPECT_TRUE(eventually_logged(dir_ / "west.log", "\"listener\":\"p2p\""));
   EXPECT_TRUE(eventually_logged(dir_ / "west.log",
                                 "\"peer_identity\":\"spiffe://mesh.test/cluster/east/node/"));
+  {
+    auto s = status(east_);
+    const auto& imports = s.at("p2p_imports").as_array();
+    ASSERT_EQ(imports.size(), 1u) << s;
+    EXPECT_EQ(imports[0].at("service").as_string(), service);
+    EXPECT_GE(imports[0].at("connections").as_int64(), 1);
+  }
 
   // Control goes down: traffic keeps flowing on the last config, and the agent says so.
   stop();

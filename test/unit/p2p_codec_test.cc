@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <openssl/pem.h>
 
+#include "agent/p2p_imports.h"
 #include "identity/csr.h"
 #include "identity/openssl_ptr.h"
 #include "p2p/probe.h"
@@ -154,6 +155,39 @@ TEST(TunnelHeader, RequestAndResponseParseIncrementallyAndRefuseBadInput) {
   EXPECT_EQ((*r)->reason, "cannot connect to 127.0.0.1:1");
   const auto bogus = quic::encode_response(42, "");
   EXPECT_FALSE(quic::parse_response(bogus.data(), bogus.size(), used).ok());
+}
+
+}  // namespace
+}  // namespace weft
+
+namespace weft {
+namespace {
+
+// A peer agent's stream to an export: the export's policy decides, against the QUIC peer's node
+// identity, as the data plane's inbound did when HBONE rode inside the stream.
+TEST(AuthorizeExport, AdmitsOnlyWhatTheExportsPolicyAllows) {
+  const std::vector<MeshExport> exports{
+      {"db", "db:5432", HostPort{"127.0.0.1", 15432}, {"spiffe://mesh.test/cluster/east/*"}},
+      {"web", "web:80", HostPort{"web.internal", 8080}, {"spiffe://mesh.test/cluster/x/node/1"}}};
+  const std::string east = "spiffe://mesh.test/cluster/east/node/ab12";
+
+  auto v = authorize_export(exports, "mesh.test", east, "db:5432");
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(v->status, 200);
+  EXPECT_EQ(v->target.to_string(), "127.0.0.1:15432");
+
+  v = authorize_export(exports, "mesh.test", east, "web:80");
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(v->status, 401);
+  EXPECT_NE(v->reason.find("do not allow " + east), std::string::npos) << v->reason;
+
+  v = authorize_export(exports, "other.test", east, "db:5432");
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(v->status, 401) << "a peer of another trust domain";
+
+  EXPECT_FALSE(authorize_export(exports, "mesh.test", east, "db:5433").has_value())
+      << "no export by that authority: the caller answers it (HBONE inbound or 400)";
+  EXPECT_FALSE(authorize_export({}, "mesh.test", east, "db:5432").has_value());
 }
 
 }  // namespace
