@@ -210,8 +210,9 @@ P2pEndpoint::PeerState* P2pEndpoint::find(const relay::NodeKey& key) {
 // ---------------------------------------------------------------- receiving
 
 void P2pEndpoint::arm_read() {
-  socket_.async_wait(udp::socket::wait_read, [this](const boost::system::error_code& ec) {
-    if (ec) return;
+  socket_.async_wait(udp::socket::wait_read, [this, alive = std::weak_ptr(alive_)](
+                                                  const boost::system::error_code& ec) {
+    if (ec || !alive.lock()) return;
     on_readable();
     arm_read();
   });
@@ -565,8 +566,8 @@ void P2pEndpoint::tick() {
   }
   ticker_.expires_after(watching ? options_.suspect_probe_interval
                                  : std::min(options_.probe_interval, options_.direct_ping));
-  ticker_.async_wait([this](const boost::system::error_code& ec) {
-    if (!ec) tick();
+  ticker_.async_wait([this, alive = std::weak_ptr(alive_)](const boost::system::error_code& ec) {
+    if (!ec && alive.lock()) tick();
   });
 }
 

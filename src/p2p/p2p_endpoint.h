@@ -190,6 +190,9 @@ class P2pEndpoint {
   P2pOptions options_;
   boost::asio::ip::udp::socket socket_;
   boost::asio::steady_timer ticker_;
+  // Handlers already queued when the endpoint is destroyed still run (a wait that completed
+  // cannot be cancelled); they check this first.
+  std::shared_ptr<char> alive_ = std::make_shared<char>();
   std::unique_ptr<EVP_PKEY, void (*)(EVP_PKEY*)> key_{nullptr, EVP_PKEY_free};
   relay::NodeKey self_key_{};
   std::shared_ptr<const quic::QuicTls> tls_;
