@@ -210,12 +210,12 @@ P2pEndpoint::PeerState* P2pEndpoint::find(const relay::NodeKey& key) {
 // ---------------------------------------------------------------- receiving
 
 void P2pEndpoint::arm_read() {
-  socket_.async_wait(udp::socket::wait_read, [this, alive = std::weak_ptr(alive_)](
-                                                  const boost::system::error_code& ec) {
-    if (ec || !alive.lock()) return;
-    on_readable();
-    arm_read();
-  });
+  socket_.async_wait(udp::socket::wait_read,
+                     [this, alive = std::weak_ptr(alive_)](const boost::system::error_code& ec) {
+                       if (ec || !alive.lock()) return;
+                       on_readable();
+                       arm_read();
+                     });
 }
 
 void P2pEndpoint::on_readable() {
