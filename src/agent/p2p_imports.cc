@@ -82,7 +82,8 @@ void P2pImports::on_connection(const std::string& service, tcp::socket socket) {
   entry.upstream = "p2p/" + peer.name;
   entry.authority = served->import.authority;
   p2p_.connect(peer.key, std::move(socket), served->import.authority,
-               [this, served, counters, entry = std::move(entry)](
+               // Not `this`: tunnels still open end as the P2P endpoint closes, after us.
+               [&log = access_log_, served, counters, entry = std::move(entry)](
                    const std::string& result, uint64_t from_client, uint64_t to_client) mutable {
                  counters->received_bytes += from_client;
                  counters->sent_bytes += to_client;
@@ -91,7 +92,7 @@ void P2pImports::on_connection(const std::string& service, tcp::socket socket) {
                  entry.result = result;
                  entry.bytes_received = from_client;
                  entry.bytes_sent = to_client;
-                 access_log_.write(entry);
+                 log.write(entry);
                });
 }
 

@@ -44,6 +44,7 @@ struct P2pImport {
 
 class P2pImports {
  public:
+  // `access_log` must outlive `p2p`: tunnels still open are logged as the endpoint closes them.
   P2pImports(boost::asio::io_context& io, P2pEndpoint& p2p, Metrics& metrics, AccessLog& access_log,
              std::string own_spiffe_id);
   ~P2pImports();
